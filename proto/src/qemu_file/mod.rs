@@ -1,0 +1,96 @@
+//! QEMUFile: the buffered byte stream every migration record goes through.
+//!
+//! The semantics follow QEMU's `migration/qemu-file.c`: a 32 KiB buffer, a list
+//! of up to 64 iovecs that coalesces adjacent buffers, writes flushed through the
+//! transport's `writev`, the first error latched and returned by every later call,
+//! and byte accounting for the rate limit. Writing and reading are separate types
+//! because a QEMUFile is only ever one or the other.
+
+mod hooks;
+mod reader;
+mod writer;
+
+use std::io;
+use std::sync::Arc;
+
+pub use hooks::{NoHooks, RamControl, RamHooks, SavePage};
+pub use reader::QemuFileReader;
+pub use writer::{Compressed, QemuFileWriter};
+
+/// Size of the internal buffer (QEMU's `IO_BUF_SIZE`).
+pub const IO_BUF_SIZE: usize = 32768;
+
+/// Most iovecs gathered before a flush (QEMU's `MAX_IOV_SIZE`).
+pub const MAX_IOV: usize = 64;
+
+/// Errors of a QEMUFile. Cloneable because the first error is latched and
+/// handed back by every later operation.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// The transport failed.
+    #[error("transport error at byte {offset}")]
+    Io {
+        /// Stream offset of the failed operation.
+        offset: u64,
+        /// What the transport reported.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The transport accepted fewer bytes than it was given.
+    #[error("short write at byte {offset}: {written} of {expected} bytes")]
+    ShortWrite {
+        /// Stream offset where the flush began.
+        offset: u64,
+        /// Bytes the transport took.
+        written: usize,
+        /// Bytes it was given.
+        expected: usize,
+    },
+    /// The stream ended before the bytes a record needs.
+    #[error("unexpected end of stream at byte {offset}")]
+    Eof {
+        /// Offset of the first missing byte.
+        offset: u64,
+    },
+    /// A counted string must fit its one-byte length.
+    #[error("counted string of {len} bytes is longer than 255")]
+    StringTooLong {
+        /// The string's length.
+        len: usize,
+    },
+    /// A counted string read from the stream is not UTF-8.
+    #[error("counted string at byte {offset} is not valid UTF-8")]
+    InvalidString {
+        /// Offset of the string's length byte.
+        offset: u64,
+    },
+    /// Peeks are served from the buffer, so they cannot reach past it.
+    #[error("peek of {size} bytes at {offset} reaches past the {IO_BUF_SIZE}-byte buffer")]
+    PeekTooLarge {
+        /// Bytes asked for.
+        size: usize,
+        /// Distance from the read position.
+        offset: usize,
+    },
+    /// A RAM control hook failed.
+    #[error("RAM control hook failed at byte {offset}")]
+    Hook {
+        /// Stream offset when the hook ran.
+        offset: u64,
+        /// The hook's error.
+        #[source]
+        source: Arc<io::Error>,
+    },
+    /// The source stream asked for a RAM load hook that this side does not have.
+    #[error("stream at byte {offset} needs a RAM load hook and none is installed")]
+    NoLoadHook {
+        /// Stream offset of the request.
+        offset: u64,
+    },
+}
+
+/// Result of QEMUFile operations.
+pub type Result<T> = std::result::Result<T, Error>;
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,966 @@
+//! Reading a migration stream record by record, trusting nothing.
+//!
+//! [`Parser`] is a pull parser: each [`Parser::next`] returns one [`Item`]
+//! borrowed from its buffers, so memory stays bounded by [`Limits`] whatever
+//! the stream claims. Every error names the byte offset where the stream went
+//! wrong.
+
+use std::collections::HashMap;
+
+use super::{block_flag, marker, ram_flag, RamBlockInfo, SectionKind};
+use super::{BLOCK_CHUNK_SIZE, BLOCK_IDSTR, BLOCK_VERSION, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use super::{QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION};
+use crate::compress::MAX_COMPRESSED_PAGE;
+use crate::qemu_file::{self, QemuFileReader, IO_BUF_SIZE};
+use crate::transport::Transport;
+
+/// Errors of parsing a stream. Each names the offset of the offending byte.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum Error {
+    /// Reading failed, or the stream ended early.
+    #[error("stream cannot be read")]
+    File(#[from] qemu_file::Error),
+    /// The file does not start with `QEVM`.
+    #[error("at byte {offset}: bad magic {found:#010x}, expected QEVM")]
+    BadMagic {
+        /// Offset of the magic.
+        offset: u64,
+        /// What was there.
+        found: u32,
+    },
+    /// A stream version other than 3.
+    #[error("at byte {offset}: stream version {found} is not supported (expected 3)")]
+    BadVersion {
+        /// Offset of the version.
+        offset: u64,
+        /// What was there.
+        found: u32,
+    },
+    /// A top-level byte that starts nothing known.
+    #[error("at byte {offset}: unknown section type {byte:#04x}")]
+    UnknownMarker {
+        /// Offset of the byte.
+        offset: u64,
+        /// The byte.
+        byte: u8,
+    },
+    /// A PART or END for a section that never started.
+    #[error("at byte {offset}: section id {id} was never started")]
+    UnknownSectionId {
+        /// Offset of the section header.
+        offset: u64,
+        /// The id.
+        id: u32,
+    },
+    /// A section version this parser does not know.
+    #[error("at byte {offset}: section {idstr:?} version {version} is not supported")]
+    UnsupportedVersion {
+        /// Offset of the section header.
+        offset: u64,
+        /// The section's name.
+        idstr: String,
+        /// Its version.
+        version: u32,
+    },
+    /// A section did not end with `0x7e` and its id.
+    #[error("at byte {offset}: missing footer of section {id}")]
+    MissingFooter {
+        /// Where the footer should be.
+        offset: u64,
+        /// The section's id.
+        id: u32,
+    },
+    /// The configuration section is malformed.
+    #[error("at byte {offset}: bad configuration section: {what}")]
+    BadConfiguration {
+        /// Offset of the problem.
+        offset: u64,
+        /// What is wrong.
+        what: String,
+    },
+    /// A RAM record with flags that are unknown or make no sense together.
+    #[error("at byte {offset}: unknown RAM record flags {flags:#x}")]
+    UnknownRamFlags {
+        /// Offset of the record.
+        offset: u64,
+        /// The flag bits.
+        flags: u64,
+    },
+    /// A block record with unknown flags.
+    #[error("at byte {offset}: unknown block record flags {flags:#x}")]
+    UnknownBlockFlags {
+        /// Offset of the record.
+        offset: u64,
+        /// The flag bits.
+        flags: u64,
+    },
+    /// A page for a RAM block the stream never announced.
+    #[error("at byte {offset}: unknown RAM block {idstr:?}")]
+    UnknownRamBlock {
+        /// Offset of the record.
+        offset: u64,
+        /// The block name.
+        idstr: String,
+    },
+    /// A CONTINUE record with no block before it.
+    #[error("at byte {offset}: RAM record continues a block but no block came before")]
+    ContinueWithoutBlock {
+        /// Offset of the record.
+        offset: u64,
+    },
+    /// A page that does not lie inside its block.
+    #[error("at byte {offset}: page at {page_offset:#x} lies past the end of block {idstr:?} ({length:#x} bytes)")]
+    OffsetPastBlock {
+        /// Offset of the record.
+        offset: u64,
+        /// The block.
+        idstr: String,
+        /// The page's offset in the block.
+        page_offset: u64,
+        /// The block's length.
+        length: u64,
+    },
+    /// A page record before the block list.
+    #[error("at byte {offset}: RAM page before the MEM_SIZE record")]
+    PageBeforeMemSize {
+        /// Offset of the record.
+        offset: u64,
+    },
+    /// The block list does not add up to the total it announced.
+    #[error("at byte {offset}: RAM blocks add up to {sum:#x}, announced total is {total:#x}")]
+    MemSizeMismatch {
+        /// Offset of the record.
+        offset: u64,
+        /// Sum of block lengths.
+        sum: u64,
+        /// Announced total.
+        total: u64,
+    },
+    /// A second block list that differs from the first.
+    #[error("at byte {offset}: RAM block list changed mid-stream")]
+    MemSizeChanged {
+        /// Offset of the record.
+        offset: u64,
+    },
+    /// More of something than any real stream has.
+    #[error("at byte {offset}: {what} exceeds the limit of {limit}")]
+    LimitExceeded {
+        /// Offset of the problem.
+        offset: u64,
+        /// What overflowed.
+        what: &'static str,
+        /// The limit.
+        limit: u64,
+    },
+    /// A compressed page longer than compressBound(4096).
+    #[error("at byte {offset}: compressed page of {len} bytes exceeds {MAX_COMPRESSED_PAGE}")]
+    CompressedTooLong {
+        /// Offset of the record.
+        offset: u64,
+        /// The announced length.
+        len: u32,
+    },
+    /// An XBZRLE record that is not well formed.
+    #[error("at byte {offset}: bad XBZRLE record: {what}")]
+    BadXbzrle {
+        /// Offset of the record.
+        offset: u64,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// An RDMA hook record, which needs a transport ferry does not have.
+    #[error("at byte {offset}: RAM hook records (RDMA) are not supported")]
+    HookUnsupported {
+        /// Offset of the record.
+        offset: u64,
+    },
+    /// The vmdesc trailer is malformed.
+    #[error("at byte {offset}: bad vmdesc trailer: {what}")]
+    BadVmdesc {
+        /// Offset of the trailer.
+        offset: u64,
+        /// What is wrong.
+        what: &'static str,
+    },
+    /// Bytes after the end of the stream.
+    #[error("at byte {offset}: unexpected data after the end of the stream")]
+    TrailingData {
+        /// Offset of the first extra byte.
+        offset: u64,
+    },
+}
+
+impl Error {
+    /// The stream offset the error is about.
+    pub fn offset(&self) -> u64 {
+        match self {
+            Error::File(e) => match e {
+                qemu_file::Error::Io { offset, .. }
+                | qemu_file::Error::ShortWrite { offset, .. }
+                | qemu_file::Error::Eof { offset }
+                | qemu_file::Error::InvalidString { offset }
+                | qemu_file::Error::Hook { offset, .. }
+                | qemu_file::Error::NoLoadHook { offset } => *offset,
+                qemu_file::Error::StringTooLong { .. } | qemu_file::Error::PeekTooLarge { .. } => 0,
+            },
+            Error::BadMagic { offset, .. }
+            | Error::BadVersion { offset, .. }
+            | Error::UnknownMarker { offset, .. }
+            | Error::UnknownSectionId { offset, .. }
+            | Error::UnsupportedVersion { offset, .. }
+            | Error::MissingFooter { offset, .. }
+            | Error::BadConfiguration { offset, .. }
+            | Error::UnknownRamFlags { offset, .. }
+            | Error::UnknownBlockFlags { offset, .. }
+            | Error::UnknownRamBlock { offset, .. }
+            | Error::ContinueWithoutBlock { offset }
+            | Error::OffsetPastBlock { offset, .. }
+            | Error::PageBeforeMemSize { offset }
+            | Error::MemSizeMismatch { offset, .. }
+            | Error::MemSizeChanged { offset }
+            | Error::LimitExceeded { offset, .. }
+            | Error::CompressedTooLong { offset, .. }
+            | Error::BadXbzrle { offset, .. }
+            | Error::HookUnsupported { offset }
+            | Error::BadVmdesc { offset, .. }
+            | Error::TrailingData { offset } => *offset,
+        }
+    }
+}
+
+/// Result of parsing.
+pub type Result<T> = std::result::Result<T, Error>;
+
+/// Bounds on what a stream may make the parser hold.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Largest opaque device section body.
+    pub max_device_section: usize,
+    /// Largest vmdesc trailer.
+    pub max_vmdesc: usize,
+    /// Most RAM blocks in the block list.
+    pub max_ram_blocks: usize,
+    /// Most distinct sections.
+    pub max_sections: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_device_section: 16 << 20,
+            max_vmdesc: 16 << 20,
+            max_ram_blocks: 4096,
+            max_sections: 65536,
+        }
+    }
+}
+
+/// What a section carries, decided by its idstr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SectionClass {
+    /// QEMU's "ram" section: RAM records.
+    Ram,
+    /// QEMU's "block" section: disk chunks.
+    Block,
+    /// Anything else: opaque device state.
+    Device,
+}
+
+/// A section header, with the identity of its section resolved for PART/END.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SectionHeader {
+    /// START, PART, END or FULL.
+    #[serde(rename = "type")]
+    pub kind: SectionKind,
+    /// The section id.
+    pub id: u32,
+    /// The section's name.
+    pub idstr: String,
+    /// Its instance number.
+    pub instance: u32,
+    /// Its version.
+    pub version: u32,
+    /// What it carries.
+    pub class: SectionClass,
+    /// Offset of its marker byte.
+    pub start: u64,
+}
+
+/// One RAM record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum RamRecord<'p> {
+    /// The block list (the setup record).
+    MemSize(&'p [RamBlockInfo]),
+    /// A page of one repeated byte.
+    Zero {
+        /// Index into the block list.
+        block: usize,
+        /// Offset of the page in its block.
+        offset: u64,
+        /// The byte.
+        fill: u8,
+    },
+    /// A raw page.
+    Page {
+        /// Index into the block list.
+        block: usize,
+        /// Offset of the page in its block.
+        offset: u64,
+        /// The page's 4096 bytes.
+        data: &'p [u8],
+    },
+    /// A zlib-compressed page (at most 4110 bytes; not yet inflated).
+    Compressed {
+        /// Index into the block list.
+        block: usize,
+        /// Offset of the page in its block.
+        offset: u64,
+        /// The zlib stream.
+        data: &'p [u8],
+    },
+    /// An XBZRLE delta against the page's previous contents.
+    Xbzrle {
+        /// Index into the block list.
+        block: usize,
+        /// Offset of the page in its block.
+        offset: u64,
+        /// The encoded delta.
+        data: &'p [u8],
+    },
+    /// End of this section's records.
+    Eos,
+}
+
+/// One block-migration record.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BlockRecord<'p> {
+    /// A 1 MiB chunk of a device; `data` is `None` for an all-zero chunk.
+    Chunk {
+        /// The device name.
+        device: String,
+        /// First sector of the chunk.
+        sector: u64,
+        /// The chunk, unless it is all zero.
+        data: Option<&'p [u8]>,
+    },
+    /// Progress report (percent).
+    Progress(u64),
+    /// End of this section's records.
+    Eos,
+}
+
+/// One piece of a stream.
+#[derive(Debug)]
+pub enum Item<'p> {
+    /// The file header; always version 3.
+    FileHeader,
+    /// The configuration section.
+    Configuration {
+        /// The machine type it names.
+        machine: String,
+        /// The whole section as it was on the wire, marker byte included.
+        raw: &'p [u8],
+    },
+    /// A section header.
+    Section(SectionHeader),
+    /// A record of a RAM section.
+    Ram(RamRecord<'p>),
+    /// A record of a block section.
+    Block(BlockRecord<'p>),
+    /// The opaque body of a device section (between header and footer).
+    DeviceState(&'p [u8]),
+    /// The footer closing section `id`; `end` is the offset just past it.
+    Footer {
+        /// The section id.
+        id: u32,
+        /// Offset just past the footer.
+        end: u64,
+    },
+    /// A command to the destination (postcopy, return path).
+    Command {
+        /// Command number.
+        cmd: u16,
+        /// Its payload.
+        data: &'p [u8],
+    },
+    /// The end-of-state marker.
+    Eof,
+    /// The JSON trailer after EOF.
+    Vmdesc(&'p [u8]),
+    /// Nothing more: the stream ended where it may end.
+    End,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    FileHeader,
+    Configuration,
+    Top,
+    InSection { id: u32, class: SectionClass },
+    Footer { id: u32 },
+    AfterEof,
+    Done,
+}
+
+#[derive(Debug, Clone)]
+struct Known {
+    idstr: String,
+    instance: u32,
+    version: u32,
+    class: SectionClass,
+}
+
+/// Pull parser for a migration stream.
+pub struct Parser<T: Transport = Box<dyn Transport>> {
+    f: QemuFileReader<T>,
+    state: State,
+    limits: Limits,
+    sections: HashMap<u32, Known>,
+    /// Body lengths of device sections by (idstr, instance), from a vmdesc.
+    device_sizes: HashMap<(String, u32), u64>,
+    blocks: Vec<RamBlockInfo>,
+    last_block: Option<usize>,
+    scratch: Vec<u8>,
+}
+
+impl<T: Transport> std::fmt::Debug for Parser<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parser")
+            .field("offset", &self.f.offset())
+            .field("state", &self.state)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<T: Transport> Parser<T> {
+    /// A parser at the start of a stream, with default limits.
+    pub fn new(f: QemuFileReader<T>) -> Self {
+        Self {
+            f,
+            state: State::FileHeader,
+            limits: Limits::default(),
+            sections: HashMap::new(),
+            device_sizes: HashMap::new(),
+            blocks: Vec::new(),
+            last_block: None,
+            scratch: Vec::new(),
+        }
+    }
+
+    /// Replaces the limits.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        self.limits = limits;
+        self
+    }
+
+    /// Gives the body length of device sections, keyed by (idstr, instance),
+    /// as computed from a vmdesc trailer. A length is trusted only when the
+    /// footer is found right after it; otherwise the parser searches.
+    pub fn with_device_sizes(mut self, sizes: HashMap<(String, u32), u64>) -> Self {
+        self.device_sizes = sizes;
+        self
+    }
+
+    /// The RAM blocks announced so far.
+    pub fn ram_blocks(&self) -> &[RamBlockInfo] {
+        &self.blocks
+    }
+
+    /// Offset of the next byte to be parsed.
+    pub fn offset(&self) -> u64 {
+        self.f.offset()
+    }
+
+    /// The reader underneath, for the caller to close or inspect.
+    pub fn into_reader(self) -> QemuFileReader<T> {
+        self.f
+    }
+
+    /// Parses the next item. After an error, every call returns an error.
+    pub fn next(&mut self) -> Result<Item<'_>> {
+        match self.state {
+            State::FileHeader => self.file_header(),
+            State::Configuration => {
+                if self.f.peek_byte(0)? == marker::CONFIGURATION {
+                    return self.configuration();
+                }
+                self.state = State::Top;
+                self.top()
+            }
+            State::Top => self.top(),
+            State::InSection { id, class } => match class {
+                SectionClass::Ram => self.ram_record(id),
+                SectionClass::Block => self.block_record(id),
+                SectionClass::Device => self.device_state(id),
+            },
+            State::Footer { id } => self.footer(id),
+            State::AfterEof => self.after_eof(),
+            State::Done => {
+                let offset = self.f.offset();
+                if self.f.at_end()? {
+                    Ok(Item::End)
+                } else {
+                    Err(Error::TrailingData { offset })
+                }
+            }
+        }
+    }
+
+    fn file_header(&mut self) -> Result<Item<'_>> {
+        let magic = self.f.get_be32()?;
+        if magic != QEMU_VM_FILE_MAGIC {
+            return Err(Error::BadMagic {
+                offset: 0,
+                found: magic,
+            });
+        }
+        let version = self.f.get_be32()?;
+        if version != QEMU_VM_FILE_VERSION {
+            return Err(Error::BadVersion {
+                offset: 4,
+                found: version,
+            });
+        }
+        self.state = State::Configuration;
+        Ok(Item::FileHeader)
+    }
+
+    /// The configuration: the machine name, then the subsections QEMU 7.2 may add.
+    fn configuration(&mut self) -> Result<Item<'_>> {
+        let start = self.f.offset();
+        let bad = |offset, what: &str| Error::BadConfiguration {
+            offset,
+            what: what.to_owned(),
+        };
+        let mut raw = vec![self.f.get_byte()?];
+        let len = self.f.get_be32()?;
+        raw.extend_from_slice(&len.to_be_bytes());
+        if len > 255 {
+            return Err(bad(start + 1, "machine name longer than 255 bytes"));
+        }
+        let mut name = vec![0u8; len as usize];
+        self.f.get_buffer(&mut name)?;
+        raw.extend_from_slice(&name);
+        let machine =
+            String::from_utf8(name).map_err(|_| bad(start + 5, "machine name is not UTF-8"))?;
+        while self.f.peek_byte(0)? == marker::SUBSECTION {
+            let sub_at = self.f.offset();
+            raw.push(self.f.get_byte()?);
+            let sub = self.f.get_counted_string()?;
+            raw.push(sub.len() as u8);
+            raw.extend_from_slice(sub.as_bytes());
+            let version = self.f.get_be32()?;
+            raw.extend_from_slice(&version.to_be_bytes());
+            match sub.as_str() {
+                "configuration/target-page-bits" => {
+                    let v = self.f.get_be32()?;
+                    raw.extend_from_slice(&v.to_be_bytes());
+                }
+                "configuration/uuid" => {
+                    let mut uuid = [0u8; 16];
+                    self.f.get_buffer(&mut uuid)?;
+                    raw.extend_from_slice(&uuid);
+                }
+                "configuration/capabilities" => {
+                    let count = self.f.get_be32()?;
+                    raw.extend_from_slice(&count.to_be_bytes());
+                    if count > 64 {
+                        return Err(bad(sub_at, "more than 64 capabilities"));
+                    }
+                    for _ in 0..count {
+                        let cap = self.f.get_counted_string()?;
+                        raw.push(cap.len() as u8);
+                        raw.extend_from_slice(cap.as_bytes());
+                    }
+                }
+                _ => return Err(bad(sub_at, &format!("unknown subsection {sub:?}"))),
+            }
+        }
+        self.state = State::Top;
+        self.scratch = raw;
+        Ok(Item::Configuration {
+            machine,
+            raw: &self.scratch,
+        })
+    }
+
+    fn top(&mut self) -> Result<Item<'_>> {
+        let offset = self.f.offset();
+        let byte = self.f.get_byte()?;
+        if let Some(kind) = SectionKind::from_marker(byte) {
+            return self.section_header(kind, offset);
+        }
+        match byte {
+            marker::EOF => {
+                self.state = State::AfterEof;
+                Ok(Item::Eof)
+            }
+            marker::COMMAND => {
+                let cmd = self.f.get_be16()?;
+                let len = self.f.get_be16()? as usize;
+                self.scratch.resize(len, 0);
+                self.f.get_buffer(&mut self.scratch)?;
+                Ok(Item::Command {
+                    cmd,
+                    data: &self.scratch,
+                })
+            }
+            _ => Err(Error::UnknownMarker { offset, byte }),
+        }
+    }
+
+    fn section_header(&mut self, kind: SectionKind, offset: u64) -> Result<Item<'_>> {
+        let id = self.f.get_be32()?;
+        let known = if kind.has_identity() {
+            let idstr = self.f.get_counted_string()?;
+            let instance = self.f.get_be32()?;
+            let version = self.f.get_be32()?;
+            let class = match idstr.as_str() {
+                RAM_IDSTR => SectionClass::Ram,
+                BLOCK_IDSTR => SectionClass::Block,
+                _ => SectionClass::Device,
+            };
+            let supported = match class {
+                SectionClass::Ram => version == RAM_VERSION,
+                SectionClass::Block => version == BLOCK_VERSION,
+                SectionClass::Device => true,
+            };
+            if !supported {
+                return Err(Error::UnsupportedVersion {
+                    offset,
+                    idstr,
+                    version,
+                });
+            }
+            if !self.sections.contains_key(&id) && self.sections.len() >= self.limits.max_sections {
+                return Err(Error::LimitExceeded {
+                    offset,
+                    what: "number of sections",
+                    limit: self.limits.max_sections as u64,
+                });
+            }
+            let known = Known {
+                idstr,
+                instance,
+                version,
+                class,
+            };
+            self.sections.insert(id, known.clone());
+            known
+        } else {
+            self.sections
+                .get(&id)
+                .cloned()
+                .ok_or(Error::UnknownSectionId { offset, id })?
+        };
+        self.state = State::InSection {
+            id,
+            class: known.class,
+        };
+        if known.class == SectionClass::Ram {
+            // Each part's first page names its block again.
+            self.last_block = None;
+        }
+        Ok(Item::Section(SectionHeader {
+            kind,
+            id,
+            idstr: known.idstr,
+            instance: known.instance,
+            version: known.version,
+            class: known.class,
+            start: offset,
+        }))
+    }
+
+    fn footer(&mut self, id: u32) -> Result<Item<'_>> {
+        let offset = self.f.offset();
+        if self.f.peek_buffer(5, 0)? != footer_bytes(id) {
+            return Err(Error::MissingFooter { offset, id });
+        }
+        self.f.skip(5)?;
+        self.state = State::Top;
+        Ok(Item::Footer {
+            id,
+            end: offset + 5,
+        })
+    }
+
+    fn after_eof(&mut self) -> Result<Item<'_>> {
+        let offset = self.f.offset();
+        if self.f.at_end()? {
+            self.state = State::Done;
+            return Ok(Item::End);
+        }
+        let b = self.f.get_byte()?;
+        if b != marker::VMDESCRIPTION {
+            return Err(Error::TrailingData { offset });
+        }
+        let len = self.f.get_be32()? as usize;
+        if len > self.limits.max_vmdesc {
+            return Err(Error::LimitExceeded {
+                offset,
+                what: "vmdesc length",
+                limit: self.limits.max_vmdesc as u64,
+            });
+        }
+        self.scratch.resize(len, 0);
+        self.f.get_buffer(&mut self.scratch)?;
+        self.state = State::Done;
+        Ok(Item::Vmdesc(&self.scratch))
+    }
+
+    fn ram_record(&mut self, id: u32) -> Result<Item<'_>> {
+        let offset = self.f.offset();
+        let header = self.f.get_be64()?;
+        let flags = header & ram_flag::MASK;
+        let addr = header & !ram_flag::MASK;
+        let kind = flags & !ram_flag::CONTINUE;
+        match kind {
+            ram_flag::MEM_SIZE => return self.mem_size(addr, offset),
+            ram_flag::EOS => {
+                self.state = State::Footer { id };
+                return Ok(Item::Ram(RamRecord::Eos));
+            }
+            ram_flag::HOOK => return Err(Error::HookUnsupported { offset }),
+            ram_flag::ZERO | ram_flag::PAGE | ram_flag::COMPRESS_PAGE | ram_flag::XBZRLE => {}
+            _ => return Err(Error::UnknownRamFlags { offset, flags }),
+        }
+        let block = self.page_block(flags, offset)?;
+        let info = &self.blocks[block];
+        if addr.checked_add(PAGE_SIZE as u64).is_none_or(|end| end > info.length) {
+            return Err(Error::OffsetPastBlock {
+                offset,
+                idstr: info.idstr.clone(),
+                page_offset: addr,
+                length: info.length,
+            });
+        }
+        let record = match kind {
+            ram_flag::ZERO => RamRecord::Zero {
+                block,
+                offset: addr,
+                fill: self.f.get_byte()?,
+            },
+            ram_flag::PAGE => {
+                self.scratch.resize(PAGE_SIZE, 0);
+                RamRecord::Page {
+                    block,
+                    offset: addr,
+                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                }
+            }
+            ram_flag::COMPRESS_PAGE => {
+                let len_at = self.f.offset();
+                let len = self.f.get_be32()?;
+                if len as usize > MAX_COMPRESSED_PAGE {
+                    return Err(Error::CompressedTooLong {
+                        offset: len_at,
+                        len,
+                    });
+                }
+                self.scratch.resize(len as usize, 0);
+                RamRecord::Compressed {
+                    block,
+                    offset: addr,
+                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                }
+            }
+            _ => {
+                let enc_at = self.f.offset();
+                if self.f.get_byte()? != super::xbzrle::ENCODING_FLAG {
+                    return Err(Error::BadXbzrle {
+                        offset: enc_at,
+                        what: "unknown encoding flag",
+                    });
+                }
+                let len = self.f.get_be16()? as usize;
+                if len > PAGE_SIZE {
+                    return Err(Error::BadXbzrle {
+                        offset: enc_at,
+                        what: "encoded length above one page",
+                    });
+                }
+                self.scratch.resize(len, 0);
+                RamRecord::Xbzrle {
+                    block,
+                    offset: addr,
+                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                }
+            }
+        };
+        Ok(Item::Ram(record))
+    }
+
+    /// Resolves the block of a page record: the previous one for CONTINUE,
+    /// else the named one.
+    fn page_block(&mut self, flags: u64, offset: u64) -> Result<usize> {
+        if flags & ram_flag::CONTINUE != 0 {
+            return self
+                .last_block
+                .ok_or(Error::ContinueWithoutBlock { offset });
+        }
+        let idstr = self.f.get_counted_string()?;
+        if self.blocks.is_empty() {
+            return Err(Error::PageBeforeMemSize { offset });
+        }
+        let block = self
+            .blocks
+            .iter()
+            .position(|b| b.idstr == idstr)
+            .ok_or(Error::UnknownRamBlock { offset, idstr })?;
+        self.last_block = Some(block);
+        Ok(block)
+    }
+
+    fn mem_size(&mut self, total: u64, offset: u64) -> Result<Item<'_>> {
+        let mut blocks = Vec::new();
+        let mut sum = 0u64;
+        while sum < total {
+            if blocks.len() >= self.limits.max_ram_blocks {
+                return Err(Error::LimitExceeded {
+                    offset,
+                    what: "number of RAM blocks",
+                    limit: self.limits.max_ram_blocks as u64,
+                });
+            }
+            let idstr = self.f.get_counted_string()?;
+            let length = self.f.get_be64()?;
+            sum = sum.checked_add(length).unwrap_or(u64::MAX);
+            if length == 0 || sum > total {
+                break;
+            }
+            blocks.push(RamBlockInfo { idstr, length });
+        }
+        if sum != total {
+            return Err(Error::MemSizeMismatch { offset, sum, total });
+        }
+        if !self.blocks.is_empty() && self.blocks != blocks {
+            return Err(Error::MemSizeChanged { offset });
+        }
+        self.blocks = blocks;
+        self.last_block = None;
+        Ok(Item::Ram(RamRecord::MemSize(&self.blocks)))
+    }
+
+    fn block_record(&mut self, id: u32) -> Result<Item<'_>> {
+        let offset = self.f.offset();
+        let header = self.f.get_be64()?;
+        let flags = header & block_flag::MASK;
+        let sector = header >> 9;
+        if flags == block_flag::EOS {
+            self.state = State::Footer { id };
+            return Ok(Item::Block(BlockRecord::Eos));
+        }
+        if flags == block_flag::PROGRESS {
+            return Ok(Item::Block(BlockRecord::Progress(sector)));
+        }
+        let zero = match flags {
+            block_flag::DEVICE_BLOCK => false,
+            f if f == block_flag::DEVICE_BLOCK | block_flag::ZERO_BLOCK => true,
+            _ => return Err(Error::UnknownBlockFlags { offset, flags }),
+        };
+        let device = self.f.get_counted_string()?;
+        let data = if zero {
+            None
+        } else {
+            self.scratch.resize(BLOCK_CHUNK_SIZE, 0);
+            self.f.get_buffer(&mut self.scratch)?;
+            Some(&self.scratch[..])
+        };
+        Ok(Item::Block(BlockRecord::Chunk {
+            device,
+            sector,
+            data,
+        }))
+    }
+
+    /// Reads an opaque section body: sized by the vmdesc when that size is
+    /// confirmed by a footer right behind it, otherwise up to the first footer
+    /// that is followed by something a stream may continue with.
+    fn device_state(&mut self, id: u32) -> Result<Item<'_>> {
+        let start = self.f.offset();
+        let footer = footer_bytes(id);
+        let sized = self.sections.get(&id).and_then(|k| {
+            self.device_sizes
+                .get(&(k.idstr.clone(), k.instance))
+                .copied()
+        });
+        self.scratch.clear();
+        if let Some(len) = sized.map(|l| l as usize) {
+            if len + 5 <= IO_BUF_SIZE && self.f.peek_buffer(len + 5, 0).is_ok_and(|b| b[len..] == footer) {
+                self.scratch.extend_from_slice(&self.f.peek_buffer(len, 0)?[..len]);
+                self.f.skip(len as u64)?;
+                self.state = State::Footer { id };
+                return Ok(Item::DeviceState(&self.scratch));
+            }
+        }
+        loop {
+            let window = self.f.peek_available(IO_BUF_SIZE)?;
+            if window.is_empty() {
+                return Err(qemu_file::Error::Eof { offset: self.f.offset() }.into());
+            }
+            match window.iter().position(|&b| b == marker::SECTION_FOOTER) {
+                None => {
+                    let n = window.len();
+                    self.take_body(n, start)?;
+                }
+                Some(0) => {
+                    if self.is_footer_here(&footer)? {
+                        break;
+                    }
+                    self.take_body(1, start)?;
+                }
+                Some(p) => self.take_body(p, start)?,
+            }
+        }
+        self.state = State::Footer { id };
+        Ok(Item::DeviceState(&self.scratch))
+    }
+
+    fn take_body(&mut self, n: usize, start: u64) -> Result<()> {
+        if self.scratch.len() + n > self.limits.max_device_section {
+            return Err(Error::LimitExceeded {
+                offset: start,
+                what: "device section size",
+                limit: self.limits.max_device_section as u64,
+            });
+        }
+        let bytes = self.f.peek_buffer(n, 0)?;
+        self.scratch.extend_from_slice(bytes);
+        Ok(self.f.skip(n as u64)?)
+    }
+
+    /// Decides whether the footer of the current section starts at the read
+    /// position, by checking that what follows it is a plausible next item.
+    fn is_footer_here(&mut self, footer: &[u8; 5]) -> Result<bool> {
+        // 5 footer bytes, then at most a START header: 1 + 4 + 1 + 255 + 8.
+        let look = self.f.peek_available(5 + 269)?;
+        if look.len() < 6 || look[..5] != footer[..] {
+            return Ok(false);
+        }
+        let next = &look[5..];
+        let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        Ok(match next[0] {
+            marker::EOF => next.len() == 1 || next[1] == marker::VMDESCRIPTION,
+            marker::SECTION_START | marker::SECTION_FULL => {
+                next.len() >= 6 && {
+                    let len = next[5] as usize;
+                    len > 0
+                        && next.len() >= 6 + len + 8
+                        && next[6..6 + len].iter().all(|c| c.is_ascii_graphic())
+                }
+            }
+            marker::SECTION_PART | marker::SECTION_END => {
+                next.len() >= 5 && self.sections.contains_key(&be32(&next[1..5]))
+            }
+            marker::COMMAND => true,
+            _ => false,
+        })
+    }
+}
+
+fn footer_bytes(id: u32) -> [u8; 5] {
+    let b = id.to_be_bytes();
+    [marker::SECTION_FOOTER, b[0], b[1], b[2], b[3]]
+}
