@@ -1,1 +1,88 @@
-fn main() {}
+//! The `ferry` command.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Live migration of a running guest's memory and disks, speaking QEMU 7.2's
+/// migration stream.
+#[derive(Debug, Parser)]
+#[command(name = "ferry", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Print a migration stream's sections and page counts; extract its RAM
+    /// and device state.
+    ///
+    /// Reads streams written by QEMU 7.2 (plain or with the compress
+    /// capability) or by ferry. An invalid stream exits with status 1 and one
+    /// line naming the byte offset and what is wrong.
+    Inspect {
+        /// The stream: a file, or `-` for standard input.
+        stream: PathBuf,
+        /// Print the report as JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+        /// Write each RAM block to DIR/<idstr>.ram ('/' in names becomes '_').
+        #[arg(long, value_name = "DIR")]
+        extract_ram: Option<PathBuf>,
+        /// Write the configuration section and every non-RAM, non-block section,
+        /// byte for byte, to FILE (for `ferry send --device-state`).
+        #[arg(long, value_name = "FILE")]
+        extract_device_state: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            // One line: the error and its causes.
+            eprintln!("ferry: {}", chain(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn chain(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect {
+            stream,
+            json,
+            extract_ram,
+            extract_device_state,
+        } => {
+            let report = ferry::inspect::run(&ferry::inspect::Options {
+                stream,
+                extract_ram,
+                extract_device_state,
+            })?;
+            let mut out = std::io::stdout().lock();
+            if json {
+                serde_json::to_writer_pretty(&mut out, &report)?;
+                writeln!(out)?;
+            } else {
+                ferry::inspect::print_table(&report, &mut out)?;
+            }
+            Ok(())
+        }
+    }
+}

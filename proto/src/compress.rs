@@ -55,7 +55,11 @@ pub fn deflate_into(c: &mut Compress, page: &[u8], out: &mut [u8]) -> Option<usi
 }
 
 /// Inflates one compressed page into `page`, which it must fill exactly.
-pub fn inflate_page(d: &mut Decompress, input: &[u8], page: &mut [u8; PAGE_SIZE]) -> Result<(), Error> {
+pub fn inflate_page(
+    d: &mut Decompress,
+    input: &[u8],
+    page: &mut [u8; PAGE_SIZE],
+) -> Result<(), Error> {
     if input.len() > MAX_COMPRESSED_PAGE {
         return Err(Error::TooLong { len: input.len() });
     }
@@ -77,7 +81,9 @@ pub fn inflate_page(d: &mut Decompress, input: &[u8], page: &mut [u8; PAGE_SIZE]
             let extra = d.total_out() as usize - PAGE_SIZE;
             match more {
                 Status::StreamEnd if extra == 0 => Ok(()),
-                _ if extra > 0 => Err(Error::WrongSize { got: PAGE_SIZE + extra }),
+                _ if extra > 0 => Err(Error::WrongSize {
+                    got: PAGE_SIZE + extra,
+                }),
                 _ => Err(Error::Corrupt("stream is truncated".into())),
             }
         }
@@ -131,7 +137,10 @@ mod tests {
     #[test]
     fn random_page_does_not_shrink() {
         let mut out = [0u8; PAGE_SIZE - 1];
-        assert_eq!(deflate_into(&mut compressor(1), &random_page(7), &mut out), None);
+        assert_eq!(
+            deflate_into(&mut compressor(1), &random_page(7), &mut out),
+            None
+        );
     }
 
     #[test]
@@ -154,8 +163,14 @@ mod tests {
             Err(Error::Corrupt(_))
         ));
         assert_eq!(
-            inflate_page(&mut decompressor(), &[0; MAX_COMPRESSED_PAGE + 1], &mut page),
-            Err(Error::TooLong { len: MAX_COMPRESSED_PAGE + 1 })
+            inflate_page(
+                &mut decompressor(),
+                &[0; MAX_COMPRESSED_PAGE + 1],
+                &mut page
+            ),
+            Err(Error::TooLong {
+                len: MAX_COMPRESSED_PAGE + 1
+            })
         );
     }
 }

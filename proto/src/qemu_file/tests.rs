@@ -85,7 +85,11 @@ fn sixty_four_async_buffers_force_a_flush() {
     }
     assert_eq!(f.transport().bytes().len(), 0, "63 entries stay gathered");
     f.put_buffer_async(&pages[63]);
-    assert_eq!(f.transport().bytes().len(), 64 * 16, "the 64th entry flushes");
+    assert_eq!(
+        f.transport().bytes().len(),
+        64 * 16,
+        "the 64th entry flushes"
+    );
 }
 
 #[test]
@@ -118,7 +122,11 @@ fn short_write_latches_and_later_puts_do_nothing() {
     ));
     f.put_buffer(&[2; 20]);
     f.flush();
-    assert_eq!(f.transport().out.len(), 10, "puts after an error are dropped");
+    assert_eq!(
+        f.transport().out.len(),
+        10,
+        "puts after an error are dropped"
+    );
     assert!(matches!(f.close(), Err(Error::ShortWrite { .. })));
 }
 
@@ -184,14 +192,24 @@ fn compression_data_round_trips_and_incompressible_pages_are_refused() {
 fn compressed_records_survive_many_puts_without_reordering() {
     // Enough records to cross buffer and iovec boundaries many times.
     let pages: Vec<Vec<u8>> = (0..200u32)
-        .map(|i| format!("page {i} ").into_bytes().into_iter().cycle().take(4096).collect())
+        .map(|i| {
+            format!("page {i} ")
+                .into_bytes()
+                .into_iter()
+                .cycle()
+                .take(4096)
+                .collect()
+        })
         .collect();
     let mut c = compress::compressor(1);
     let mut f = QemuFileWriter::new(MemTransport::new());
     for (i, p) in pages.iter().enumerate() {
         f.put_be32(i as u32);
         f.put_buffer_async(&p[..7]);
-        assert!(f.put_compressed_record(&[0xee], &mut c, p).unwrap().is_some());
+        assert!(f
+            .put_compressed_record(&[0xee], &mut c, p)
+            .unwrap()
+            .is_some());
     }
     let bytes = written(f);
     let mut r = QemuFileReader::new(MemTransport::from_bytes(bytes));
@@ -296,7 +314,10 @@ impl Transport for Trickle {
 
 #[test]
 fn short_reads_are_looped_over() {
-    let mut r = QemuFileReader::new(Trickle(b"\x03abc\x00\x00\x00\x00\x00\x00\x01\x00".to_vec(), 0));
+    let mut r = QemuFileReader::new(Trickle(
+        b"\x03abc\x00\x00\x00\x00\x00\x00\x01\x00".to_vec(),
+        0,
+    ));
     assert_eq!(r.get_counted_string().unwrap(), "abc");
     assert_eq!(r.get_be64().unwrap(), 256);
     assert!(r.at_end().unwrap());
@@ -325,11 +346,20 @@ fn save_page_hook_results_are_accounted() {
         }
     }
     let mut f = QemuFileWriter::new(MemTransport::new());
-    assert!(matches!(f.ram_control_save_page(0, 0, 4096), SavePage::NotSupported));
+    assert!(matches!(
+        f.ram_control_save_page(0, 0, 4096),
+        SavePage::NotSupported
+    ));
     assert_eq!(f.bytes_xfer(), 0);
     f.set_hooks(Box::new(Rdma));
-    assert!(matches!(f.ram_control_save_page(0, 0, 4096), SavePage::Sent(10)));
-    assert!(matches!(f.ram_control_save_page(0, 4096, 4096), SavePage::Delayed));
+    assert!(matches!(
+        f.ram_control_save_page(0, 0, 4096),
+        SavePage::Sent(10)
+    ));
+    assert!(matches!(
+        f.ram_control_save_page(0, 4096, 4096),
+        SavePage::Delayed
+    ));
     assert_eq!(f.bytes_xfer(), 8192);
     assert_eq!(f.ftell(), 10);
 }

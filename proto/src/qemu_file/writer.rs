@@ -396,7 +396,12 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
 
     /// Offers a page to the `save_page` hook (QEMU's `ram_control_save_page`).
     /// Pages the hook handles count against the rate limit.
-    pub fn ram_control_save_page(&mut self, block_offset: u64, offset: u64, size: usize) -> SavePage {
+    pub fn ram_control_save_page(
+        &mut self,
+        block_offset: u64,
+        offset: u64,
+        size: usize,
+    ) -> SavePage {
         let result = self.hooks.save_page(block_offset, offset, size);
         match &result {
             SavePage::NotSupported => {}
@@ -470,7 +475,13 @@ fn discard((start, end): (usize, usize)) {
     // of (`put_buffer_async_release`) and no longer reads; MADV_DONTNEED only
     // replaces its contents (zero or re-read from the backing file), it never
     // unmaps it, so the borrow's owner still holds valid memory.
-    let rc = unsafe { libc::madvise(first as *mut libc::c_void, last - first, libc::MADV_DONTNEED) };
+    let rc = unsafe {
+        libc::madvise(
+            first as *mut libc::c_void,
+            last - first,
+            libc::MADV_DONTNEED,
+        )
+    };
     if rc != 0 {
         // QEMU reports and carries on: the page was sent, only the release failed.
         tracing::warn!(

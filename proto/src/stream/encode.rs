@@ -100,7 +100,11 @@ impl RamWriter {
     fn header(&mut self, block: &str, offset: u64, flags: u64, out: &mut Vec<u8>) {
         debug_assert_eq!(offset & ram_flag::MASK, 0, "offsets are page aligned");
         let same = self.last_block.as_deref() == Some(block);
-        let flags = if same { flags | ram_flag::CONTINUE } else { flags };
+        let flags = if same {
+            flags | ram_flag::CONTINUE
+        } else {
+            flags
+        };
         out.extend_from_slice(&(offset | flags).to_be_bytes());
         if !same {
             out.push(block.len() as u8);
@@ -253,7 +257,9 @@ pub fn is_zero(data: &[u8]) -> bool {
     };
     head.iter().all(|&b| b == 0)
         && tail.iter().all(|&b| b == 0)
-        && words.chunks(8).all(|c| c.iter().fold(0, |acc, &w| acc | w) == 0)
+        && words
+            .chunks(8)
+            .all(|c| c.iter().fold(0, |acc, &w| acc | w) == 0)
 }
 
 /// The fill byte of a page made of one repeated byte, if it is one.

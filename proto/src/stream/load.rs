@@ -165,7 +165,11 @@ impl RamImage {
     /// Maps existing files for the announced blocks. `files` pairs block names
     /// with paths; every announced block needs one, of exactly its length, or
     /// is created at that length when `create` is set.
-    pub fn open(files: &[(String, PathBuf)], blocks: &[RamBlockInfo], create: bool) -> Result<Self> {
+    pub fn open(
+        files: &[(String, PathBuf)],
+        blocks: &[RamBlockInfo],
+        create: bool,
+    ) -> Result<Self> {
         let blocks = blocks
             .iter()
             .map(|b| {

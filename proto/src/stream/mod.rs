@@ -1,11 +1,16 @@
 //! The QEMU 7.2 migration stream: file header, sections, RAM and block records.
 //!
-//! [`encode`] writes streams a QEMU 7.2 destination loads; [`parse`] reads
-//! streams QEMU 7.2 (or ferry) wrote, trusting nothing; [`load`] applies parsed
-//! RAM records to memory; [`vmdesc`] sizes opaque device sections from the
-//! trailer QEMU appends; [`xbzrle`] decodes QEMU's delta-encoded pages.
+//! - [`encode`]: records and framing a QEMU 7.2 destination loads.
+//! - [`image`]: a whole stream from unchanging RAM, in one pass.
+//! - [`parse`]: streams QEMU 7.2 (or ferry) wrote, read trusting nothing.
+//! - [`load`]: parsed RAM records applied to file-backed memory.
+//! - [`device_state`]: the opaque non-RAM sections, kept byte for byte.
+//! - [`vmdesc`]: sizes of device sections from the trailer QEMU appends.
+//! - [`xbzrle`]: QEMU's delta-encoded pages.
 
+pub mod device_state;
 pub mod encode;
+pub mod image;
 pub mod load;
 pub mod parse;
 pub mod vmdesc;

@@ -18,7 +18,7 @@ use crate::transport::Transport;
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// Reading failed, or the stream ended early.
-    #[error("stream cannot be read")]
+    #[error(transparent)]
     File(#[from] qemu_file::Error),
     /// The file does not start with `QEVM`.
     #[error("at byte {offset}: bad magic {found:#010x}, expected QEVM")]
@@ -420,8 +420,12 @@ pub struct Parser<T: Transport = Box<dyn Transport>> {
     /// Body lengths of device sections by (idstr, instance), from a vmdesc.
     device_sizes: HashMap<(String, u32), u64>,
     blocks: Vec<RamBlockInfo>,
+    /// The block of the last page record; CONTINUE refers to it, across
+    /// section boundaries as in QEMU.
     last_block: Option<usize>,
     scratch: Vec<u8>,
+    /// Parsing a device-state file: no file header, no EOF, ends after a section.
+    fragment: bool,
 }
 
 impl<T: Transport> std::fmt::Debug for Parser<T> {
@@ -445,6 +449,18 @@ impl<T: Transport> Parser<T> {
             blocks: Vec::new(),
             last_block: None,
             scratch: Vec::new(),
+            fragment: false,
+        }
+    }
+
+    /// A parser for a device-state file (what `ferry inspect
+    /// --extract-device-state` writes): a configuration section and whole
+    /// sections, with no file header and no EOF marker.
+    pub fn fragment(f: QemuFileReader<T>) -> Self {
+        Self {
+            state: State::Configuration,
+            fragment: true,
+            ..Self::new(f)
         }
     }
 
@@ -478,11 +494,13 @@ impl<T: Transport> Parser<T> {
     }
 
     /// Parses the next item. After an error, every call returns an error.
+    // Items borrow the parser's buffers, so this cannot be `Iterator::next`.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Item<'_>> {
         match self.state {
             State::FileHeader => self.file_header(),
             State::Configuration => {
-                if self.f.peek_byte(0)? == marker::CONFIGURATION {
+                if self.f.peek_available(1)?.first() == Some(&marker::CONFIGURATION) {
                     return self.configuration();
                 }
                 self.state = State::Top;
@@ -587,6 +605,10 @@ impl<T: Transport> Parser<T> {
 
     fn top(&mut self) -> Result<Item<'_>> {
         let offset = self.f.offset();
+        if self.fragment && self.f.at_end()? {
+            self.state = State::Done;
+            return Ok(Item::End);
+        }
         let byte = self.f.get_byte()?;
         if let Some(kind) = SectionKind::from_marker(byte) {
             return self.section_header(kind, offset);
@@ -658,10 +680,6 @@ impl<T: Transport> Parser<T> {
             id,
             class: known.class,
         };
-        if known.class == SectionClass::Ram {
-            // Each part's first page names its block again.
-            self.last_block = None;
-        }
         Ok(Item::Section(SectionHeader {
             kind,
             id,
@@ -728,7 +746,10 @@ impl<T: Transport> Parser<T> {
         }
         let block = self.page_block(flags, offset)?;
         let info = &self.blocks[block];
-        if addr.checked_add(PAGE_SIZE as u64).is_none_or(|end| end > info.length) {
+        if addr
+            .checked_add(PAGE_SIZE as u64)
+            .is_none_or(|end| end > info.length)
+        {
             return Err(Error::OffsetPastBlock {
                 offset,
                 idstr: info.idstr.clone(),
@@ -826,7 +847,7 @@ impl<T: Transport> Parser<T> {
             }
             let idstr = self.f.get_counted_string()?;
             let length = self.f.get_be64()?;
-            sum = sum.checked_add(length).unwrap_or(u64::MAX);
+            sum = sum.saturating_add(length);
             if length == 0 || sum > total {
                 break;
             }
@@ -839,7 +860,6 @@ impl<T: Transport> Parser<T> {
             return Err(Error::MemSizeChanged { offset });
         }
         self.blocks = blocks;
-        self.last_block = None;
         Ok(Item::Ram(RamRecord::MemSize(&self.blocks)))
     }
 
@@ -888,8 +908,14 @@ impl<T: Transport> Parser<T> {
         });
         self.scratch.clear();
         if let Some(len) = sized.map(|l| l as usize) {
-            if len + 5 <= IO_BUF_SIZE && self.f.peek_buffer(len + 5, 0).is_ok_and(|b| b[len..] == footer) {
-                self.scratch.extend_from_slice(&self.f.peek_buffer(len, 0)?[..len]);
+            if len + 5 <= IO_BUF_SIZE
+                && self
+                    .f
+                    .peek_buffer(len + 5, 0)
+                    .is_ok_and(|b| b[len..] == footer)
+            {
+                self.scratch
+                    .extend_from_slice(&self.f.peek_buffer(len, 0)?[..len]);
                 self.f.skip(len as u64)?;
                 self.state = State::Footer { id };
                 return Ok(Item::DeviceState(&self.scratch));
@@ -898,7 +924,10 @@ impl<T: Transport> Parser<T> {
         loop {
             let window = self.f.peek_available(IO_BUF_SIZE)?;
             if window.is_empty() {
-                return Err(qemu_file::Error::Eof { offset: self.f.offset() }.into());
+                return Err(qemu_file::Error::Eof {
+                    offset: self.f.offset(),
+                }
+                .into());
             }
             match window.iter().position(|&b| b == marker::SECTION_FOOTER) {
                 None => {

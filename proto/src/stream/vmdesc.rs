@@ -58,7 +58,8 @@ pub fn section_sizes(json: &[u8]) -> Result<HashMap<(String, u32), u64>, Error> 
     let v: Value = serde_json::from_slice(json)?;
     let mut sizes = HashMap::new();
     for dev in v["devices"].as_array().into_iter().flatten() {
-        let (Some(name), Some(instance)) = (dev["name"].as_str(), dev["instance_id"].as_u64()) else {
+        let (Some(name), Some(instance)) = (dev["name"].as_str(), dev["instance_id"].as_u64())
+        else {
             continue;
         };
         if dev.get("fields").is_none() && dev.get("subsections").is_none() {

@@ -84,7 +84,11 @@ pub fn encode(old: &[u8; PAGE_SIZE], new: &[u8; PAGE_SIZE]) -> Vec<u8> {
     let mut out = Vec::new();
     let mut i = 0;
     while i < PAGE_SIZE {
-        let z = old[i..].iter().zip(&new[i..]).take_while(|(a, b)| a == b).count();
+        let z = old[i..]
+            .iter()
+            .zip(&new[i..])
+            .take_while(|(a, b)| a == b)
+            .count();
         if i + z == PAGE_SIZE {
             break;
         }
@@ -127,7 +131,10 @@ mod tests {
         uleb128_encode_small(&mut enc, 2);
         enc.extend_from_slice(&[1, 2]);
         assert!(matches!(decode(&enc, &mut page), Err(Error::Overflow(_))));
-        assert_eq!(decode(&[0x80, 0x80, 0x01], &mut page), Err(Error::BadCount(0)));
+        assert_eq!(
+            decode(&[0x80, 0x80, 0x01], &mut page),
+            Err(Error::BadCount(0))
+        );
         assert_eq!(decode(&[0, 5, 1], &mut page), Err(Error::Overflow(2)));
     }
 }

@@ -1,0 +1,262 @@
+//! `ferry inspect`: what a migration stream contains, and its RAM and device
+//! state pulled out into files.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use ferry_proto::qemu_file::QemuFileReader;
+use ferry_proto::stream::device_state::DeviceState;
+use ferry_proto::stream::load::{self, RamImage};
+use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
+use ferry_proto::stream::{vmdesc, RamBlockInfo, SectionKind, PAGE_SIZE};
+use ferry_proto::transport::{FileTransport, ReadTransport, Transport};
+use serde::Serialize;
+
+/// What to inspect and what to extract.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// The stream file, or `-` for standard input.
+    pub stream: PathBuf,
+    /// Write each RAM block to `DIR/<idstr>.ram`.
+    pub extract_ram: Option<PathBuf>,
+    /// Write the configuration and device sections to this file.
+    pub extract_device_state: Option<PathBuf>,
+}
+
+/// Errors of `ferry inspect`.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The stream file cannot be opened.
+    #[error("cannot open {path}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The stream is not a valid migration stream.
+    #[error("invalid stream")]
+    Stream(#[from] parse::Error),
+    /// The vmdesc trailer cannot be read.
+    #[error("cannot read the vmdesc trailer")]
+    Vmdesc(#[from] vmdesc::Error),
+    /// RAM cannot be extracted (or a page in the stream is corrupt).
+    #[error("cannot load RAM")]
+    Load(#[from] load::Error),
+    /// An output file cannot be written.
+    #[error("cannot write {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// One row of the section table.
+#[derive(Debug, Clone, Serialize)]
+pub struct SectionRow {
+    /// start, part, end or full.
+    #[serde(rename = "type")]
+    pub kind: SectionKind,
+    /// Section id.
+    pub id: u32,
+    /// Section name.
+    pub idstr: String,
+    /// Instance number.
+    pub instance: u32,
+    /// Section version.
+    pub version: u32,
+    /// Offset of the header.
+    pub start: u64,
+    /// Offset just past the footer.
+    pub end: u64,
+}
+
+/// Pages by how they travelled.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pages {
+    /// ZERO records (a page of one repeated byte).
+    pub zero: u64,
+    /// Raw PAGE records.
+    pub raw: u64,
+    /// COMPRESS_PAGE records.
+    pub compressed: u64,
+    /// XBZRLE records.
+    pub xbzrle: u64,
+    /// Bytes of zlib data in the compressed pages.
+    pub compressed_bytes: u64,
+    /// Page bytes per compressed byte among compressed pages (QEMU's
+    /// compression-rate); 0 when no page was compressed.
+    pub compressed_ratio: f64,
+}
+
+/// Everything `ferry inspect` reports.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Report {
+    /// Stream version (always 3).
+    pub version: u32,
+    /// Machine type from the configuration section.
+    pub machine: Option<String>,
+    /// Sections in stream order.
+    pub sections: Vec<SectionRow>,
+    /// RAM blocks of the MEM_SIZE record.
+    pub ram_blocks: Vec<RamBlockInfo>,
+    /// Page counts.
+    pub pages: Pages,
+    /// Whether a vmdesc trailer followed EOF.
+    pub vmdesc: bool,
+    /// Length of the stream in bytes.
+    pub bytes: u64,
+}
+
+/// Device section body lengths by (idstr, instance), from a vmdesc trailer.
+type DeviceSizes = std::collections::HashMap<(String, u32), u64>;
+
+fn open(path: &Path) -> Result<(Box<dyn Transport>, DeviceSizes), Error> {
+    if path == Path::new("-") {
+        return Ok((Box::new(ReadTransport(io::stdin())), Default::default()));
+    }
+    let mut file = File::open(path).map_err(|source| Error::Open {
+        path: path.to_owned(),
+        source,
+    })?;
+    // A file can be read from the end first: the trailer sizes device sections
+    // exactly, where a pipe leaves only the search for their footers.
+    let is_file = file.metadata().is_ok_and(|m| m.is_file());
+    let sizes = match is_file {
+        true => match vmdesc::find_trailer(&mut file, parse::Limits::default().max_vmdesc)? {
+            Some(json) => vmdesc::section_sizes(&json).unwrap_or_default(),
+            None => Default::default(),
+        },
+        false => Default::default(),
+    };
+    Ok((Box::new(FileTransport(file)), sizes))
+}
+
+/// Reads the whole stream, extracting what `opts` asks for.
+pub fn run(opts: &Options) -> Result<Report, Error> {
+    let (transport, sizes) = open(&opts.stream)?;
+    let mut parser = Parser::new(QemuFileReader::new(transport)).with_device_sizes(sizes);
+    let mut report = Report::default();
+    let mut device = DeviceState::default();
+    let mut ram: Option<RamImage> = None;
+    let mut open_section: Option<SectionHeader> = None;
+    loop {
+        let offset = parser.offset();
+        let item = parser.next()?;
+        device.observe(&item);
+        match &item {
+            Item::FileHeader => report.version = ferry_proto::stream::QEMU_VM_FILE_VERSION,
+            Item::Configuration { machine, .. } => report.machine = Some(machine.clone()),
+            Item::Section(h) => open_section = Some(h.clone()),
+            Item::Footer { end, .. } => {
+                if let Some(h) = open_section.take() {
+                    report.sections.push(SectionRow {
+                        kind: h.kind,
+                        id: h.id,
+                        idstr: h.idstr,
+                        instance: h.instance,
+                        version: h.version,
+                        start: h.start,
+                        end: *end,
+                    });
+                }
+            }
+            Item::Ram(rec) => {
+                count(&mut report.pages, rec);
+                if let RamRecord::MemSize(blocks) = rec {
+                    report.ram_blocks = blocks.to_vec();
+                    if let Some(dir) = &opts.extract_ram {
+                        if ram.is_none() {
+                            std::fs::create_dir_all(dir).map_err(|source| Error::Write {
+                                path: dir.clone(),
+                                source,
+                            })?;
+                            ram = Some(RamImage::create_in_dir(dir, blocks)?);
+                        }
+                    }
+                }
+                if let Some(image) = ram.as_mut() {
+                    image.apply(rec, offset)?;
+                }
+            }
+            Item::Vmdesc(_) => report.vmdesc = true,
+            Item::End => break,
+            Item::Block(_) | Item::DeviceState(_) | Item::Command { .. } | Item::Eof => {}
+        }
+    }
+    report.bytes = parser.offset();
+    let p = &mut report.pages;
+    if p.compressed_bytes > 0 {
+        p.compressed_ratio = (p.compressed * PAGE_SIZE as u64) as f64 / p.compressed_bytes as f64;
+    }
+    if let Some(image) = &ram {
+        image.sync()?;
+    }
+    if let Some(path) = &opts.extract_device_state {
+        std::fs::write(path, device.to_bytes()).map_err(|source| Error::Write {
+            path: path.clone(),
+            source,
+        })?;
+    }
+    Ok(report)
+}
+
+fn count(p: &mut Pages, rec: &RamRecord<'_>) {
+    match rec {
+        RamRecord::Zero { .. } => p.zero += 1,
+        RamRecord::Page { .. } => p.raw += 1,
+        RamRecord::Compressed { data, .. } => {
+            p.compressed += 1;
+            p.compressed_bytes += data.len() as u64;
+        }
+        RamRecord::Xbzrle { .. } => p.xbzrle += 1,
+        RamRecord::MemSize(_) | RamRecord::Eos => {}
+    }
+}
+
+/// Prints the report as a human-readable table.
+pub fn print_table(r: &Report, out: &mut impl Write) -> io::Result<()> {
+    writeln!(
+        out,
+        "QEVM version {}, machine {}, {} bytes{}",
+        r.version,
+        r.machine
+            .as_deref()
+            .map_or("(none)".into(), |m| format!("{m:?}")),
+        r.bytes,
+        if r.vmdesc { ", vmdesc trailer" } else { "" }
+    )?;
+    writeln!(
+        out,
+        "{:<6} {:>5}  {:<28} {:>4} {:>4}  {:>12} {:>12}",
+        "type", "id", "idstr", "inst", "ver", "start", "end"
+    )?;
+    for s in &r.sections {
+        let kind = serde_json::to_value(s.kind).ok();
+        writeln!(
+            out,
+            "{:<6} {:>5}  {:<28} {:>4} {:>4}  {:>12} {:>12}",
+            kind.as_ref().and_then(|v| v.as_str()).unwrap_or("?"),
+            s.id,
+            s.idstr,
+            s.instance,
+            s.version,
+            s.start,
+            s.end
+        )?;
+    }
+    for b in &r.ram_blocks {
+        writeln!(out, "RAM block {:<28} {:>14} bytes", b.idstr, b.length)?;
+    }
+    let p = &r.pages;
+    writeln!(
+        out,
+        "pages: {} zero, {} raw, {} compressed ({} bytes, ratio {:.2}), {} xbzrle",
+        p.zero, p.raw, p.compressed, p.compressed_bytes, p.compressed_ratio, p.xbzrle
+    )
+}

@@ -1,0 +1,88 @@
+//! Writing a whole stream from RAM that does not change: one pass, one thread.
+//!
+//! This is the reference encoder: the multi-process pipeline produces the same
+//! records from many workers, and the tests use this to feed QEMU.
+
+use super::device_state::DeviceState;
+use super::encode::{self, PageEncoding, RamWriter};
+use super::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use crate::compress;
+use crate::qemu_file::{QemuFileWriter, Result};
+use crate::transport::Transport;
+
+/// How pages went out.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PageCounts {
+    /// Pages sent as ZERO records (any fill byte).
+    pub zero: u64,
+    /// Pages sent raw.
+    pub raw: u64,
+    /// Pages sent compressed.
+    pub compressed: u64,
+    /// Bytes of zlib streams in the compressed pages.
+    pub compressed_bytes: u64,
+}
+
+/// Writes a complete stream of `blocks` (name and contents, a whole number of
+/// pages each), with `device` spliced in and pages compressed at `level` if set.
+pub fn write_stream<T: Transport>(
+    f: &mut QemuFileWriter<'_, T>,
+    blocks: &[(&str, &[u8])],
+    device: &DeviceState,
+    machine: &str,
+    level: Option<u32>,
+) -> Result<PageCounts> {
+    let id = device.free_section_id();
+    let infos: Vec<RamBlockInfo> = blocks
+        .iter()
+        .map(|(name, data)| RamBlockInfo {
+            idstr: (*name).to_owned(),
+            length: data.len() as u64,
+        })
+        .collect();
+    encode::put_file_header(f);
+    device.put_configuration(f, machine);
+
+    let mut ram = RamWriter::new();
+    encode::put_section_start(f, SectionKind::Start, id, RAM_IDSTR, 0, RAM_VERSION)?;
+    ram.put_mem_size(f, &infos)?;
+    ram.put_eos(f);
+    encode::put_footer(f, id);
+
+    encode::put_section_part(f, SectionKind::Part, id);
+    let mut counts = PageCounts::default();
+    let mut compressor = level.map(compress::compressor);
+    for (name, data) in blocks {
+        for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
+            let offset = (i * PAGE_SIZE) as u64;
+            let how = if let Some(fill) = encode::uniform_fill(page) {
+                ram.put_zero_page(f, name, offset, fill)?;
+                PageEncoding::Zero(fill)
+            } else if let Some(c) = compressor.as_mut() {
+                ram.put_compressed_page(f, c, name, offset, page)?
+            } else {
+                ram.put_page(f, name, offset, page)?;
+                PageEncoding::Raw
+            };
+            match how {
+                PageEncoding::Zero(_) => counts.zero += 1,
+                PageEncoding::Raw => counts.raw += 1,
+                PageEncoding::Compressed(n) => {
+                    counts.compressed += 1;
+                    counts.compressed_bytes += n as u64;
+                }
+            }
+        }
+    }
+    ram.put_eos(f);
+    encode::put_footer(f, id);
+
+    encode::put_section_part(f, SectionKind::End, id);
+    ram.put_eos(f);
+    encode::put_footer(f, id);
+
+    device.put_sections(f)?;
+    encode::put_eof(f);
+    f.flush();
+    f.error().cloned().map_or(Ok(counts), Err)
+}
