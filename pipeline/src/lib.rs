@@ -1,7 +1,42 @@
 //! ferry: live migration of a running guest's memory and disks, speaking
 //! QEMU 7.2's migration stream.
 //!
-//! - [`inspect`]: read a stream, print its sections and pages, extract RAM and
-//!   device state.
+//! The `ferry` binary runs as several processes (see `shared/DESIGN.md`):
+//!
+//! - [`orchestrator`]: `ferry send` / `ferry receive`; spawns and watches the actors.
+//! - [`scanner`]: walks guest RAM, finds zero pages, batches the rest.
+//! - [`compress_pool`]: compresses (or passes on) batches with a rayon pool.
+//! - [`writer`]: owns the connection and the bandwidth budget.
+//! - [`receiver`]: the destination: parses, decompresses, writes guest RAM.
+//! - [`process`]: spawning actor processes and supervising them.
+//! - [`inspect`]: `ferry inspect`.
+//! - [`uri`], [`options`], [`ram`]: command-line values and RAM files.
 
+pub mod compress_pool;
 pub mod inspect;
+pub mod options;
+pub mod orchestrator;
+pub mod process;
+pub mod ram;
+pub mod receiver;
+pub mod scanner;
+pub mod uri;
+pub mod writer;
+
+/// Runs the actor process `kind` (the hidden `ferry __actor KIND SERVER`);
+/// returns its exit code.
+pub fn run_actor(kind: &str, server: String) -> i32 {
+    use ferry_proto::control::ActorKind;
+    match ActorKind::from_name(kind) {
+        Some(ActorKind::Scanner) => process::run_child(ActorKind::Scanner, server, scanner::run),
+        Some(ActorKind::Compress) => {
+            process::run_child(ActorKind::Compress, server, compress_pool::run)
+        }
+        Some(ActorKind::Writer) => process::run_child(ActorKind::Writer, server, writer::run),
+        Some(ActorKind::Reader) => process::run_child(ActorKind::Reader, server, receiver::run),
+        None => {
+            eprintln!("ferry: unknown actor {kind:?}");
+            2
+        }
+    }
+}

@@ -17,6 +17,26 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Migrate guest RAM to a `ferry receive`, a QEMU 7.2 `-incoming`, or a file.
+    ///
+    /// Runs as separate processes: a scanner (zero pages, batches), a
+    /// compression pool, and a writer that owns the connection and the
+    /// bandwidth cap. With a ferry receiver, succeeds only when the
+    /// destination's RAM digests match the source's.
+    Send(ferry::orchestrator::SendArgs),
+    /// Receive a migration stream (from `ferry send` or QEMU 7.2) into RAM files.
+    ///
+    /// Reports success only after the whole stream, up to EOF, was read and
+    /// checked; answers a ferry sender with the digests of the RAM it loaded.
+    Receive(ferry::orchestrator::ReceiveArgs),
+    /// Run one actor process (used by ferry itself).
+    #[command(name = "__actor", hide = true)]
+    Actor {
+        /// scanner, compress, writer or reader.
+        kind: String,
+        /// The orchestrator's ipc server name.
+        server: String,
+    },
     /// Print a migration stream's sections and page counts; extract its RAM
     /// and device state.
     ///
@@ -45,6 +65,9 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Command::Actor { kind, server } = cli.command {
+        return ExitCode::from(ferry::run_actor(&kind, server) as u8);
+    }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -64,6 +87,9 @@ fn chain(e: &anyhow::Error) -> String {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Send(args) => ferry::orchestrator::send::run(args),
+        Command::Receive(args) => ferry::orchestrator::receive::run(args),
+        Command::Actor { .. } => unreachable!("handled before"),
         Command::Inspect {
             stream,
             json,

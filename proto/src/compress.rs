@@ -4,7 +4,8 @@
 //! and the destination inflates it into exactly one page. Both directions here
 //! work on caller-provided buffers so the hot path allocates nothing.
 
-use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
+pub use flate2::{Compress, Decompress};
+use flate2::{Compression, FlushCompress, FlushDecompress, Status};
 
 use crate::stream::PAGE_SIZE;
 

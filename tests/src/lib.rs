@@ -1,1 +1,19 @@
-//! Support code for the integration tests.
+//! Support code for ferry's integration tests: real QEMU 7.2 processes on one side,
+//! the real `ferry` binary on the other.
+//!
+//! - [`qemu`]: spawn QEMU with a QMP socket, migrate to a file, load from a file; every
+//!   wait has a deadline and every failure quotes QEMU's stderr.
+//! - [`qmp`]: the QMP JSON-lines client underneath.
+//! - [`ram`]: deterministic mixed RAM images (zero, fill, text, random pages).
+//! - [`ferry`]: find or build the workspace's `ferry` binary and run it with a timeout.
+//! - [`error`]: the harness's error type: a message naming the failed step.
+//!
+//! What QEMU 7.2 puts on the wire and what it accepts is written down in
+//! /work/notes/qemu-format.md (outside the repo); the facts this code depends on are
+//! repeated in the module docs.
+
+pub mod error;
+pub mod ferry;
+pub mod qemu;
+pub mod qmp;
+pub mod ram;

@@ -1,0 +1,236 @@
+//! The compress actor: turns page batches into stream chunks with a rayon pool.
+//!
+//! Each worker reads its pages straight from its own read-only mapping of
+//! guest RAM and writes records into a private QEMUFile over memory; the
+//! batch's buffers are then merged with `put_qemu_file`, in batch order, into
+//! one chunk for the writer. Without compression the pool would only copy, so
+//! batches go on to the writer as page indices and the writer sends the pages
+//! from its own mapping: one copy fewer on the hot path.
+
+use std::cell::RefCell;
+
+use ferry_proto::control::{ActorEvent, Chunk, PageBatch, PageCounts, Work};
+use ferry_proto::qemu_file::QemuFileWriter;
+use ferry_proto::stream::encode::{PageEncoding, RamWriter};
+use ferry_proto::stream::PAGE_SIZE;
+use ferry_proto::transport::MemTransport;
+use ferry_proto::{compress, qemu_file};
+use ipc_channel::ipc::{IpcReceiver, IpcSender};
+use ipc_channel::IpcError;
+use memmap2::Mmap;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::process::ipc_error;
+use crate::ram::{self, BlockFile};
+
+/// Configuration of the compress stage.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Init {
+    /// The blocks, in send order.
+    pub blocks: Vec<BlockFile>,
+    /// zlib level, or `None` to send pages raw.
+    pub level: Option<u32>,
+    /// Threads in the pool.
+    pub workers: usize,
+    /// Batches from the scanner (the mailbox).
+    pub work: IpcReceiver<Work>,
+    /// Chunks for the writer.
+    pub chunks: IpcSender<Chunk>,
+    /// Credits from the writer: one per chunk it has written.
+    pub credits: IpcReceiver<u32>,
+    /// Chunks that may be in flight to the writer before waiting for credit.
+    pub window: u32,
+}
+
+/// Errors of the compress stage.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Guest RAM cannot be mapped.
+    #[error("cannot map guest RAM")]
+    Map(#[from] ram::Error),
+    /// The rayon pool cannot be built.
+    #[error("cannot start {0} compression threads")]
+    Pool(usize, #[source] rayon::ThreadPoolBuildError),
+    /// A batch names a block or page that does not exist.
+    #[error("batch {seq} names page {page} of block {block}, which does not exist")]
+    BadBatch {
+        /// The batch.
+        seq: u64,
+        /// The block index.
+        block: u32,
+        /// The page index.
+        page: u32,
+    },
+    /// Encoding into memory failed.
+    #[error("cannot encode batch {seq}")]
+    Encode {
+        /// The batch.
+        seq: u64,
+        /// Why.
+        #[source]
+        source: qemu_file::Error,
+    },
+    /// The scanner's channel broke.
+    #[error("lost the scanner's batches")]
+    Work(#[source] std::io::Error),
+    /// The writer is gone.
+    #[error("cannot hand chunks to the writer process")]
+    Send(#[source] std::io::Error),
+}
+
+thread_local! {
+    /// Each pool thread keeps one compressor per level for its whole life.
+    static COMPRESSOR: RefCell<Option<(u32, compress::Compress)>> = const { RefCell::new(None) };
+}
+
+/// Runs the compress stage until the scanner's channel closes.
+pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
+    let maps = init
+        .blocks
+        .iter()
+        .map(|b| ram::map_readonly(&b.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(init.workers)
+        .thread_name(|i| format!("compress-{i}"))
+        .build()
+        .map_err(|e| Error::Pool(init.workers, e))?;
+    let mut credits = init.window.max(1);
+    loop {
+        let work = match init.work.recv() {
+            Ok(w) => w,
+            // The scanner finished and closed its end.
+            Err(IpcError::Disconnected) => return Ok(()),
+            Err(e) => return Err(Error::Work(ipc_error(e))),
+        };
+        let chunk = match work {
+            Work::RoundEnd { seq, round, last } => Chunk::RoundEnd { seq, round, last },
+            Work::Batch(batch) => {
+                check(&batch, &maps)?;
+                match init.level {
+                    None => Chunk::RawPages {
+                        seq: batch.seq,
+                        block: batch.block,
+                        zero_records: batch.zero_records,
+                        zero_pages: batch.zero_pages,
+                        pages: batch.pages,
+                    },
+                    Some(level) => {
+                        let name = &init.blocks[batch.block as usize].name;
+                        let map = &maps[batch.block as usize];
+                        pool.install(|| encode(&batch, name, map, level, init.workers))?
+                    }
+                }
+            }
+        };
+        if !matches!(chunk, Chunk::RoundEnd { .. }) {
+            while credits == 0 {
+                credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
+            }
+            credits -= 1;
+        }
+        init.chunks
+            .send(chunk)
+            .map_err(|e| Error::Send(ipc_error(e)))?;
+    }
+}
+
+fn check(batch: &PageBatch, maps: &[Mmap]) -> Result<(), Error> {
+    let bad = |page| Error::BadBatch {
+        seq: batch.seq,
+        block: batch.block,
+        page,
+    };
+    let map = maps.get(batch.block as usize).ok_or(bad(0))?;
+    let pages = (map.len() / PAGE_SIZE) as u32;
+    match batch.pages.iter().find(|&&p| p >= pages) {
+        Some(&p) => Err(bad(p)),
+        None => Ok(()),
+    }
+}
+
+/// Compresses a batch on the pool: one private QEMUFile per worker, merged in
+/// page order behind the scanner's ZERO records.
+fn encode(
+    batch: &PageBatch,
+    name: &str,
+    map: &Mmap,
+    level: u32,
+    workers: usize,
+) -> Result<Chunk, Error> {
+    let per_worker = batch.pages.len().div_ceil(workers.max(1)).max(1);
+    let parts: Vec<(QemuFileWriter<'static, MemTransport>, PageCounts)> = batch
+        .pages
+        .par_chunks(per_worker)
+        .map(|pages| encode_part(pages, name, map, level))
+        .collect::<Result<_, _>>()
+        .map_err(|source| Error::Encode {
+            seq: batch.seq,
+            source,
+        })?;
+    let mut out = QemuFileWriter::new(MemTransport::new());
+    out.put_buffer(&batch.zero_records);
+    let mut counts = PageCounts {
+        zero: batch.zero_pages,
+        ..PageCounts::default()
+    };
+    for (mut part, c) in parts {
+        out.put_qemu_file(&mut part)
+            .map_err(|source| Error::Encode {
+                seq: batch.seq,
+                source,
+            })?;
+        counts.add(&c);
+    }
+    let bytes = out
+        .into_transport()
+        .map_err(|source| Error::Encode {
+            seq: batch.seq,
+            source,
+        })?
+        .take();
+    Ok(Chunk::Records {
+        seq: batch.seq,
+        bytes,
+        counts,
+    })
+}
+
+fn encode_part(
+    pages: &[u32],
+    name: &str,
+    map: &[u8],
+    level: u32,
+) -> Result<(QemuFileWriter<'static, MemTransport>, PageCounts), qemu_file::Error> {
+    COMPRESSOR.with(|cell| {
+        let mut slot = cell.borrow_mut();
+        if slot.as_ref().is_none_or(|(l, _)| *l != level) {
+            *slot = Some((level, compress::compressor(level)));
+        }
+        let (_, c) = slot.as_mut().expect("just set");
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        // A fresh writer names the block in its first record: the bytes before
+        // it in the chunk come from another writer.
+        let mut ram = RamWriter::new();
+        let mut counts = PageCounts::default();
+        for &i in pages {
+            let off = i as usize * PAGE_SIZE;
+            match ram.put_compressed_page(
+                &mut f,
+                c,
+                name,
+                off as u64,
+                &map[off..off + PAGE_SIZE],
+            )? {
+                PageEncoding::Compressed(n) => {
+                    counts.compressed += 1;
+                    counts.compressed_bytes += n as u64;
+                }
+                PageEncoding::Raw => counts.raw += 1,
+                PageEncoding::Zero(_) => counts.zero += 1,
+            }
+        }
+        Ok((f, counts))
+    })
+}

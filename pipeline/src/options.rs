@@ -1,0 +1,124 @@
+//! Values of command-line options shared by the subcommands: RAM files and rates.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// `--ram PATH[,name=BLOCK]`: a RAM block backed by a file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RamSpec {
+    /// The file holding the block's bytes.
+    pub path: PathBuf,
+    /// The block's name in the stream (QEMU's RAMBlock idstr).
+    pub name: String,
+}
+
+/// An option value that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ParseError {
+    /// `--ram` is malformed.
+    #[error("{0:?}: expected PATH[,name=BLOCK]")]
+    Ram(String),
+    /// A block name longer than a counted string allows.
+    #[error("block name {0:?} is longer than 255 bytes")]
+    NameTooLong(String),
+    /// A rate is malformed.
+    #[error(
+        "{0:?}: expected bytes per second, optionally with a K, M, G or T suffix (0 = unlimited)"
+    )]
+    Rate(String),
+}
+
+impl FromStr for RamSpec {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut parts = s.split(',');
+        let path = parts
+            .next()
+            .filter(|p| !p.is_empty())
+            .ok_or_else(|| ParseError::Ram(s.into()))?;
+        let mut name = None;
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("name", n)) if !n.is_empty() => name = Some(n.to_owned()),
+                _ => return Err(ParseError::Ram(s.into())),
+            }
+        }
+        let path = PathBuf::from(path);
+        let name = match name {
+            Some(n) => n,
+            None => stem(&path).ok_or_else(|| ParseError::Ram(s.into()))?,
+        };
+        if name.len() > 255 {
+            return Err(ParseError::NameTooLong(name));
+        }
+        Ok(RamSpec { path, name })
+    }
+}
+
+fn stem(path: &Path) -> Option<String> {
+    path.file_stem()?.to_str().map(str::to_owned)
+}
+
+/// Parses a rate in bytes per second: `0`, `1000`, `512K`, `512M`, `1G`, `1T`
+/// (binary multiples, as QEMU's size suffixes).
+pub fn parse_rate(s: &str) -> Result<u64, ParseError> {
+    let bad = || ParseError::Rate(s.to_owned());
+    let t = s.trim();
+    let (digits, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'B' => 1,
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(bad()),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: f64 = digits.parse().map_err(|_| bad())?;
+    if !n.is_finite() || n < 0.0 || n * mult as f64 > u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ram_spec_defaults_the_name_to_the_stem() {
+        assert_eq!(
+            "/dev/shm/guest.ram".parse(),
+            Ok(RamSpec {
+                path: "/dev/shm/guest.ram".into(),
+                name: "guest".into()
+            })
+        );
+        assert_eq!(
+            "/x/a.img,name=pc.ram".parse::<RamSpec>().unwrap().name,
+            "pc.ram"
+        );
+        assert!("".parse::<RamSpec>().is_err());
+        assert!("/x,size=3".parse::<RamSpec>().is_err());
+        assert!(format!("/x,name={}", "n".repeat(256))
+            .parse::<RamSpec>()
+            .is_err());
+    }
+
+    #[test]
+    fn rates_take_binary_suffixes() {
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("1000"), Ok(1000));
+        assert_eq!(parse_rate("512M"), Ok(512 << 20));
+        assert_eq!(parse_rate("1g"), Ok(1 << 30));
+        assert_eq!(parse_rate("1.5K"), Ok(1536));
+        for bad in ["", "M", "-1", "1Q", "abc", "1e400"] {
+            assert!(parse_rate(bad).is_err(), "{bad:?}");
+        }
+    }
+}

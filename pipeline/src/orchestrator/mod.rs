@@ -1,0 +1,96 @@
+//! The orchestrator: the `ferry` process the user runs. It checks the
+//! command line, spawns the actor processes, drives the migration, watches
+//! for failures and reports.
+
+pub mod receive;
+pub mod send;
+pub mod stats;
+
+use std::path::PathBuf;
+
+use clap::Args;
+
+use crate::options::{parse_rate, RamSpec};
+use crate::uri::Uri;
+
+/// Worker threads by default: one per core.
+pub fn default_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+fn parse_level(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(n) if n <= 9 => Ok(n),
+        _ => Err(format!("{s:?}: expected a zlib level from 0 to 9")),
+    }
+}
+
+fn parse_workers(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (1..=256).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: expected a worker count from 1 to 256")),
+    }
+}
+
+/// `ferry send`
+#[derive(Debug, Clone, Args)]
+pub struct SendArgs {
+    /// Guest RAM block: a file, and its name in the stream (default: the file's
+    /// stem). Repeat for several blocks; they are sent in this order.
+    #[arg(long = "ram", value_name = "PATH[,name=BLOCK]", required = true)]
+    pub ram: Vec<RamSpec>,
+    /// Destination: tcp:HOST:PORT, unix:PATH (a `ferry receive` or a QEMU
+    /// `-incoming`), or file:PATH (a stream QEMU can load with `exec:cat`).
+    #[arg(long, value_name = "URI")]
+    pub to: Uri,
+    /// Compress pages with zlib (COMPRESS_PAGE records; a QEMU destination
+    /// needs its `compress` capability on). Pages that do not shrink go raw.
+    #[arg(long)]
+    pub compress: bool,
+    /// zlib level for --compress.
+    #[arg(long, value_name = "0-9", default_value = "1", value_parser = parse_level)]
+    pub compress_level: u32,
+    /// Compression threads (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = default_workers(), value_parser = parse_workers)]
+    pub compress_workers: usize,
+    /// Bandwidth cap in bytes per second, with K/M/G suffixes; 0 = unlimited.
+    #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
+    pub max_bandwidth: u64,
+    /// Machine type for the configuration section when there is no
+    /// --device-state (a QEMU destination checks it against its own -M).
+    #[arg(long, value_name = "NAME", default_value = "none")]
+    pub machine: String,
+    /// Configuration and device sections to put in the stream, as written by
+    /// `ferry inspect --extract-device-state`.
+    #[arg(long, value_name = "FILE")]
+    pub device_state: Option<PathBuf>,
+    /// Write statistics as JSON (query-migrate vocabulary) to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+    /// Show progress (default when stderr is a terminal).
+    #[arg(long, overrides_with = "no_progress")]
+    pub progress: bool,
+    /// Do not show progress.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+/// `ferry receive`
+#[derive(Debug, Clone, Args)]
+pub struct ReceiveArgs {
+    /// Where the stream arrives: tcp:HOST:PORT, unix:PATH, or file:PATH (a
+    /// saved stream).
+    #[arg(long, value_name = "URI")]
+    pub listen: Uri,
+    /// Destination RAM block: a file (created at the block's size if missing;
+    /// an existing file must have exactly that size) and its name in the stream
+    /// (default: the file's stem). Every block in the stream needs one.
+    #[arg(long = "ram", value_name = "PATH[,name=BLOCK]", required = true)]
+    pub ram: Vec<RamSpec>,
+    /// Decompression threads (default: one per core).
+    #[arg(long, value_name = "N", default_value_t = default_workers(), value_parser = parse_workers)]
+    pub decompress_workers: usize,
+    /// Write statistics as JSON to FILE.
+    #[arg(long, value_name = "FILE")]
+    pub stats_json: Option<PathBuf>,
+}

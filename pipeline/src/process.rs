@@ -1,0 +1,379 @@
+//! Actor processes: the `ferry` binary re-executed as one actor, wired up
+//! with ipc-channel, and watched by the orchestrator.
+//!
+//! The orchestrator spawns `ferry __actor KIND SERVER`; the child connects to
+//! the one-shot server named SERVER and receives its [`Bootstrap`]: the actor's
+//! own configuration and channels, plus the shared event channel back to the
+//! orchestrator. A child dies with its parent (PR_SET_PDEATHSIG), so no actor
+//! outlives a killed orchestrator.
+
+use std::io;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use ferry_proto::control::{ActorEvent, ActorKind, Event, Usage};
+use ipc_channel::ipc::{self, IpcOneShotServer, IpcReceiver, IpcSender};
+use ipc_channel::TryRecvError;
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+/// The hidden subcommand that runs an actor.
+pub const ACTOR_SUBCOMMAND: &str = "__actor";
+
+/// How long a spawned actor has to connect back.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a child receives when it starts.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Bootstrap<I> {
+    /// Where to report events.
+    pub events: IpcSender<ActorEvent>,
+    /// The actor's configuration and channels.
+    pub init: I,
+}
+
+/// Errors of running actor processes.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A process could not be started.
+    #[error("cannot start the {actor} process")]
+    Spawn {
+        /// Which.
+        actor: &'static str,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// A process did not connect back in time or its channel broke at start.
+    #[error("the {actor} process did not start: {reason}")]
+    Bootstrap {
+        /// Which.
+        actor: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// The ipc machinery failed.
+    #[error("ipc channel failed")]
+    Ipc(#[source] io::Error),
+    /// An actor reported an error.
+    #[error("{actor} failed: {message}")]
+    Failed {
+        /// Which.
+        actor: &'static str,
+        /// Its message.
+        message: String,
+    },
+    /// An actor process died without reporting.
+    #[error("{actor} process (pid {pid}) {status}")]
+    Died {
+        /// Which.
+        actor: &'static str,
+        /// Its pid.
+        pid: u32,
+        /// How it ended.
+        status: String,
+    },
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (_, Some(sig)) => format!("was killed by signal {sig}"),
+        (Some(code), _) => format!("exited with status {code}"),
+        _ => "ended".into(),
+    }
+}
+
+struct Actor {
+    kind: ActorKind,
+    child: Child,
+    /// Set once the actor said it is exiting normally.
+    exiting: bool,
+    exited: bool,
+}
+
+/// The orchestrator's view of its actor processes.
+pub struct Supervisor {
+    actors: Vec<Actor>,
+    events_tx: IpcSender<ActorEvent>,
+    events_rx: IpcReceiver<ActorEvent>,
+    usage: Vec<(ActorKind, Usage)>,
+}
+
+impl std::fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.actors.iter().map(|a| (a.kind, a.child.id())))
+            .finish()
+    }
+}
+
+impl Supervisor {
+    /// A supervisor with no actors yet.
+    pub fn new() -> Result<Self, Error> {
+        let (events_tx, events_rx) = ipc::channel().map_err(Error::Ipc)?;
+        Ok(Self {
+            actors: Vec::new(),
+            events_tx,
+            events_rx,
+            usage: Vec::new(),
+        })
+    }
+
+    /// Starts an actor process and hands it `init`.
+    pub fn spawn<I: Serialize + DeserializeOwned + Send + 'static>(
+        &mut self,
+        kind: ActorKind,
+        init: I,
+    ) -> Result<u32, Error> {
+        let actor = kind.name();
+        let (server, name) =
+            IpcOneShotServer::<IpcSender<Bootstrap<I>>>::new().map_err(Error::Ipc)?;
+        let exe = std::env::current_exe().map_err(|source| Error::Spawn { actor, source })?;
+        let child = Command::new(exe)
+            .args([ACTOR_SUBCOMMAND, actor, &name])
+            .stdin(Stdio::null())
+            .spawn()
+            .map_err(|source| Error::Spawn { actor, source })?;
+        let pid = child.id();
+        self.actors.push(Actor {
+            kind,
+            child,
+            exiting: false,
+            exited: false,
+        });
+        // accept() blocks until the child connects; wait for it on a thread so
+        // a child that dies first cannot hang us.
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        std::thread::spawn(move || {
+            let _ = tx.send(server.accept());
+        });
+        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        let sender = loop {
+            match rx.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok((_, sender))) => break sender,
+                Ok(Err(e)) => {
+                    return Err(Error::Bootstrap {
+                        actor,
+                        reason: format!("{e:?}"),
+                    })
+                }
+                Err(_) => {
+                    self.check_children()?;
+                    if Instant::now() > deadline {
+                        return Err(Error::Bootstrap {
+                            actor,
+                            reason: "it did not connect within 10 s".into(),
+                        });
+                    }
+                }
+            }
+        };
+        sender
+            .send(Bootstrap {
+                events: self.events_tx.clone(),
+                init,
+            })
+            .map_err(|e| Error::Bootstrap {
+                actor,
+                reason: format!("{e:?}"),
+            })?;
+        tracing::debug!(actor, pid, "actor started");
+        Ok(pid)
+    }
+
+    /// Process ids of the actors, by kind.
+    pub fn pids(&self) -> Vec<(ActorKind, u32)> {
+        self.actors.iter().map(|a| (a.kind, a.child.id())).collect()
+    }
+
+    /// Fails if an actor process has ended without saying it would.
+    fn check_children(&mut self) -> Result<(), Error> {
+        for a in &mut self.actors {
+            if a.exited {
+                continue;
+            }
+            if let Ok(Some(status)) = a.child.try_wait() {
+                a.exited = true;
+                if !(a.exiting && status.success()) {
+                    return Err(Error::Died {
+                        actor: a.kind.name(),
+                        pid: a.child.id(),
+                        status: describe(status),
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The next event, waiting up to `timeout`. Fails as soon as an actor
+    /// reports a failure or a process dies, naming it.
+    pub fn next_event(&mut self, timeout: Duration) -> Result<Option<ActorEvent>, Error> {
+        let ev = match self.events_rx.try_recv_timeout(timeout) {
+            Ok(ev) => ev,
+            Err(TryRecvError::Empty) => {
+                self.check_children()?;
+                return Ok(None);
+            }
+            Err(TryRecvError::IpcError(e)) => {
+                return Err(Error::Ipc(io::Error::other(format!("{e:?}"))))
+            }
+        };
+        match &ev.event {
+            Event::Failed { message } => {
+                return Err(Error::Failed {
+                    actor: ev.actor.name(),
+                    message: message.clone(),
+                })
+            }
+            Event::Exiting { usage } => {
+                self.usage.push((ev.actor, *usage));
+                for a in self.actors.iter_mut().filter(|a| a.kind == ev.actor) {
+                    a.exiting = true;
+                }
+            }
+            _ => {}
+        }
+        self.check_children()?;
+        Ok(Some(ev))
+    }
+
+    /// Waits for every actor to exit normally, collecting their usage.
+    pub fn wait_all(&mut self, timeout: Duration) -> Result<(), Error> {
+        let deadline = Instant::now() + timeout;
+        while self.actors.iter().any(|a| !a.exited) {
+            self.next_event(Duration::from_millis(20))?;
+            if Instant::now() > deadline {
+                let a = self
+                    .actors
+                    .iter()
+                    .find(|a| !a.exited)
+                    .expect("one is running");
+                return Err(Error::Died {
+                    actor: a.kind.name(),
+                    pid: a.child.id(),
+                    status: "did not exit in time".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// CPU and memory of the actors that exited normally.
+    pub fn usage(&self) -> &[(ActorKind, Usage)] {
+        &self.usage
+    }
+
+    /// Kills every actor that is still running and reaps it.
+    pub fn kill_all(&mut self) {
+        for a in &mut self.actors {
+            if !a.exited {
+                let _ = a.child.kill();
+                let _ = a.child.wait();
+                a.exited = true;
+            }
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.kill_all();
+    }
+}
+
+/// This process's CPU time and peak RSS.
+pub fn usage() -> Usage {
+    // SAFETY: getrusage only writes into the struct we pass, which is zeroed
+    // and of the right type.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    Usage {
+        cpu_seconds: secs(ru.ru_utime) + secs(ru.ru_stime),
+        peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
+    }
+}
+
+/// Arranges for this process to be killed when its parent dies, and exits at
+/// once if the parent is already gone.
+fn die_with_parent() {
+    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+    }
+    // SAFETY: getppid has no preconditions.
+    if unsafe { libc::getppid() } == 1 {
+        std::process::exit(1);
+    }
+}
+
+/// Runs an actor in a child process: connects to the orchestrator, receives
+/// the bootstrap, runs `body`, and reports how it ended. Returns the exit code.
+pub fn run_child<I, E, F>(kind: ActorKind, server: String, body: F) -> i32
+where
+    I: Serialize + DeserializeOwned,
+    E: std::error::Error,
+    F: FnOnce(I, &IpcSender<ActorEvent>) -> Result<(), E>,
+{
+    die_with_parent();
+    let boot: Bootstrap<I> = match bootstrap(server) {
+        Ok(b) => b,
+        Err(e) => {
+            eprintln!(
+                "ferry {}: cannot connect to the orchestrator: {e}",
+                kind.name()
+            );
+            return 1;
+        }
+    };
+    let events = boot.events;
+    match body(boot.init, &events) {
+        Ok(()) => {
+            let _ = events.send(ActorEvent {
+                actor: kind,
+                event: Event::Exiting { usage: usage() },
+            });
+            0
+        }
+        Err(e) => {
+            let _ = events.send(ActorEvent {
+                actor: kind,
+                event: Event::Failed {
+                    message: error_chain(&e),
+                },
+            });
+            1
+        }
+    }
+}
+
+/// An ipc-channel error as an I/O error, for `#[source]` fields.
+pub fn ipc_error(e: impl std::fmt::Debug) -> io::Error {
+    io::Error::other(format!("{e:?}"))
+}
+
+/// An error and its causes on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn bootstrap<I: Serialize + DeserializeOwned>(server: String) -> io::Result<Bootstrap<I>> {
+    let (tx, rx) = ipc::channel::<Bootstrap<I>>()?;
+    let connect = IpcSender::<IpcSender<Bootstrap<I>>>::connect(server)?;
+    connect
+        .send(tx)
+        .map_err(|e| io::Error::other(format!("{e:?}")))?;
+    rx.recv().map_err(|e| io::Error::other(format!("{e:?}")))
+}

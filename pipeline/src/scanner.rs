@@ -1,0 +1,154 @@
+//! The scanner actor: walks the pages to send this round, finds zero pages
+//! itself (before any compression) and batches the rest for the compress stage.
+//!
+//! It maps guest RAM read-only and reads it page by page; the other pages
+//! travel onwards as indices, never as bytes.
+
+use ferry_proto::control::{ActorEvent, ActorKind, Event, PageBatch, Work};
+use ferry_proto::qemu_file::QemuFileWriter;
+use ferry_proto::stream::encode::{uniform_fill, RamWriter};
+use ferry_proto::stream::PAGE_SIZE;
+use ferry_proto::transport::MemTransport;
+use ipc_channel::ipc::{IpcReceiver, IpcSender};
+use serde::{Deserialize, Serialize};
+
+use crate::process::ipc_error;
+use crate::ram::{self, BlockFile};
+
+/// Pages per batch: 1 MiB, big enough to amortise a message, small enough to
+/// keep every stage busy.
+pub const BATCH_PAGES: usize = 256;
+
+/// The scanner's mailbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// Send every page of every block, as round `round`.
+    Round {
+        /// Round number.
+        round: u32,
+        /// Whether the stream ends after this round.
+        last: bool,
+    },
+    /// Exit.
+    Stop,
+}
+
+/// Configuration of the scanner.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Init {
+    /// The blocks, in send order.
+    pub blocks: Vec<BlockFile>,
+    /// Commands from the orchestrator.
+    pub mailbox: IpcReceiver<Command>,
+    /// Batches for the compress stage.
+    pub work: IpcSender<Work>,
+}
+
+/// Errors of the scanner.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A RAM file cannot be mapped.
+    #[error("cannot map guest RAM")]
+    Map(#[from] ram::Error),
+    /// A RAM file changed size under us.
+    #[error("RAM file {path} is {actual} bytes, expected {expected}")]
+    Resized {
+        /// The file.
+        path: std::path::PathBuf,
+        /// Its length at the start.
+        expected: u64,
+        /// Its length now.
+        actual: usize,
+    },
+    /// The compress stage is gone.
+    #[error("cannot hand pages to the compress process")]
+    Send(#[source] std::io::Error),
+    /// The orchestrator is gone.
+    #[error("lost the orchestrator's commands")]
+    Mailbox(#[source] std::io::Error),
+}
+
+/// Runs the scanner until told to stop.
+pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
+    let maps = init
+        .blocks
+        .iter()
+        .map(|b| {
+            let m = ram::map_readonly(&b.path)?;
+            if m.len() as u64 != b.length {
+                return Err(Error::Resized {
+                    path: b.path.clone(),
+                    expected: b.length,
+                    actual: m.len(),
+                });
+            }
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>, Error>>()?;
+    let mut seq = 0u64;
+    loop {
+        match init
+            .mailbox
+            .recv()
+            .map_err(|e| Error::Mailbox(ipc_error(e)))?
+        {
+            Command::Stop => return Ok(()),
+            Command::Round { round, last } => {
+                let mut pages = 0u64;
+                for (block, (info, map)) in init.blocks.iter().zip(&maps).enumerate() {
+                    let all: Vec<u32> = (0..info.pages() as u32).collect();
+                    for indices in all.chunks(BATCH_PAGES) {
+                        let batch = scan_batch(seq, block as u32, &info.name, map, indices);
+                        pages += indices.len() as u64;
+                        init.work
+                            .send(Work::Batch(batch))
+                            .map_err(|e| Error::Send(ipc_error(e)))?;
+                        seq += 1;
+                    }
+                }
+                init.work
+                    .send(Work::RoundEnd { seq, round, last })
+                    .map_err(|e| Error::Send(ipc_error(e)))?;
+                seq += 1;
+                let _ = events.send(ActorEvent {
+                    actor: ActorKind::Scanner,
+                    event: Event::RoundScanned { round, pages },
+                });
+                if last {
+                    return Ok(());
+                }
+            }
+        }
+    }
+}
+
+/// Splits `indices` of one block into zero pages, encoded here as ZERO
+/// records, and the rest, passed on by index.
+fn scan_batch(seq: u64, block: u32, name: &str, map: &[u8], indices: &[u32]) -> PageBatch {
+    let mut zero = QemuFileWriter::new(MemTransport::new());
+    let mut writer = RamWriter::new();
+    let mut zero_pages = 0;
+    let mut pages = Vec::with_capacity(indices.len());
+    for &i in indices {
+        let off = i as usize * PAGE_SIZE;
+        match uniform_fill(&map[off..off + PAGE_SIZE]) {
+            Some(fill) => {
+                // Writing to memory cannot fail, and the name was checked at start.
+                let _ = writer.put_zero_page(&mut zero, name, off as u64, fill);
+                zero_pages += 1;
+            }
+            None => pages.push(i),
+        }
+    }
+    let zero_records = zero
+        .into_transport()
+        .map(|mut t| t.take())
+        .unwrap_or_default();
+    PageBatch {
+        seq,
+        block,
+        zero_records,
+        zero_pages,
+        pages,
+    }
+}

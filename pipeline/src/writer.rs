@@ -1,0 +1,534 @@
+//! The writer actor: the only owner of the connection and of the bandwidth
+//! budget.
+//!
+//! It frames the stream (header, configuration, RAM sections, device state,
+//! EOF), writes chunks strictly in sequence order so that an older copy of a
+//! page can never overtake a newer one, enforces the rate limit in QEMU's
+//! 100 ms windows, and listens on the return path for a ferry receiver's
+//! acknowledgement.
+
+use std::collections::BTreeMap;
+use std::io::{self, BufRead, BufReader, Read};
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{select, Receiver};
+use ferry_proto::control::{
+    self, Ack, ActorEvent, ActorKind, Chunk, Event, PageCounts, ReturnPath,
+};
+use ferry_proto::qemu_file::{self, QemuFileWriter};
+use ferry_proto::stream::device_state::DeviceState;
+use ferry_proto::stream::encode::{self, RamWriter};
+use ferry_proto::stream::{parse, RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use ferry_proto::transport::Transport;
+use ipc_channel::ipc::{IpcReceiver, IpcSender};
+use serde::{Deserialize, Serialize};
+
+use crate::ram::{self, BlockFile};
+use crate::uri::{self, Uri};
+
+/// QEMU's rate-limit window.
+const WINDOW: Duration = Duration::from_millis(100);
+/// How long a ferry receiver may take to acknowledge after EOF.
+const ACK_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long to wait for a silent peer (QEMU) to close after EOF.
+const SILENT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Out-of-order chunks held before the gap is declared a bug.
+const MAX_REORDER: usize = 4096;
+
+/// Commands from the orchestrator.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum Command {
+    /// New bandwidth cap in bytes per second (0 = unlimited).
+    SetRate(u64),
+}
+
+/// Configuration of the writer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Init {
+    /// Destination URI.
+    pub to: String,
+    /// The blocks, in send order.
+    pub blocks: Vec<BlockFile>,
+    /// Device-state file contents (`ferry inspect --extract-device-state`).
+    pub device_state: Option<Vec<u8>>,
+    /// Machine name for the configuration section without device state.
+    pub machine: String,
+    /// Bandwidth cap in bytes per second (0 = unlimited).
+    pub rate: u64,
+    /// Chunks from the compress stage.
+    pub chunks: IpcReceiver<Chunk>,
+    /// One credit back per chunk written.
+    pub credits: IpcSender<u32>,
+    /// Commands from the orchestrator.
+    pub commands: IpcReceiver<Command>,
+}
+
+/// Everything that reaches the writer, on one queue.
+#[derive(Debug)]
+pub enum Mail {
+    /// A chunk from the compress stage.
+    Chunk(Chunk),
+    /// A command from the orchestrator.
+    Command(Command),
+}
+
+/// Errors of the writer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The URI is not valid.
+    #[error("bad destination")]
+    Uri(#[from] uri::ParseError),
+    /// The device-state file is not valid.
+    #[error("bad device state")]
+    DeviceState(#[source] parse::Error),
+    /// Cannot connect to the destination.
+    #[error("cannot connect to {uri}")]
+    Connect {
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// Guest RAM cannot be mapped.
+    #[error("cannot map guest RAM")]
+    Map(#[from] ram::Error),
+    /// Writing the stream failed.
+    #[error("cannot write the stream to {uri}")]
+    Write {
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: qemu_file::Error,
+    },
+    /// The destination reported a failure.
+    #[error("the destination failed: {0}")]
+    Rejected(String),
+    /// The destination closed the connection without acknowledging.
+    #[error("the destination closed the connection before acknowledging the stream")]
+    NoAck,
+    /// The destination sent something that is not an acknowledgement.
+    #[error("the destination sent an unreadable acknowledgement: {0:?}")]
+    BadAck(String),
+    /// Chunks arrived with a gap in their sequence.
+    #[error("chunk {0} never arrived")]
+    SequenceGap(u64),
+    /// A chunk names a block or page that does not exist.
+    #[error("chunk {seq} names page {page} of block {block}, which does not exist")]
+    BadChunk {
+        /// The chunk.
+        seq: u64,
+        /// Block index.
+        block: u32,
+        /// Page index.
+        page: u32,
+    },
+    /// The compress stage or orchestrator is gone.
+    #[error("lost the {0} channel")]
+    Channel(&'static str, #[source] io::Error),
+}
+
+/// What the return-path thread saw.
+#[derive(Debug)]
+enum Reply {
+    Hello,
+    Ack(Ack),
+    Garbage(String),
+    Closed,
+}
+
+/// `Read` over a transport, for line-based parsing of the return path.
+struct TransportRead(Box<dyn Transport>);
+
+impl Read for TransportRead {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.0.read(buf)
+    }
+}
+
+fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>) {
+    let mut r = BufReader::new(TransportRead(rp));
+    let mut line = String::new();
+    loop {
+        line.clear();
+        // Bound the line: the peer is not trusted.
+        let reply = match (&mut r).take(1 << 20).read_line(&mut line) {
+            Ok(0) | Err(_) => Reply::Closed,
+            Ok(_) if line.as_bytes() == control::HELLO => Reply::Hello,
+            Ok(_) => match serde_json::from_str::<Ack>(line.trim_end()) {
+                Ok(ack) => Reply::Ack(ack),
+                Err(_) => Reply::Garbage(line.chars().take(200).collect()),
+            },
+        };
+        let closed = matches!(reply, Reply::Closed);
+        if tx.send(reply).is_err() || closed {
+            return;
+        }
+    }
+}
+
+/// Spreads writes over 100 ms windows of `rate / 10` bytes, with the
+/// accounting of the QEMUFile (QEMU's `qemu_file_rate_limit`).
+struct Limiter {
+    rate: u64,
+    window_start: Instant,
+}
+
+impl Limiter {
+    fn set_rate<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>, rate: u64) {
+        self.rate = rate;
+        f.set_rate_limit(rate / 10);
+    }
+
+    /// The largest piece to write between checks: small against the window's
+    /// budget, so that one piece cannot overshoot it by much.
+    fn slice(&self) -> usize {
+        match self.rate {
+            0 => 1 << 20,
+            r => ((r / 10 / 32) as usize).clamp(PAGE_SIZE, 256 << 10),
+        }
+    }
+
+    /// Sleeps while this window's budget is spent.
+    fn throttle<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
+        if self.rate == 0 {
+            return;
+        }
+        loop {
+            let now = Instant::now();
+            if now >= self.window_start + WINDOW {
+                // Stay on the window grid unless we were idle for longer.
+                self.window_start = if now < self.window_start + 2 * WINDOW {
+                    self.window_start + WINDOW
+                } else {
+                    now
+                };
+                f.reset_rate_limit();
+            }
+            if f.error().is_some() || !f.rate_limit_exceeded() {
+                return;
+            }
+            std::thread::sleep((self.window_start + WINDOW).saturating_duration_since(now));
+        }
+    }
+}
+
+fn forward<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
+    rx: IpcReceiver<T>,
+    tx: crossbeam_channel::Sender<Mail>,
+    wrap: fn(T) -> Mail,
+) {
+    std::thread::spawn(move || {
+        while let Ok(m) = rx.recv() {
+            if tx.send(wrap(m)).is_err() {
+                return;
+            }
+        }
+    });
+}
+
+/// Runs the writer until the stream is complete and acknowledged.
+pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
+    let to: Uri = init.to.parse()?;
+    let device = match init.device_state {
+        Some(bytes) => DeviceState::from_bytes(bytes).map_err(Error::DeviceState)?,
+        None => DeviceState::default(),
+    };
+    let maps = init
+        .blocks
+        .iter()
+        .map(|b| ram::map_readonly(&b.path))
+        .collect::<Result<Vec<_>, _>>()?;
+    let conn = to
+        .connect(Duration::from_secs(10))
+        .map_err(|source| Error::Connect {
+            uri: to.to_string(),
+            source,
+        })?;
+    let is_file = matches!(to, Uri::File(_));
+    let replies = conn.return_path.map(|rp| {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        std::thread::spawn(move || read_return_path(rp, tx));
+        rx
+    });
+    let (mail_tx, mail) = crossbeam_channel::bounded(64);
+    forward(init.chunks, mail_tx.clone(), Mail::Chunk);
+    forward(init.commands, mail_tx, Mail::Command);
+
+    let mut w = Writer {
+        f: QemuFileWriter::new(conn.transport),
+        uri: to.to_string(),
+        blocks: &init.blocks,
+        maps: &maps,
+        limiter: Limiter {
+            rate: 0,
+            window_start: Instant::now(),
+        },
+        counts: PageCounts::default(),
+        section_id: device.free_section_id(),
+        in_part: false,
+        events,
+        last_progress: Instant::now(),
+    };
+    w.limiter.set_rate(&mut w.f, init.rate);
+    w.start(&device, &init.machine)?;
+    w.stream(&mail, &init.credits, replies.as_ref())?;
+    w.finish(&device)?;
+    let bytes = w.f.ftell();
+    let counts = w.counts;
+    let (ack, return_path) = match replies {
+        _ if is_file => {
+            w.f.close().map_err(|source| Error::Write {
+                uri: to.to_string(),
+                source,
+            })?;
+            (None, ReturnPath::None)
+        }
+        None => (None, ReturnPath::Silent),
+        Some(rx) => await_ack(&rx)?,
+    };
+    let _ = events.send(ActorEvent {
+        actor: ActorKind::Writer,
+        event: Event::Finished {
+            bytes,
+            counts,
+            ack,
+            return_path,
+        },
+    });
+    Ok(())
+}
+
+/// Waits for the verdict after EOF: an acknowledgement from a ferry receiver
+/// (which said hello), or the close of a peer that never answers (QEMU).
+fn await_ack(rx: &Receiver<Reply>) -> Result<(Option<Ack>, ReturnPath), Error> {
+    let mut ferry = false;
+    let start = Instant::now();
+    loop {
+        let limit = if ferry { ACK_TIMEOUT } else { SILENT_TIMEOUT };
+        let left = limit.saturating_sub(start.elapsed());
+        match rx.recv_timeout(left) {
+            Ok(Reply::Hello) => ferry = true,
+            Ok(Reply::Ack(ack)) if ack.ok => return Ok((Some(ack), ReturnPath::Ferry)),
+            Ok(Reply::Ack(ack)) => {
+                return Err(Error::Rejected(
+                    ack.error.unwrap_or_else(|| "no reason given".into()),
+                ))
+            }
+            Ok(Reply::Garbage(line)) => return Err(Error::BadAck(line)),
+            Ok(Reply::Closed) | Err(_) if ferry => return Err(Error::NoAck),
+            Ok(Reply::Closed) | Err(_) => return Ok((None, ReturnPath::Silent)),
+        }
+    }
+}
+
+struct Writer<'m, 'e> {
+    f: QemuFileWriter<'m>,
+    uri: String,
+    blocks: &'m [BlockFile],
+    maps: &'m [memmap2::Mmap],
+    limiter: Limiter,
+    counts: PageCounts,
+    section_id: u32,
+    in_part: bool,
+    events: &'e IpcSender<ActorEvent>,
+    last_progress: Instant,
+}
+
+impl<'m> Writer<'m, '_> {
+    fn check(&self) -> Result<(), Error> {
+        match self.f.error() {
+            Some(e) => Err(Error::Write {
+                uri: self.uri.clone(),
+                source: e.clone(),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn wrap(&self, source: qemu_file::Error) -> Error {
+        Error::Write {
+            uri: self.uri.clone(),
+            source,
+        }
+    }
+
+    /// Header, configuration and the RAM section's setup part.
+    fn start(&mut self, device: &DeviceState, machine: &str) -> Result<(), Error> {
+        let f = &mut self.f;
+        encode::put_file_header(f);
+        device.put_configuration(f, machine);
+        let infos: Vec<RamBlockInfo> = self.blocks.iter().map(BlockFile::info).collect();
+        let id = self.section_id;
+        encode::put_section_start(f, SectionKind::Start, id, RAM_IDSTR, 0, RAM_VERSION)
+            .map_err(|e| self.wrap(e))?;
+        let mut ram = RamWriter::new();
+        ram.put_mem_size(&mut self.f, &infos)
+            .map_err(|e| self.wrap(e))?;
+        ram.put_eos(&mut self.f);
+        encode::put_footer(&mut self.f, id);
+        self.f.flush();
+        self.check()
+    }
+
+    /// Writes chunks in sequence order until the last round ends.
+    fn stream(
+        &mut self,
+        mail: &Receiver<Mail>,
+        credits: &IpcSender<u32>,
+        replies: Option<&Receiver<Reply>>,
+    ) -> Result<(), Error> {
+        let mut pending: BTreeMap<u64, Chunk> = BTreeMap::new();
+        let mut next = 0u64;
+        let never = crossbeam_channel::never();
+        let replies = replies.unwrap_or(&never);
+        loop {
+            let m = select! {
+                recv(mail) -> m => m.map_err(|_| {
+                    Error::Channel("compress", io::Error::other("closed before the last round"))
+                })?,
+                recv(replies) -> r => {
+                    match r {
+                        // A receiver that gives up says why before it closes.
+                        Ok(Reply::Ack(ack)) if !ack.ok => {
+                            return Err(Error::Rejected(ack.error.unwrap_or_default()))
+                        }
+                        Ok(Reply::Closed) | Err(_) => {}
+                        Ok(_) => {}
+                    }
+                    continue;
+                }
+            };
+            match m {
+                Mail::Command(Command::SetRate(r)) => self.limiter.set_rate(&mut self.f, r),
+                Mail::Chunk(c) => {
+                    pending.insert(c.seq(), c);
+                    if pending.len() > MAX_REORDER {
+                        return Err(Error::SequenceGap(next));
+                    }
+                    while let Some(c) = pending.remove(&next) {
+                        next += 1;
+                        let counts_credit = !matches!(c, Chunk::RoundEnd { .. });
+                        if self.write_chunk(c)? {
+                            return Ok(());
+                        }
+                        if counts_credit {
+                            // The compress stage exits once it has handed over
+                            // its last chunk; a credit nobody reads is fine.
+                            let _ = credits.send(1);
+                        }
+                        self.progress();
+                    }
+                }
+            }
+        }
+    }
+
+    fn progress(&mut self) {
+        if self.last_progress.elapsed() >= Duration::from_millis(250) {
+            self.last_progress = Instant::now();
+            let _ = self.events.send(ActorEvent {
+                actor: ActorKind::Writer,
+                event: Event::Progress {
+                    bytes: self.f.ftell_fast(),
+                    counts: self.counts,
+                },
+            });
+        }
+    }
+
+    fn open_part(&mut self) {
+        if !self.in_part {
+            encode::put_section_part(&mut self.f, SectionKind::Part, self.section_id);
+            self.in_part = true;
+        }
+    }
+
+    fn close_part(&mut self) {
+        if self.in_part {
+            RamWriter::new().put_eos(&mut self.f);
+            encode::put_footer(&mut self.f, self.section_id);
+            self.in_part = false;
+        }
+    }
+
+    /// Writes one chunk; returns true after the last round.
+    fn write_chunk(&mut self, c: Chunk) -> Result<bool, Error> {
+        match c {
+            Chunk::Records { bytes, counts, .. } => {
+                self.open_part();
+                for piece in bytes.chunks(self.limiter.slice()) {
+                    self.limiter.throttle(&mut self.f);
+                    self.f.put_buffer(piece);
+                }
+                self.counts.add(&counts);
+            }
+            Chunk::RawPages {
+                seq,
+                block,
+                zero_records,
+                zero_pages,
+                pages,
+            } => {
+                self.open_part();
+                self.limiter.throttle(&mut self.f);
+                self.f.put_buffer(&zero_records);
+                let maps: &'m [memmap2::Mmap] = self.maps;
+                let (Some(info), Some(map)) =
+                    (self.blocks.get(block as usize), maps.get(block as usize))
+                else {
+                    return Err(Error::BadChunk {
+                        seq,
+                        block,
+                        page: 0,
+                    });
+                };
+                let mut ram = RamWriter::new();
+                let per_check = (self.limiter.slice() / PAGE_SIZE).max(1);
+                for (n, &i) in pages.iter().enumerate() {
+                    let off = i as usize * PAGE_SIZE;
+                    let page = map.get(off..off + PAGE_SIZE).ok_or(Error::BadChunk {
+                        seq,
+                        block,
+                        page: i,
+                    })?;
+                    if n % per_check == 0 {
+                        self.limiter.throttle(&mut self.f);
+                    }
+                    ram.put_page_async(&mut self.f, &info.name, off as u64, page)
+                        .map_err(|e| self.wrap(e))?;
+                }
+                self.counts.zero += zero_pages;
+                self.counts.raw += pages.len() as u64;
+            }
+            Chunk::RoundEnd { round, last, .. } => {
+                self.close_part();
+                self.f.flush();
+                self.check()?;
+                let _ = self.events.send(ActorEvent {
+                    actor: ActorKind::Writer,
+                    event: Event::RoundSent {
+                        round,
+                        bytes: self.f.ftell_fast(),
+                    },
+                });
+                return Ok(last);
+            }
+        }
+        self.check()?;
+        Ok(false)
+    }
+
+    /// The RAM section's last part, the device sections and EOF.
+    fn finish(&mut self, device: &DeviceState) -> Result<(), Error> {
+        self.close_part();
+        encode::put_section_part(&mut self.f, SectionKind::End, self.section_id);
+        RamWriter::new().put_eos(&mut self.f);
+        encode::put_footer(&mut self.f, self.section_id);
+        device.put_sections(&mut self.f).map_err(|e| self.wrap(e))?;
+        encode::put_eof(&mut self.f);
+        self.f.flush();
+        self.check()
+    }
+}

@@ -1,0 +1,270 @@
+//! Messages between ferry's processes.
+//!
+//! Plain data, encoded by ipc-channel: page batches from the scanner, encoded
+//! chunks for the writer, events for the orchestrator, and the acknowledgement
+//! a ferry receiver sends back on the return path. Bulk bytes travel as byte
+//! buffers inside a chunk, never one message per page.
+
+use serde::{Deserialize, Serialize};
+
+/// The processes of a migration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ActorKind {
+    /// Walks guest RAM, finds zero pages, batches the rest.
+    Scanner,
+    /// Compresses (or copies) batches into stream chunks.
+    Compress,
+    /// Owns the connection: writes chunks in order, enforces the rate limit.
+    Writer,
+    /// Destination: reads and checks the stream, writes guest RAM.
+    Reader,
+}
+
+impl ActorKind {
+    /// Name used in messages and on the command line.
+    pub fn name(self) -> &'static str {
+        match self {
+            ActorKind::Scanner => "scanner",
+            ActorKind::Compress => "compress",
+            ActorKind::Writer => "writer",
+            ActorKind::Reader => "reader",
+        }
+    }
+
+    /// The actor with this name.
+    pub fn from_name(s: &str) -> Option<Self> {
+        [Self::Scanner, Self::Compress, Self::Writer, Self::Reader]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
+}
+
+/// CPU time and memory one process used.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct Usage {
+    /// User plus system CPU seconds.
+    pub cpu_seconds: f64,
+    /// Peak resident set size in bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// Pages by how they went into the stream.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageCounts {
+    /// ZERO records.
+    pub zero: u64,
+    /// Raw PAGE records.
+    pub raw: u64,
+    /// COMPRESS_PAGE records.
+    pub compressed: u64,
+    /// Bytes of zlib data in them.
+    pub compressed_bytes: u64,
+}
+
+impl PageCounts {
+    /// Adds `other` into `self`.
+    pub fn add(&mut self, other: &PageCounts) {
+        self.zero += other.zero;
+        self.raw += other.raw;
+        self.compressed += other.compressed;
+        self.compressed_bytes += other.compressed_bytes;
+    }
+
+    /// All pages counted.
+    pub fn pages(&self) -> u64 {
+        self.zero + self.raw + self.compressed
+    }
+}
+
+/// Pages of one RAM block for the compress stage: the scanner has already
+/// encoded the zero pages among them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageBatch {
+    /// Place in the stream; the writer emits in this order.
+    pub seq: u64,
+    /// Index of the block in the send order.
+    pub block: u32,
+    /// ZERO records for the zero pages of the batch, ready for the stream.
+    #[serde(with = "serde_bytes")]
+    pub zero_records: Vec<u8>,
+    /// How many zero pages `zero_records` holds.
+    pub zero_pages: u64,
+    /// Page indices (within the block) of the non-zero pages.
+    pub pages: Vec<u32>,
+}
+
+/// What the scanner hands to the compress stage, in sequence order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Work {
+    /// Pages to encode.
+    Batch(PageBatch),
+    /// Every page of `round` has been batched.
+    RoundEnd {
+        /// Place in the stream.
+        seq: u64,
+        /// The round.
+        round: u32,
+        /// The stream ends after this round.
+        last: bool,
+    },
+}
+
+/// What the writer receives, in sequence order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Chunk {
+    /// Encoded RAM records.
+    Records {
+        /// Place in the stream.
+        seq: u64,
+        /// The records.
+        #[serde(with = "serde_bytes")]
+        bytes: Vec<u8>,
+        /// Pages they carry.
+        counts: PageCounts,
+    },
+    /// Pages the writer sends raw straight from its own mapping of the block
+    /// (no copy through the pipeline), after `zero_records`.
+    RawPages {
+        /// Place in the stream.
+        seq: u64,
+        /// Index of the block.
+        block: u32,
+        /// ZERO records to write first.
+        #[serde(with = "serde_bytes")]
+        zero_records: Vec<u8>,
+        /// How many zero pages those are.
+        zero_pages: u64,
+        /// Page indices to send raw.
+        pages: Vec<u32>,
+    },
+    /// End of a round: the writer closes the section part, and after the
+    /// last round ends the stream.
+    RoundEnd {
+        /// Place in the stream.
+        seq: u64,
+        /// The round.
+        round: u32,
+        /// The stream ends after this round.
+        last: bool,
+    },
+}
+
+impl Chunk {
+    /// Place in the stream.
+    pub fn seq(&self) -> u64 {
+        match self {
+            Chunk::Records { seq, .. }
+            | Chunk::RawPages { seq, .. }
+            | Chunk::RoundEnd { seq, .. } => *seq,
+        }
+    }
+}
+
+/// A RAM block's digest, as both ends compute it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockDigest {
+    /// Block name.
+    pub name: String,
+    /// Block length.
+    pub length: u64,
+    /// XXH3-128 of its contents, in hex.
+    pub xxh3: String,
+}
+
+/// The line a ferry receiver sends on the return path when a connection opens,
+/// so the sender knows to wait for an [`Ack`] (a QEMU destination sends nothing).
+pub const HELLO: &[u8] = b"FERRY-RETURN-PATH 1\n";
+
+/// The receiver's verdict, one JSON line on the return path after EOF.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ack {
+    /// True when the whole stream loaded and checked out.
+    pub ok: bool,
+    /// Why not, if not.
+    pub error: Option<String>,
+    /// Digest of each RAM block after loading.
+    pub digests: Vec<BlockDigest>,
+}
+
+/// Whether the peer answers on a return path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ReturnPath {
+    /// A ferry receiver: it acknowledged with digests.
+    Ferry,
+    /// A peer that never answers (QEMU): completion is not verified.
+    Silent,
+    /// A file: nobody to answer.
+    None,
+}
+
+/// Something an actor tells the orchestrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Event {
+    /// Reader: bound and waiting for the peer at this address.
+    Listening {
+        /// The bound address (for tcp ports chosen by the OS).
+        addr: String,
+    },
+    /// Writer or reader: stream bytes and pages so far.
+    Progress {
+        /// Stream bytes.
+        bytes: u64,
+        /// Pages by kind.
+        counts: PageCounts,
+    },
+    /// Scanner: every page of a round is batched.
+    RoundScanned {
+        /// The round.
+        round: u32,
+        /// Pages in it.
+        pages: u64,
+    },
+    /// Writer: every chunk of a round is written.
+    RoundSent {
+        /// The round.
+        round: u32,
+        /// Stream bytes so far.
+        bytes: u64,
+    },
+    /// Writer: the stream is complete and the peer answered (or cannot).
+    Finished {
+        /// Stream bytes.
+        bytes: u64,
+        /// Pages by kind.
+        counts: PageCounts,
+        /// What the peer said, if it is ferry.
+        ack: Option<Ack>,
+        /// What kind of peer it was.
+        return_path: ReturnPath,
+    },
+    /// Reader: the stream loaded completely and was checked.
+    Loaded {
+        /// Stream bytes.
+        bytes: u64,
+        /// Pages by kind.
+        counts: PageCounts,
+        /// Digests of the loaded blocks.
+        digests: Vec<BlockDigest>,
+    },
+    /// The actor failed; it exits non-zero after this.
+    Failed {
+        /// What went wrong, with its causes.
+        message: String,
+    },
+    /// The actor is exiting normally.
+    Exiting {
+        /// What it used.
+        usage: Usage,
+    },
+}
+
+/// An [`Event`] and who sent it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ActorEvent {
+    /// The sender.
+    pub actor: ActorKind,
+    /// What happened.
+    pub event: Event,
+}

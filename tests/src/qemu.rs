@@ -1,0 +1,373 @@
+//! A QEMU 7.2 process driven over QMP, as a migration source or destination.
+//!
+//! Facts this code relies on (checked on qemu-system-x86_64 7.2.22, see
+//! /work/notes/qemu-format.md):
+//! - a destination that cannot load a stream prints "load of migration failed" and
+//!   exits with status 1: there is no "failed" state to poll, QMP just closes;
+//! - a destination fed an empty (or missing) file waits in "inmigrate" forever;
+//! - a source reports "completed" before its `exec:` child has been reaped, so the file
+//!   is written as `FILE.part` and renamed by the shell when `cat` has finished;
+//! - COMPRESS_PAGE records load only with the `compress` capability on.
+//!
+//! Hence every wait has a deadline and every failure carries QEMU's stderr.
+
+use std::ffi::OsStr;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+use crate::bail;
+use crate::error::{Context, Error, Result};
+use crate::qmp::Qmp;
+
+/// Default deadline for a whole migration (QEMU's own compress path does ~60 MB/s
+/// per thread here, so 64 MiB at level 9 takes about a second; CI machines are slower).
+pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long QEMU may take to open its QMP socket.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How often migration state is polled.
+const POLL_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The QEMU binary: `$FERRY_QEMU` or `qemu-system-x86_64` from PATH.
+pub fn qemu_binary() -> PathBuf {
+    std::env::var_os("FERRY_QEMU")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
+}
+
+/// Arguments for a RAM block backed by `ram_file` (shared, so the file *is* guest RAM:
+/// a source migrates its contents, a destination's file receives the loaded pages).
+/// The block's idstr in the stream is `mem`. `size` must be a whole number of MiB.
+pub fn ram_file_args(ram_file: &Path, size: u64) -> Vec<String> {
+    assert!(
+        size > 0 && size % (1 << 20) == 0,
+        "RAM size {size} is not a whole number of MiB"
+    );
+    vec![
+        "-m".into(),
+        format!("{}M", size >> 20),
+        "-object".into(),
+        format!(
+            "memory-backend-file,id=mem,size={size},mem-path={},share=on",
+            // QEMU option syntax: a literal comma is written twice.
+            ram_file.display().to_string().replace(',', ",,")
+        ),
+        "-machine".into(),
+        "memory-backend=mem".into(),
+    ]
+}
+
+/// Arguments for the smallest machine: `-M none -nodefaults` with RAM from `ram_file`.
+pub fn none_machine_args(ram_file: &Path, size: u64) -> Vec<String> {
+    let mut args = vec!["-M".into(), "none".into(), "-nodefaults".into()];
+    args.extend(ram_file_args(ram_file, size));
+    args
+}
+
+/// A running QEMU. Killed (SIGKILL) and reaped on drop.
+#[derive(Debug)]
+pub struct Qemu {
+    child: Child,
+    qmp: Qmp,
+    stderr_path: PathBuf,
+    /// Deadline for [`Qemu::migrate_to_file`] and [`Qemu::incoming_from_file`].
+    pub migration_timeout: Duration,
+    /// Holds the QMP socket and the stderr log; removed after the child is dead.
+    dir: TempDir,
+}
+
+impl Qemu {
+    /// Start QEMU with `args` plus `-display none` and a QMP socket in a fresh temporary
+    /// directory, and complete the QMP handshake.
+    pub fn spawn<I, S>(args: I) -> Result<Qemu>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        let dir = tempfile::Builder::new()
+            .prefix("ferry-qemu-")
+            .tempdir()
+            .context("creating a temporary directory for QEMU")?;
+        let socket = dir.path().join("qmp.sock");
+        let stderr_path = dir.path().join("stderr.log");
+        let stderr = fs::File::create(&stderr_path).context("creating QEMU's stderr log")?;
+        let binary = qemu_binary();
+        let mut command = Command::new(&binary);
+        command
+            .args(args)
+            .arg("-display")
+            .arg("none")
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr);
+        let child = command.spawn().map_err(|e| {
+            Error::msg(format!(
+                "cannot start {} ({e}); QEMU 7.2 is required: apt-get install qemu-system-x86 (see .ci/run)",
+                binary.display()
+            ))
+        })?;
+        let mut starting = Starting {
+            child: Some(child),
+            stderr_path: &stderr_path,
+        };
+        let qmp = starting.connect(&socket)?;
+        let child = starting
+            .child
+            .take()
+            .expect("child present until connected");
+        drop(starting);
+        Ok(Qemu {
+            child,
+            qmp,
+            stderr_path,
+            migration_timeout: MIGRATION_TIMEOUT,
+            dir,
+        })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Directory private to this QEMU (for its socket and logs; tests may use it too).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Everything QEMU wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path)
+            .unwrap_or_else(|e| format!("<stderr unreadable: {e}>"))
+    }
+
+    /// Exit status, if QEMU has exited.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Run a QMP command; on failure the error includes QEMU's exit status and stderr.
+    pub fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value> {
+        match self.qmp.execute(command, arguments) {
+            Ok(v) => Ok(v),
+            Err(e) => Err(self.explain(e)),
+        }
+    }
+
+    /// QMP events received so far (MIGRATION needs the `events` capability).
+    pub fn take_events(&mut self) -> Vec<Value> {
+        self.qmp.take_events()
+    }
+
+    /// Poll `query-migrate` until its status is `status`; returns the last reply.
+    /// Fails at once on "failed"/"cancelled" (unless that is what was asked for), when
+    /// QEMU exits, or when `timeout` passes.
+    pub fn wait_migration(&mut self, status: &str, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let info = self
+                .execute("query-migrate", None)
+                .map_err(|e| Error::msg(format!("waiting for migration status {status:?}: {e}")))?;
+            let now = info.get("status").and_then(Value::as_str).unwrap_or("");
+            if now == status {
+                return Ok(info);
+            }
+            if matches!(now, "failed" | "cancelled") {
+                let desc = info.get("error-desc").and_then(Value::as_str).unwrap_or("");
+                return Err(self.explain(Error::msg(format!(
+                    "migration {now} while waiting for {status:?}: {desc}"
+                ))));
+            }
+            if Instant::now() >= deadline {
+                return Err(self.explain(Error::msg(format!(
+                    "migration status still {now:?} after {timeout:?} (waiting for {status:?}); last query-migrate: {info}"
+                ))));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+    }
+
+    /// Migrate to `path` with `exec:`; `compress` = Some((threads, level)) turns on
+    /// QEMU's compress capability. Returns once the file is complete, with the final
+    /// `query-migrate` reply.
+    pub fn migrate_to_file(&mut self, path: &Path, compress: Option<(u8, u8)>) -> Result<Value> {
+        if let Some((threads, level)) = compress {
+            self.set_capability("compress", true)?;
+            self.execute(
+                "migrate-set-parameters",
+                Some(json!({ "compress-threads": threads, "compress-level": level })),
+            )?;
+        }
+        let mut part = path.as_os_str().to_owned();
+        part.push(".part");
+        let part = PathBuf::from(part);
+        let _ = fs::remove_file(path);
+        // `completed` is reported before QEMU reaps `cat`: the rename marks the real end.
+        let uri = format!(
+            "exec:cat > {} && mv {} {}",
+            shell_quote(&part),
+            shell_quote(&part),
+            shell_quote(path)
+        );
+        self.execute("migrate", Some(json!({ "uri": uri })))?;
+        let timeout = self.migration_timeout;
+        let deadline = Instant::now() + timeout;
+        let info = self
+            .wait_migration("completed", timeout)
+            .with_context(|| format!("migrating to {}", path.display()))?;
+        while !path.exists() {
+            if Instant::now() >= deadline {
+                return Err(self.explain(Error::msg(format!(
+                    "migration completed but {} did not appear within {timeout:?}",
+                    path.display()
+                ))));
+            }
+            thread::sleep(POLL_INTERVAL);
+        }
+        Ok(info)
+    }
+
+    /// Load a stream from `path` into this QEMU, which must have been started with
+    /// `-incoming defer`. `compress` turns on the capability COMPRESS_PAGE needs.
+    /// Returns the final `query-migrate` reply ("completed").
+    pub fn incoming_from_file(&mut self, path: &Path, compress: bool) -> Result<Value> {
+        // `cat` of a missing file leaves QEMU waiting forever: say so now instead.
+        if !path.is_file() {
+            bail!("incoming stream {} does not exist", path.display());
+        }
+        if compress {
+            self.set_capability("compress", true)?;
+        }
+        let uri = format!("exec:cat {}", shell_quote(path));
+        self.execute("migrate-incoming", Some(json!({ "uri": uri })))?;
+        let timeout = self.migration_timeout;
+        self.wait_migration("completed", timeout)
+            .with_context(|| format!("loading {} into QEMU", path.display()))
+    }
+
+    /// Turn one migration capability on or off.
+    pub fn set_capability(&mut self, name: &str, state: bool) -> Result<()> {
+        self.execute(
+            "migrate-set-capabilities",
+            Some(json!({ "capabilities": [{ "capability": name, "state": state }] })),
+        )?;
+        Ok(())
+    }
+
+    /// Add QEMU's exit status (if it exited) and stderr to an error.
+    fn explain(&mut self, e: Error) -> Error {
+        // A destination that failed exits right after closing QMP: give it a moment.
+        let mut status = self.try_exit_status();
+        for _ in 0..20 {
+            if status.is_some() {
+                break;
+            }
+            thread::sleep(Duration::from_millis(10));
+            status = self.try_exit_status();
+        }
+        let status = match status {
+            Some(s) => format!("QEMU exited ({s})"),
+            None => "QEMU still running".to_string(),
+        };
+        Error::msg(format!(
+            "{e}\n  {status}; QEMU stderr:\n{}",
+            indent(&self.stderr())
+        ))
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        // Child::kill sends SIGKILL; wait reaps it so no zombie outlives the test.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A child that has not finished its QMP handshake yet: killed on error.
+struct Starting<'a> {
+    child: Option<Child>,
+    stderr_path: &'a Path,
+}
+
+impl Starting<'_> {
+    fn connect(&mut self, socket: &Path) -> Result<Qmp> {
+        let deadline = Instant::now() + STARTUP_TIMEOUT;
+        loop {
+            let child = self.child.as_mut().expect("child present until connected");
+            if let Ok(Some(status)) = child.try_wait() {
+                bail!(
+                    "QEMU exited during startup ({status}); stderr:\n{}",
+                    indent(&fs::read_to_string(self.stderr_path).unwrap_or_default())
+                );
+            }
+            if socket.exists() {
+                if let Ok(qmp) = Qmp::connect(socket) {
+                    return Ok(qmp);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "QEMU did not open its QMP socket {} within {STARTUP_TIMEOUT:?}; stderr:\n{}",
+                    socket.display(),
+                    indent(&fs::read_to_string(self.stderr_path).unwrap_or_default())
+                );
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Starting<'_> {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Quote a path for `/bin/sh` (QEMU runs `exec:` URIs with `sh -c`).
+pub fn shell_quote(path: &Path) -> String {
+    format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
+}
+
+fn indent(text: &str) -> String {
+    let text = text.trim_end();
+    if text.is_empty() {
+        return "    <empty>".to_string();
+    }
+    text.lines()
+        .map(|l| format!("    {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_survives_quotes_and_spaces() {
+        assert_eq!(shell_quote(Path::new("/tmp/a b")), "'/tmp/a b'");
+        assert_eq!(shell_quote(Path::new("/tmp/it's")), r"'/tmp/it'\''s'");
+    }
+
+    #[test]
+    fn none_machine_has_backend() {
+        let args = none_machine_args(Path::new("/tmp/r"), 64 << 20);
+        assert!(args.contains(&"64M".to_string()));
+        assert!(args
+            .iter()
+            .any(|a| a.starts_with("memory-backend-file,id=mem,size=67108864,")));
+    }
+}
