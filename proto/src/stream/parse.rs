@@ -965,8 +965,12 @@ impl<T: Transport> Parser<T> {
     fn is_footer_here(&mut self, footer: &[u8; 5]) -> Result<bool> {
         // 5 footer bytes, then at most a START header: 1 + 4 + 1 + 255 + 8.
         let look = self.f.peek_available(5 + 269)?;
-        if look.len() < 6 || look[..5] != footer[..] {
+        if look.len() < 5 || look[..5] != footer[..] {
             return Ok(false);
+        }
+        if look.len() == 5 {
+            // Only a device-state file may end right after a footer.
+            return Ok(self.fragment);
         }
         let next = &look[5..];
         let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
