@@ -35,6 +35,8 @@ pub struct Init {
     pub workers: usize,
     /// Batches from the scanner (the mailbox).
     pub work: IpcReceiver<Work>,
+    /// One credit back to the scanner per batch taken.
+    pub scan_credits: IpcSender<u32>,
     /// Chunks for the writer.
     pub chunks: IpcSender<Chunk>,
     /// Credits from the writer: one per chunk it has written.
@@ -107,6 +109,8 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         let chunk = match work {
             Work::RoundEnd { seq, round, last } => Chunk::RoundEnd { seq, round, last },
             Work::Batch(batch) => {
+                // The scanner may be gone after its last batch; that is fine.
+                let _ = init.scan_credits.send(1);
                 check(&batch, &maps)?;
                 match init.level {
                     None => Chunk::RawPages {

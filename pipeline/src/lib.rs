@@ -10,12 +10,16 @@
 //! - [`receiver`]: the destination: parses, decompresses, writes guest RAM.
 //! - [`process`]: spawning actor processes and supervising them.
 //! - [`inspect`]: `ferry inspect`.
+//! - [`demo`]: `ferry demo`, a local migration on built-in defaults.
+//! - [`pattern`]: synthetic guest memory.
 //! - [`uri`], [`options`], [`ram`]: command-line values and RAM files.
 
 pub mod compress_pool;
+pub mod demo;
 pub mod inspect;
 pub mod options;
 pub mod orchestrator;
+pub mod pattern;
 pub mod process;
 pub mod ram;
 pub mod receiver;

@@ -29,6 +29,9 @@ enum Command {
     /// Reports success only after the whole stream, up to EOF, was read and
     /// checked; answers a ferry sender with the digests of the RAM it loaded.
     Receive(ferry::orchestrator::ReceiveArgs),
+    /// Migrate a built-in 1 GiB guest between two local ferry processes and
+    /// check the copy: the quickest way to see ferry work.
+    Demo(ferry::demo::DemoArgs),
     /// Run one actor process (used by ferry itself).
     #[command(name = "__actor", hide = true)]
     Actor {
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Send(args) => ferry::orchestrator::send::run(args),
         Command::Receive(args) => ferry::orchestrator::receive::run(args),
+        Command::Demo(args) => ferry::demo::run(args),
         Command::Actor { .. } => unreachable!("handled before"),
         Command::Inspect {
             stream,

@@ -42,6 +42,11 @@ pub struct Init {
     pub mailbox: IpcReceiver<Command>,
     /// Batches for the compress stage.
     pub work: IpcSender<Work>,
+    /// One credit back per batch the compress stage has taken.
+    pub credits: IpcReceiver<u32>,
+    /// Batches in flight before waiting for credit: bounded, so a slow
+    /// destination holds the scanner back instead of filling memory.
+    pub window: u32,
 }
 
 /// Errors of the scanner.
@@ -86,6 +91,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         })
         .collect::<Result<Vec<_>, Error>>()?;
     let mut seq = 0u64;
+    let mut credits = init.window.max(1);
     loop {
         match init
             .mailbox
@@ -98,6 +104,10 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 for (block, (info, map)) in init.blocks.iter().zip(&maps).enumerate() {
                     let all: Vec<u32> = (0..info.pages() as u32).collect();
                     for indices in all.chunks(BATCH_PAGES) {
+                        while credits == 0 {
+                            credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
+                        }
+                        credits -= 1;
                         let batch = scan_batch(seq, block as u32, &info.name, map, indices);
                         pages += indices.len() as u64;
                         init.work

@@ -6,6 +6,7 @@
 //! - [`qmp`]: the QMP JSON-lines client underneath.
 //! - [`ram`]: deterministic mixed RAM images (zero, fill, text, random pages).
 //! - [`ferry`]: find or build the workspace's `ferry` binary and run it with a timeout.
+//! - [`proc`]: ferry processes in the background, their actors, and killing them.
 //! - [`error`]: the harness's error type: a message naming the failed step.
 //!
 //! What QEMU 7.2 puts on the wire and what it accepts is written down in
@@ -14,6 +15,7 @@
 
 pub mod error;
 pub mod ferry;
+pub mod proc;
 pub mod qemu;
 pub mod qmp;
 pub mod ram;

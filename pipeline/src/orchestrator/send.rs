@@ -19,6 +19,8 @@ use crate::{compress_pool, scanner, writer};
 /// Chunks in flight between the compress stage and the writer: enough to
 /// keep the socket busy while the pool works, few enough to bound memory.
 const CHUNK_WINDOW: u32 = 8;
+/// Batches in flight between the scanner and the compress stage.
+const BATCH_WINDOW: u32 = 16;
 
 /// What the run produced, for the summary and the statistics.
 struct Outcome {
@@ -107,6 +109,7 @@ fn drive(
     let (work_tx, work_rx) = ipc::channel::<Work>()?;
     let (chunk_tx, chunk_rx) = ipc::channel::<Chunk>()?;
     let (credit_tx, credit_rx) = ipc::channel::<u32>()?;
+    let (scan_credit_tx, scan_credit_rx) = ipc::channel::<u32>()?;
     let (_cmd_tx, cmd_rx) = ipc::channel::<writer::Command>()?;
     sup.spawn(
         ActorKind::Writer,
@@ -128,6 +131,7 @@ fn drive(
             level: args.compress.then_some(args.compress_level),
             workers: args.compress_workers,
             work: work_rx,
+            scan_credits: scan_credit_tx,
             chunks: chunk_tx,
             credits: credit_rx,
             window: CHUNK_WINDOW,
@@ -139,6 +143,8 @@ fn drive(
             blocks: blocks.to_vec(),
             mailbox: scan_rx,
             work: work_tx,
+            credits: scan_credit_rx,
+            window: BATCH_WINDOW,
         },
     )?;
     let setup = start.elapsed();

@@ -1,0 +1,120 @@
+//! Synthetic guest memory: pages that look like a real guest's to a migration.
+//!
+//! A real guest's RAM is largely zero (free memory), with some pages of one
+//! repeated byte, much text-like data (code, heap, page cache) that zlib
+//! shrinks about 3x, and some incompressible data (compressed files, crypto).
+
+use serde::{Deserialize, Serialize};
+
+use ferry_proto::stream::PAGE_SIZE;
+
+/// What the pages of a synthetic guest contain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+pub enum Pattern {
+    /// About 40% zero, 10% one repeated byte, 35% text-like, 15% random.
+    Mixed,
+    /// All zero.
+    Zero,
+    /// All text-like.
+    Text,
+    /// All random (incompressible).
+    Random,
+}
+
+/// A small, fast PRNG; reproducible from its seed.
+#[derive(Debug, Clone)]
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// A generator for `seed` (any value, 0 included).
+    pub fn new(seed: u64) -> Self {
+        Self(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1)
+    }
+
+    /// The next 64 random bits.
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        self.0 = x;
+        x
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the", "migration", "page", "guest", "memory", "kernel", "struct", "return", "if", "else",
+    "for", "while", "int", "char", "void", "static", "const", "error", "buffer", "device",
+    "queue", "request", "offset", "length", "block", "sector", "virtio", "irq", "pci", "ram",
+];
+
+/// Fills one page of kind `pattern`; `index` and `rng` pick its contents.
+pub fn fill_page(page: &mut [u8], pattern: Pattern, index: u64, rng: &mut XorShift) {
+    debug_assert_eq!(page.len(), PAGE_SIZE);
+    let kind = match pattern {
+        Pattern::Mixed => match rng.next_u64() % 100 {
+            0..40 => Pattern::Zero,
+            40..50 => {
+                page.fill((index % 255 + 1) as u8);
+                return;
+            }
+            50..85 => Pattern::Text,
+            _ => Pattern::Random,
+        },
+        other => other,
+    };
+    match kind {
+        Pattern::Zero => page.fill(0),
+        Pattern::Random => {
+            for w in page.chunks_exact_mut(8) {
+                w.copy_from_slice(&rng.next_u64().to_le_bytes());
+            }
+        }
+        Pattern::Text | Pattern::Mixed => {
+            let mut at = 0;
+            while at < page.len() {
+                let r = rng.next_u64();
+                let word = WORDS[(r % WORDS.len() as u64) as usize];
+                let piece = match r >> 60 {
+                    0 => format!("{} ", r >> 40 & 0xffff),
+                    1 => "\n    ".to_owned(),
+                    _ => format!("{word} "),
+                };
+                let n = piece.len().min(page.len() - at);
+                page[at..at + n].copy_from_slice(&piece.as_bytes()[..n]);
+                at += n;
+            }
+        }
+    }
+}
+
+/// Fills `buf` (a whole number of pages) page by page.
+pub fn fill(buf: &mut [u8], pattern: Pattern, seed: u64) {
+    let mut rng = XorShift::new(seed);
+    for (i, page) in buf.chunks_exact_mut(PAGE_SIZE).enumerate() {
+        fill_page(page, pattern, i as u64, &mut rng);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::stream::encode::uniform_fill;
+
+    #[test]
+    fn mixed_has_every_kind_in_about_the_right_share() {
+        let mut buf = vec![0u8; 4096 * PAGE_SIZE];
+        fill(&mut buf, Pattern::Mixed, 7);
+        let pages: Vec<&[u8]> = buf.chunks(PAGE_SIZE).collect();
+        let zero = pages.iter().filter(|p| uniform_fill(p) == Some(0)).count();
+        let fill_pages = pages
+            .iter()
+            .filter(|p| matches!(uniform_fill(p), Some(b) if b != 0))
+            .count();
+        assert!((1400..1900).contains(&zero), "zero pages: {zero}");
+        assert!((250..550).contains(&fill_pages), "repeated-byte pages: {fill_pages}");
+        let mut again = vec![0u8; 4096 * PAGE_SIZE];
+        fill(&mut again, Pattern::Mixed, 7);
+        assert_eq!(buf, again, "the same seed gives the same memory");
+    }
+}
