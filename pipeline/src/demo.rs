@@ -49,7 +49,11 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     let dst = dir.join("destination.ram");
     let sock = dir.join("migrate.sock");
     let _ = std::fs::remove_file(&dst);
-    eprintln!("ferry demo: writing {} MiB of mixed guest RAM to {}", size >> 20, src.display());
+    eprintln!(
+        "ferry demo: writing {} MiB of mixed guest RAM to {}",
+        size >> 20,
+        src.display()
+    );
     write_image(&src, size)?;
 
     let exe = std::env::current_exe()?;
@@ -70,7 +74,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             bail!("ferry receive exited early ({status})");
         }
         if Instant::now() > deadline {
-            bail!("ferry receive did not listen on {} within 10 s", sock.display());
+            bail!(
+                "ferry receive did not listen on {} within 10 s",
+                sock.display()
+            );
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -105,7 +112,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         size as f64 / 1e6 / secs,
         dst.display()
     );
-    eprintln!("ferry demo: statistics in {}", dir.join("send-stats.json").display());
+    eprintln!(
+        "ferry demo: statistics in {}",
+        dir.join("send-stats.json").display()
+    );
     Ok(())
 }
 

@@ -43,9 +43,36 @@ impl XorShift {
 }
 
 const WORDS: &[&str] = &[
-    "the", "migration", "page", "guest", "memory", "kernel", "struct", "return", "if", "else",
-    "for", "while", "int", "char", "void", "static", "const", "error", "buffer", "device",
-    "queue", "request", "offset", "length", "block", "sector", "virtio", "irq", "pci", "ram",
+    "the",
+    "migration",
+    "page",
+    "guest",
+    "memory",
+    "kernel",
+    "struct",
+    "return",
+    "if",
+    "else",
+    "for",
+    "while",
+    "int",
+    "char",
+    "void",
+    "static",
+    "const",
+    "error",
+    "buffer",
+    "device",
+    "queue",
+    "request",
+    "offset",
+    "length",
+    "block",
+    "sector",
+    "virtio",
+    "irq",
+    "pci",
+    "ram",
 ];
 
 /// Fills one page of kind `pattern`; `index` and `rng` pick its contents.
@@ -112,7 +139,10 @@ mod tests {
             .filter(|p| matches!(uniform_fill(p), Some(b) if b != 0))
             .count();
         assert!((1400..1900).contains(&zero), "zero pages: {zero}");
-        assert!((250..550).contains(&fill_pages), "repeated-byte pages: {fill_pages}");
+        assert!(
+            (250..550).contains(&fill_pages),
+            "repeated-byte pages: {fill_pages}"
+        );
         let mut again = vec![0u8; 4096 * PAGE_SIZE];
         fill(&mut again, Pattern::Mixed, 7);
         assert_eq!(buf, again, "the same seed gives the same memory");

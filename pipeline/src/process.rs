@@ -9,6 +9,7 @@
 
 use std::io;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ferry_proto::control::{ActorEvent, ActorKind, Event, Usage};
@@ -98,6 +99,8 @@ pub struct Supervisor {
     events_tx: IpcSender<ActorEvent>,
     events_rx: IpcReceiver<ActorEvent>,
     usage: Vec<(ActorKind, Usage)>,
+    /// Events taken from the channel early (see `check_children`), oldest first.
+    queued: std::collections::VecDeque<ActorEvent>,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -117,6 +120,7 @@ impl Supervisor {
             events_tx,
             events_rx,
             usage: Vec::new(),
+            queued: Default::default(),
         })
     }
 
@@ -189,54 +193,114 @@ impl Supervisor {
 
     /// Fails if an actor process has ended without saying it would.
     fn check_children(&mut self) -> Result<(), Error> {
-        for a in &mut self.actors {
-            if a.exited {
+        for i in 0..self.actors.len() {
+            if self.actors[i].exited {
                 continue;
             }
-            if let Ok(Some(status)) = a.child.try_wait() {
-                a.exited = true;
-                if !(a.exiting && status.success()) {
-                    return Err(Error::Died {
-                        actor: a.kind.name(),
-                        pid: a.child.id(),
-                        status: describe(status),
-                    });
-                }
+            let Ok(Some(status)) = self.actors[i].child.try_wait() else {
+                continue;
+            };
+            // What the actor sent before it ended is in the channel by now:
+            // take it, so that its Exiting (or its Failed) still counts.
+            self.drain();
+            let a = &mut self.actors[i];
+            a.exited = true;
+            if a.exiting && status.success() {
+                continue;
             }
+            let failed = self.queued.iter().find_map(|ev| match &ev.event {
+                Event::Failed { message } if ev.actor == a.kind => Some(message.clone()),
+                _ => None,
+            });
+            return Err(match failed {
+                Some(message) => Error::Failed {
+                    actor: a.kind.name(),
+                    message,
+                },
+                None => Error::Died {
+                    actor: a.kind.name(),
+                    pid: a.child.id(),
+                    status: describe(status),
+                },
+            });
         }
         Ok(())
+    }
+
+    /// Moves every event already in the channel to the queue.
+    fn drain(&mut self) {
+        while let Ok(ev) = self.events_rx.try_recv() {
+            self.note(&ev);
+            self.queued.push_back(ev);
+        }
+    }
+
+    /// Bookkeeping done once per event, when it leaves the channel.
+    fn note(&mut self, ev: &ActorEvent) {
+        if let Event::Exiting { usage } = &ev.event {
+            self.usage.push((ev.actor, *usage));
+            for a in self.actors.iter_mut().filter(|a| a.kind == ev.actor) {
+                a.exiting = true;
+            }
+        }
     }
 
     /// The next event, waiting up to `timeout`. Fails as soon as an actor
     /// reports a failure or a process dies, naming it.
     pub fn next_event(&mut self, timeout: Duration) -> Result<Option<ActorEvent>, Error> {
-        let ev = match self.events_rx.try_recv_timeout(timeout) {
-            Ok(ev) => ev,
-            Err(TryRecvError::Empty) => {
-                self.check_children()?;
-                return Ok(None);
-            }
-            Err(TryRecvError::IpcError(e)) => {
-                return Err(Error::Ipc(io::Error::other(format!("{e:?}"))))
-            }
-        };
-        match &ev.event {
-            Event::Failed { message } => {
-                return Err(Error::Failed {
-                    actor: ev.actor.name(),
-                    message: message.clone(),
-                })
-            }
-            Event::Exiting { usage } => {
-                self.usage.push((ev.actor, *usage));
-                for a in self.actors.iter_mut().filter(|a| a.kind == ev.actor) {
-                    a.exiting = true;
+        let ev = match self.queued.pop_front() {
+            Some(ev) => ev,
+            None => match self.events_rx.try_recv_timeout(timeout) {
+                Ok(ev) => {
+                    self.note(&ev);
+                    ev
                 }
-            }
-            _ => {}
+                Err(TryRecvError::Empty) => {
+                    self.check_children()?;
+                    return Ok(None);
+                }
+                Err(TryRecvError::IpcError(e)) => {
+                    return Err(Error::Ipc(io::Error::other(format!("{e:?}"))))
+                }
+            },
+        };
+        if let Event::Failed { message } = &ev.event {
+            let failed = Error::Failed {
+                actor: ev.actor.name(),
+                message: message.clone(),
+            };
+            return Err(self.killed_sibling(ev.actor).unwrap_or(failed));
         }
         self.check_children()?;
         Ok(Some(ev))
+    }
+
+    /// An actor that fails on a broken channel is often only the echo of a
+    /// sibling killed by a signal: report the sibling, the real cause, if one
+    /// turns out dead within a moment.
+    fn killed_sibling(&mut self, reporter: ActorKind) -> Option<Error> {
+        use std::os::unix::process::ExitStatusExt;
+        let deadline = Instant::now() + Duration::from_millis(200);
+        while Instant::now() < deadline {
+            for a in self
+                .actors
+                .iter_mut()
+                .filter(|a| a.kind != reporter && !a.exited)
+            {
+                if let Ok(Some(status)) = a.child.try_wait() {
+                    a.exited = true;
+                    if status.signal().is_some() {
+                        return Some(Error::Died {
+                            actor: a.kind.name(),
+                            pid: a.child.id(),
+                            status: describe(status),
+                        });
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        None
     }
 
     /// Waits for every actor to exit normally, collecting their usage.
@@ -293,10 +357,39 @@ pub fn usage() -> Usage {
         ru
     };
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    sample_anon();
     Usage {
         cpu_seconds: secs(ru.ru_utime) + secs(ru.ru_stime),
         peak_rss_bytes: ru.ru_maxrss as u64 * 1024,
+        peak_anon_bytes: PEAK_ANON.load(Ordering::Relaxed),
     }
+}
+
+/// Highest RssAnon seen by [`sample_anon`].
+static PEAK_ANON: AtomicU64 = AtomicU64::new(0);
+
+/// Records the current anonymous RSS. The kernel keeps a peak only for the
+/// whole RSS (VmHWM), which counts every touched page of mapped guest RAM;
+/// the memory ferry itself uses is the anonymous part.
+fn sample_anon() {
+    let kib = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("RssAnon:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        });
+    if let Some(kib) = kib {
+        PEAK_ANON.fetch_max(kib * 1024, Ordering::Relaxed);
+    }
+}
+
+/// Samples the anonymous RSS every 50 ms for the life of the process.
+pub fn start_memory_sampler() {
+    std::thread::spawn(|| loop {
+        sample_anon();
+        std::thread::sleep(Duration::from_millis(50));
+    });
 }
 
 /// Arranges for this process to be killed when its parent dies, and exits at
@@ -321,6 +414,7 @@ where
     F: FnOnce(I, &IpcSender<ActorEvent>) -> Result<(), E>,
 {
     die_with_parent();
+    start_memory_sampler();
     let boot: Bootstrap<I> = match bootstrap(server) {
         Ok(b) => b,
         Err(e) => {

@@ -105,7 +105,8 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                     let all: Vec<u32> = (0..info.pages() as u32).collect();
                     for indices in all.chunks(BATCH_PAGES) {
                         while credits == 0 {
-                            credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
+                            credits +=
+                                init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
                         }
                         credits -= 1;
                         let batch = scan_batch(seq, block as u32, &info.name, map, indices);

@@ -276,6 +276,8 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     w.stream(&mail, &init.credits, replies.as_ref())?;
     w.finish(&device)?;
     let bytes = w.f.ftell();
+    // Tell the peer the stream is over; it can still answer on the return path.
+    let _ = w.f.transport_mut().shutdown_write();
     let counts = w.counts;
     let (ack, return_path) = match replies {
         _ if is_file => {

@@ -45,8 +45,11 @@ impl ActorKind {
 pub struct Usage {
     /// User plus system CPU seconds.
     pub cpu_seconds: f64,
-    /// Peak resident set size in bytes.
+    /// Peak resident set size in bytes (mapped guest RAM included).
     pub peak_rss_bytes: u64,
+    /// Peak anonymous memory in bytes: what the process itself allocated,
+    /// without the guest RAM it maps (sampled every 50 ms).
+    pub peak_anon_bytes: u64,
 }
 
 /// Pages by how they went into the stream.
@@ -172,8 +175,10 @@ pub struct BlockDigest {
     pub xxh3: String,
 }
 
-/// The line a ferry receiver sends on the return path when a connection opens,
-/// so the sender knows to wait for an [`Ack`] (a QEMU destination sends nothing).
+/// The line a ferry receiver sends on the return path once it has read the
+/// whole stream, just before its [`Ack`], so the sender knows to wait for the
+/// verdict (a QEMU destination sends nothing). It is not sent earlier because a
+/// QEMU *source* never reads its socket, and unread bytes make its close a reset.
 pub const HELLO: &[u8] = b"FERRY-RETURN-PATH 1\n";
 
 /// The receiver's verdict, one JSON line on the return path after EOF.

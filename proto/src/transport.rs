@@ -28,6 +28,12 @@ pub trait Transport: Send {
         Err(io::ErrorKind::Unsupported.into())
     }
 
+    /// Ends the writing direction only: the peer reads end of stream while
+    /// it can still answer on the return path.
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
+
     /// Switches between blocking and non-blocking operation.
     fn set_blocking(&mut self, _blocking: bool) -> io::Result<()> {
         Ok(())
@@ -53,6 +59,9 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     }
     fn shutdown(&mut self) -> io::Result<()> {
         (**self).shutdown()
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        (**self).shutdown_write()
     }
     fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
         (**self).set_blocking(blocking)
@@ -110,6 +119,9 @@ impl Transport for TcpTransport {
     fn shutdown(&mut self) -> io::Result<()> {
         self.0.shutdown(Shutdown::Both)
     }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
+    }
     fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
         self.0.set_nonblocking(!blocking)
     }
@@ -134,6 +146,9 @@ impl Transport for UnixTransport {
     }
     fn shutdown(&mut self) -> io::Result<()> {
         self.0.shutdown(Shutdown::Both)
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.0.shutdown(Shutdown::Write)
     }
     fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
         self.0.set_nonblocking(!blocking)

@@ -62,10 +62,16 @@ impl Background {
                 return Ok(uri);
             }
             if let Some(status) = self.child.try_wait().context("polling ferry")? {
-                bail!("ferry exited ({status}) before listening:\n{}", self.stderr());
+                bail!(
+                    "ferry exited ({status}) before listening:\n{}",
+                    self.stderr()
+                );
             }
             if Instant::now() > deadline {
-                bail!("ferry did not listen within {timeout:?}:\n{}", self.stderr());
+                bail!(
+                    "ferry did not listen within {timeout:?}:\n{}",
+                    self.stderr()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -91,7 +97,8 @@ impl Background {
     pub fn actor(&self, kind: &str) -> Option<u32> {
         children(self.pid()).into_iter().find(|&pid| {
             let cmd = cmdline(pid);
-            cmd.get(1).map(String::as_str) == Some("__actor") && cmd.get(2).map(String::as_str) == Some(kind)
+            cmd.get(1).map(String::as_str) == Some("__actor")
+                && cmd.get(2).map(String::as_str) == Some(kind)
         })
     }
 
@@ -103,7 +110,10 @@ impl Background {
                 return Ok(pid);
             }
             if Instant::now() > deadline {
-                bail!("no {kind} process under pid {} within {timeout:?}", self.pid());
+                bail!(
+                    "no {kind} process under pid {} within {timeout:?}",
+                    self.pid()
+                );
             }
             thread::sleep(Duration::from_millis(10));
         }
@@ -151,7 +161,13 @@ pub fn cmdline(pid: u32) -> Vec<String> {
 /// True while `pid` exists and is not a zombie.
 pub fn alive(pid: u32) -> bool {
     fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(false)
 }
 

@@ -67,9 +67,19 @@ fn stats(dir: &Path, name: &str) -> Value {
 
 fn assert_same(a: &Path, b: &Path) {
     let (x, y) = (fs::read(a).expect("reading"), fs::read(b).expect("reading"));
-    assert_eq!(x.len(), y.len(), "{} and {} differ in size", a.display(), b.display());
+    assert_eq!(
+        x.len(),
+        y.len(),
+        "{} and {} differ in size",
+        a.display(),
+        b.display()
+    );
     if let Some(at) = first_difference(&x, &y) {
-        panic!("{} differs from {} at byte {at:#x}", b.display(), a.display());
+        panic!(
+            "{} differs from {} at byte {at:#x}",
+            b.display(),
+            a.display()
+        );
     }
 }
 
@@ -98,14 +108,20 @@ fn migrate(dir: &Path, src: &Path, listen: &str, compress: bool, workers: usize)
     assert_eq!(st["status"], "completed");
     assert_eq!(st["ram"]["total"], GIB as u64);
     assert_eq!(st["ram"]["remaining"], 0);
-    assert!(st["ram"]["duplicate"].as_u64().unwrap() > 0, "mixed RAM has zero pages");
+    assert!(
+        st["ram"]["duplicate"].as_u64().unwrap() > 0,
+        "mixed RAM has zero pages"
+    );
     if compress {
         assert!(st["compression"]["pages"].as_u64().unwrap() > 0);
     } else {
         assert_eq!(st["compression"]["pages"], 0);
     }
     for p in ["orchestrator", "scanner", "compress", "writer"] {
-        assert!(st["processes"][p]["peak-rss-bytes"].as_u64().unwrap() > 0, "{p} usage: {st}");
+        assert!(
+            st["processes"][p]["peak-rss-bytes"].as_u64().unwrap() > 0,
+            "{p} usage: {st}"
+        );
     }
     st
 }
@@ -139,7 +155,9 @@ fn bandwidth_cap_holds_within_ten_percent() {
     let size = 320usize << 20;
     let image: Vec<u8> = {
         let mut rng = ram::Xorshift64::new(5);
-        (0..size / 8).flat_map(|_| rng.next_u64().to_le_bytes()).collect()
+        (0..size / 8)
+            .flat_map(|_| rng.next_u64().to_le_bytes())
+            .collect()
     };
     fs::write(&src, &image).expect("writing RAM");
     let dest = dir.path().join("dest.ram");
@@ -147,18 +165,31 @@ fn bandwidth_cap_holds_within_ten_percent() {
     let cap: u64 = 96 << 20;
     let start = Instant::now();
     let mut s = sender(dir.path(), &src, &uri, &["--max-bandwidth", "96M"]);
-    assert!(s.wait(RUN_TIMEOUT).expect("send ends").success(), "{}", s.stderr());
+    assert!(
+        s.wait(RUN_TIMEOUT).expect("send ends").success(),
+        "{}",
+        s.stderr()
+    );
     let elapsed = start.elapsed().as_secs_f64();
-    assert!(r.wait(Duration::from_secs(30)).expect("receive ends").success());
+    assert!(r
+        .wait(Duration::from_secs(30))
+        .expect("receive ends")
+        .success());
     assert_same(&src, &dest);
     let st = stats(dir.path(), "send.json");
     let bytes = st["ram"]["transferred"].as_u64().unwrap() as f64;
     let secs = st["total-time"].as_u64().unwrap() as f64 / 1000.0;
-    assert!(secs >= 3.0, "the transfer must last 3 s or more to measure: {secs} s");
+    assert!(
+        secs >= 3.0,
+        "the transfer must last 3 s or more to measure: {secs} s"
+    );
     let rate = bytes / secs;
     let err = (rate - cap as f64).abs() / cap as f64;
     eprintln!("cap {cap} B/s, measured {rate:.0} B/s over {secs:.2} s ({elapsed:.2} s wall), error {:.1}%", err * 100.0);
-    assert!(err <= 0.10, "measured {rate:.0} B/s against a cap of {cap} B/s");
+    assert!(
+        err <= 0.10,
+        "measured {rate:.0} B/s against a cap of {cap} B/s"
+    );
 }
 
 /// Starts a slow migration (capped) of 256 MiB; returns (dir, src, receiver, sender).
@@ -168,7 +199,12 @@ fn slow_migration() -> (TempDir, PathBuf, Background, Background) {
     ram::write_mixed_image(&src, 256 << 20, 41).expect("writing RAM");
     let dest = dir.path().join("dest.ram");
     let (r, uri) = receiver(dir.path(), "tcp:127.0.0.1:0", &dest, 2);
-    let s = sender(dir.path(), &src, &uri, &["--max-bandwidth", "20M", "--compress"]);
+    let s = sender(
+        dir.path(),
+        &src,
+        &uri,
+        &["--max-bandwidth", "20M", "--compress"],
+    );
     (dir, src, r, s)
 }
 
@@ -179,9 +215,15 @@ fn kill_and_check(kind: &str, on_sender: bool) {
     let (_dir, _src, mut r, mut s) = slow_migration();
     let mut all: Vec<u32> = vec![r.pid(), s.pid()];
     for k in ["scanner", "compress", "writer"] {
-        all.push(s.wait_actor(k, Duration::from_secs(20)).expect("sender actor"));
+        all.push(
+            s.wait_actor(k, Duration::from_secs(20))
+                .expect("sender actor"),
+        );
     }
-    all.push(r.wait_actor("reader", Duration::from_secs(20)).expect("reader actor"));
+    all.push(
+        r.wait_actor("reader", Duration::from_secs(20))
+            .expect("reader actor"),
+    );
     std::thread::sleep(Duration::from_millis(1500));
     let victim = match (kind, on_sender) {
         ("orchestrator", true) => s.pid(),
@@ -191,17 +233,35 @@ fn kill_and_check(kind: &str, on_sender: bool) {
     };
     let t = Instant::now();
     proc::kill9(victim);
-    let (side, other) = if on_sender { (&mut s, &mut r) } else { (&mut r, &mut s) };
-    let st = side.wait(Duration::from_secs(10)).expect("the killed side ends");
+    let (side, other) = if on_sender {
+        (&mut s, &mut r)
+    } else {
+        (&mut r, &mut s)
+    };
+    let st = side
+        .wait(Duration::from_secs(10))
+        .expect("the killed side ends");
     let took = t.elapsed();
     assert!(!st.success(), "{kind} killed, yet the side exited 0");
     if kind != "orchestrator" {
-        assert!(took < Duration::from_secs(2), "noticed {kind}'s death after {took:?}");
+        assert!(
+            took < Duration::from_secs(2),
+            "noticed {kind}'s death after {took:?}"
+        );
         let err = side.stderr();
-        assert!(err.contains(kind) && err.contains("signal 9"), "names {kind}: {err}");
+        assert!(
+            err.contains(kind) && err.contains("signal 9"),
+            "names {kind}: {err}"
+        );
     }
-    let ost = other.wait(Duration::from_secs(30)).expect("the other side ends");
-    assert!(!ost.success(), "the other side must not report success: {}", other.stderr());
+    let ost = other
+        .wait(Duration::from_secs(30))
+        .expect("the other side ends");
+    assert!(
+        !ost.success(),
+        "the other side must not report success: {}",
+        other.stderr()
+    );
     proc::wait_gone(&all, Duration::from_secs(5)).expect("no ferry process is left behind");
 }
 

@@ -1,8 +1,135 @@
-//! `ferry receive`.
+//! `ferry receive`: one reader process, watched until the stream is loaded.
+//!
+//! stderr gets one line when the reader is listening (`ferry: listening on
+//! tcp:127.0.0.1:PORT`), then one summary line on success; a failure is
+//! returned as one error (the binary prints it on one line and exits 1).
+//! `--stats-json` is written either way, with `"status": "completed"` or
+//! `"failed"`.
 
-use super::ReceiveArgs;
+use std::time::{Duration, Instant};
+
+use ferry_proto::control::{ActorKind, BlockDigest, Event, PageCounts, Usage};
+use serde_json::{json, Value};
+
+use super::{stats, ReceiveArgs};
+use crate::process::{self, Supervisor};
+use crate::receiver;
+
+/// How long one wait for an event lasts; also how soon a dead reader is noticed.
+const POLL: Duration = Duration::from_millis(100);
+
+/// How long the reader may take to exit after it reported the load.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// What the orchestrator learnt from the reader.
+#[derive(Debug, Default)]
+struct Outcome {
+    /// When the peer connected (the reader's first progress report).
+    connected: Option<Instant>,
+    /// When the reader reported the load.
+    finished: Option<Instant>,
+    /// Stream bytes and pages so far.
+    bytes: u64,
+    counts: PageCounts,
+    /// Set once the stream was loaded and checked.
+    digests: Option<Vec<BlockDigest>>,
+}
 
 /// Runs `ferry receive`.
-pub fn run(_args: ReceiveArgs) -> anyhow::Result<()> {
-    anyhow::bail!("ferry receive is not implemented yet")
+pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    process::start_memory_sampler();
+    let mut outcome = Outcome::default();
+    let mut sup = Supervisor::new()?;
+    let result = supervise(&mut sup, &args, &mut outcome);
+    if result.is_err() {
+        sup.kill_all();
+    }
+    let end = outcome.finished.unwrap_or_else(Instant::now);
+    let elapsed = end.duration_since(outcome.connected.unwrap_or(started));
+    let stats = stats(&outcome, result.is_ok(), elapsed, sup.usage());
+    let written = args
+        .stats_json
+        .as_deref()
+        .map(|path| stats::write(path, &stats))
+        .transpose();
+    result?;
+    written?;
+    let secs = elapsed.as_secs_f64();
+    let c = &outcome.counts;
+    eprintln!(
+        "ferry: received {} bytes in {:.2} s ({:.1} MB/s): {} zero, {} raw, {} compressed pages ({} bytes compressed)",
+        outcome.bytes,
+        secs,
+        outcome.bytes as f64 / 1e6 / secs.max(1e-9),
+        c.zero,
+        c.raw,
+        c.compressed,
+        c.compressed_bytes
+    );
+    Ok(())
+}
+
+/// Starts the reader and follows it until it has loaded the stream and exited.
+fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> anyhow::Result<()> {
+    let init = receiver::Init::new(&args.listen, &args.ram, args.decompress_workers);
+    sup.spawn(ActorKind::Reader, init)?;
+    loop {
+        let Some(ev) = sup.next_event(POLL)? else {
+            continue;
+        };
+        match ev.event {
+            Event::Listening { addr } => eprintln!("ferry: listening on {addr}"),
+            Event::Progress { bytes, counts } => {
+                out.connected.get_or_insert_with(Instant::now);
+                out.bytes = bytes;
+                out.counts = counts;
+            }
+            Event::Loaded {
+                bytes,
+                counts,
+                digests,
+            } => {
+                out.finished = Some(Instant::now());
+                out.bytes = bytes;
+                out.counts = counts;
+                out.digests = Some(digests);
+            }
+            Event::Exiting { .. } => break,
+            _ => {}
+        }
+    }
+    if out.digests.is_none() {
+        anyhow::bail!("the reader exited without loading the stream");
+    }
+    sup.wait_all(EXIT_TIMEOUT)?;
+    Ok(())
+}
+
+/// The statistics in query-migrate's vocabulary. `mbps` is megabits per
+/// second, as QEMU reports it; `total-time` runs from the connection to the
+/// end of the load.
+fn stats(out: &Outcome, ok: bool, elapsed: Duration, actors: &[(ActorKind, Usage)]) -> Value {
+    let digests = out.digests.as_deref().unwrap_or_default();
+    let secs = elapsed.as_secs_f64();
+    let mbps = if secs > 0.0 {
+        out.bytes as f64 * 8.0 / 1e6 / secs
+    } else {
+        0.0
+    };
+    json!({
+        "status": if ok { "completed" } else { "failed" },
+        "total-time": elapsed.as_millis() as u64,
+        "ram": {
+            "total": digests.iter().map(|d| d.length).sum::<u64>(),
+            "transferred": out.bytes,
+            "duplicate": out.counts.zero,
+            "normal": out.counts.raw,
+            "compressed": out.counts.compressed,
+            "compressed-size": out.counts.compressed_bytes,
+        },
+        "mbps": mbps,
+        "digests": digests,
+        "processes": stats::processes(actors),
+    })
 }

@@ -32,6 +32,7 @@ struct Outcome {
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let start = Instant::now();
+    crate::process::start_memory_sampler();
     let blocks = ram::source_blocks(&args.ram)?;
     let total: u64 = blocks.iter().map(|b| b.length).sum();
     let device_state = match &args.device_state {

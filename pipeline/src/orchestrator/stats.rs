@@ -14,7 +14,11 @@ pub fn processes(actors: &[(ActorKind, Usage)]) -> Value {
     {
         m.insert(
             name.to_owned(),
-            json!({"cpu-seconds": u.cpu_seconds, "peak-rss-bytes": u.peak_rss_bytes}),
+            json!({
+                "cpu-seconds": u.cpu_seconds,
+                "peak-rss-bytes": u.peak_rss_bytes,
+                "peak-anon-bytes": u.peak_anon_bytes,
+            }),
         );
     }
     Value::Object(m)

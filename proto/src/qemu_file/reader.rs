@@ -87,7 +87,20 @@ impl<T: Transport> QemuFileReader<T> {
         self.fill_buffer_inner(true)
     }
 
+    /// Like `fill_buffer`; at the end of the stream it latches an error only
+    /// if `latch_eof`. A non-blocking transport with nothing to read yet
+    /// is waited for: "nothing yet" is not the end.
     fn fill_buffer_inner(&mut self, latch_eof: bool) -> usize {
+        loop {
+            match self.try_fill(latch_eof) {
+                Some(n) => return n,
+                None => std::thread::sleep(std::time::Duration::from_millis(1)),
+            }
+        }
+    }
+
+    /// One read; `None` when a non-blocking transport has nothing yet.
+    fn try_fill(&mut self, latch_eof: bool) -> Option<usize> {
         let pending = self.buf_size - self.buf_index;
         if pending > 0 && self.buf_index > 0 {
             self.buf.copy_within(self.buf_index..self.buf_size, 0);
@@ -99,21 +112,20 @@ impl<T: Transport> QemuFileReader<T> {
                 if latch_eof {
                     self.set_error(Error::Eof { offset: self.pos });
                 }
-                0
+                Some(0)
             }
             Ok(n) => {
                 self.buf_size += n;
                 self.pos += n as u64;
-                n
+                Some(n)
             }
-            // A non-blocking transport with nothing to read yet is not an error.
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => None,
             Err(e) => {
                 self.set_error(Error::Io {
                     offset: self.pos,
                     source: Arc::new(e),
                 });
-                0
+                Some(0)
             }
         }
     }

@@ -60,6 +60,16 @@ pub enum Error {
         #[source]
         source: xbzrle::Error,
     },
+    /// Two blocks would be extracted to the same file.
+    #[error("RAM blocks {a:?} and {b:?} would both be written to {file}")]
+    NameCollision {
+        /// The file name.
+        file: String,
+        /// One block.
+        a: String,
+        /// The other.
+        b: String,
+    },
     /// A page record arrived before the block list.
     #[error("RAM page arrived before the block list")]
     NoBlocks,
@@ -112,6 +122,9 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         path: path.to_owned(),
         source,
     };
+    // Only a file this call creates is sized: an existing file of another
+    // size is a mismatch between the two ends, never silently resized.
+    let exists = path.exists();
     let file: File = OpenOptions::new()
         .read(true)
         .write(true)
@@ -120,7 +133,7 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         .open(path)
         .map_err(err)?;
     let actual = file.metadata().map_err(err)?.len();
-    if create && actual != info.length {
+    if !exists && actual == 0 {
         file.set_len(info.length).map_err(err)?;
     } else if actual != info.length {
         return Err(Error::SizeMismatch {
@@ -150,11 +163,34 @@ fn page(blocks: &mut [Block], block: usize, offset: u64) -> Result<&mut [u8; PAG
 }
 
 impl RamImage {
-    /// Creates (or resizes) `DIR/<idstr>.ram` for every block.
+    /// Creates `DIR/<idstr>.ram` for every block; the files must not exist yet.
     pub fn create_in_dir(dir: &Path, blocks: &[RamBlockInfo]) -> Result<Self> {
+        let mut names: Vec<(String, &str)> = Vec::new();
+        for b in blocks {
+            let file = block_file_name(&b.idstr);
+            // Two blocks in one file would truncate each other's mapping.
+            if let Some((_, other)) = names.iter().find(|(f, _)| *f == file) {
+                return Err(Error::NameCollision {
+                    file,
+                    a: (*other).to_owned(),
+                    b: b.idstr.clone(),
+                });
+            }
+            names.push((file, &b.idstr));
+        }
         let blocks = blocks
             .iter()
-            .map(|b| map_file(&dir.join(block_file_name(&b.idstr)), b, true))
+            .zip(&names)
+            .map(|(b, (file, _))| {
+                // Extraction starts from zero: pages the stream never sends are zero.
+                let path = dir.join(file);
+                match std::fs::remove_file(&path) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                        Err(Error::File { path, source: e })
+                    }
+                    _ => map_file(&path, b, true),
+                }
+            })
             .collect::<Result<_>>()?;
         Ok(Self {
             blocks,

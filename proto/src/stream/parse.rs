@@ -291,7 +291,7 @@ pub struct SectionHeader {
 #[derive(Debug, PartialEq, Eq)]
 pub enum RamRecord<'p> {
     /// The block list (the setup record).
-    MemSize(&'p [RamBlockInfo]),
+    MemSize(Vec<RamBlockInfo>),
     /// A page of one repeated byte.
     Zero {
         /// Index into the block list.
@@ -412,7 +412,17 @@ struct Known {
 }
 
 /// Pull parser for a migration stream.
+///
+/// Items borrow only the parser's scratch buffer, so the parse state can latch
+/// an error while an item is out: after an error, every call fails the same way.
 pub struct Parser<T: Transport = Box<dyn Transport>> {
+    core: Core<T>,
+    scratch: Vec<u8>,
+    failed: Option<Error>,
+}
+
+/// Everything of the parser but the buffer items borrow.
+struct Core<T: Transport> {
     f: QemuFileReader<T>,
     state: State,
     limits: Limits,
@@ -423,7 +433,6 @@ pub struct Parser<T: Transport = Box<dyn Transport>> {
     /// The block of the last page record; CONTINUE refers to it, across
     /// section boundaries as in QEMU.
     last_block: Option<usize>,
-    scratch: Vec<u8>,
     /// Parsing a device-state file: no file header, no EOF, ends after a section.
     fragment: bool,
 }
@@ -431,8 +440,8 @@ pub struct Parser<T: Transport = Box<dyn Transport>> {
 impl<T: Transport> std::fmt::Debug for Parser<T> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parser")
-            .field("offset", &self.f.offset())
-            .field("state", &self.state)
+            .field("offset", &self.core.f.offset())
+            .field("state", &self.core.state)
             .finish_non_exhaustive()
     }
 }
@@ -441,15 +450,18 @@ impl<T: Transport> Parser<T> {
     /// A parser at the start of a stream, with default limits.
     pub fn new(f: QemuFileReader<T>) -> Self {
         Self {
-            f,
-            state: State::FileHeader,
-            limits: Limits::default(),
-            sections: HashMap::new(),
-            device_sizes: HashMap::new(),
-            blocks: Vec::new(),
-            last_block: None,
+            core: Core {
+                f,
+                state: State::FileHeader,
+                limits: Limits::default(),
+                sections: HashMap::new(),
+                device_sizes: HashMap::new(),
+                blocks: Vec::new(),
+                last_block: None,
+                fragment: false,
+            },
             scratch: Vec::new(),
-            fragment: false,
+            failed: None,
         }
     }
 
@@ -457,16 +469,15 @@ impl<T: Transport> Parser<T> {
     /// --extract-device-state` writes): a configuration section and whole
     /// sections, with no file header and no EOF marker.
     pub fn fragment(f: QemuFileReader<T>) -> Self {
-        Self {
-            state: State::Configuration,
-            fragment: true,
-            ..Self::new(f)
-        }
+        let mut p = Self::new(f);
+        p.core.state = State::Configuration;
+        p.core.fragment = true;
+        p
     }
 
     /// Replaces the limits.
     pub fn with_limits(mut self, limits: Limits) -> Self {
-        self.limits = limits;
+        self.core.limits = limits;
         self
     }
 
@@ -474,46 +485,61 @@ impl<T: Transport> Parser<T> {
     /// as computed from a vmdesc trailer. A length is trusted only when the
     /// footer is found right after it; otherwise the parser searches.
     pub fn with_device_sizes(mut self, sizes: HashMap<(String, u32), u64>) -> Self {
-        self.device_sizes = sizes;
+        self.core.device_sizes = sizes;
         self
     }
 
     /// The RAM blocks announced so far.
     pub fn ram_blocks(&self) -> &[RamBlockInfo] {
-        &self.blocks
+        &self.core.blocks
     }
 
     /// Offset of the next byte to be parsed.
     pub fn offset(&self) -> u64 {
-        self.f.offset()
+        self.core.f.offset()
     }
 
     /// The reader underneath, for the caller to close or inspect.
     pub fn into_reader(self) -> QemuFileReader<T> {
-        self.f
+        self.core.f
     }
 
-    /// Parses the next item. After an error, every call returns an error.
-    // Items borrow the parser's buffers, so this cannot be `Iterator::next`.
+    /// Parses the next item. After an error, every call returns that error.
+    // Items borrow the parser's buffer, so this cannot be `Iterator::next`.
     #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Result<Item<'_>> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        match self.core.step(&mut self.scratch) {
+            Ok(item) => Ok(item),
+            Err(e) => {
+                self.failed = Some(e.clone());
+                Err(e)
+            }
+        }
+    }
+}
+
+impl<T: Transport> Core<T> {
+    fn step<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
         match self.state {
             State::FileHeader => self.file_header(),
             State::Configuration => {
                 if self.f.peek_available(1)?.first() == Some(&marker::CONFIGURATION) {
-                    return self.configuration();
+                    return self.configuration(scratch);
                 }
                 self.state = State::Top;
-                self.top()
+                self.top(scratch)
             }
-            State::Top => self.top(),
+            State::Top => self.top(scratch),
             State::InSection { id, class } => match class {
-                SectionClass::Ram => self.ram_record(id),
-                SectionClass::Block => self.block_record(id),
-                SectionClass::Device => self.device_state(id),
+                SectionClass::Ram => self.ram_record(scratch, id),
+                SectionClass::Block => self.block_record(scratch, id),
+                SectionClass::Device => self.device_state(scratch, id),
             },
             State::Footer { id } => self.footer(id),
-            State::AfterEof => self.after_eof(),
+            State::AfterEof => self.after_eof(scratch),
             State::Done => {
                 let offset = self.f.offset();
                 if self.f.at_end()? {
@@ -525,7 +551,7 @@ impl<T: Transport> Parser<T> {
         }
     }
 
-    fn file_header(&mut self) -> Result<Item<'_>> {
+    fn file_header<'s>(&mut self) -> Result<Item<'s>> {
         let magic = self.f.get_be32()?;
         if magic != QEMU_VM_FILE_MAGIC {
             return Err(Error::BadMagic {
@@ -545,7 +571,7 @@ impl<T: Transport> Parser<T> {
     }
 
     /// The configuration: the machine name, then the subsections QEMU 7.2 may add.
-    fn configuration(&mut self) -> Result<Item<'_>> {
+    fn configuration<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
         let start = self.f.offset();
         let bad = |offset, what: &str| Error::BadConfiguration {
             offset,
@@ -596,14 +622,14 @@ impl<T: Transport> Parser<T> {
             }
         }
         self.state = State::Top;
-        self.scratch = raw;
+        *scratch = raw;
         Ok(Item::Configuration {
             machine,
-            raw: &self.scratch,
+            raw: &scratch[..],
         })
     }
 
-    fn top(&mut self) -> Result<Item<'_>> {
+    fn top<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
         let offset = self.f.offset();
         if self.fragment && self.f.at_end()? {
             self.state = State::Done;
@@ -621,18 +647,18 @@ impl<T: Transport> Parser<T> {
             marker::COMMAND => {
                 let cmd = self.f.get_be16()?;
                 let len = self.f.get_be16()? as usize;
-                self.scratch.resize(len, 0);
-                self.f.get_buffer(&mut self.scratch)?;
+                scratch.resize(len, 0);
+                self.f.get_buffer(scratch)?;
                 Ok(Item::Command {
                     cmd,
-                    data: &self.scratch,
+                    data: &scratch[..],
                 })
             }
             _ => Err(Error::UnknownMarker { offset, byte }),
         }
     }
 
-    fn section_header(&mut self, kind: SectionKind, offset: u64) -> Result<Item<'_>> {
+    fn section_header<'s>(&mut self, kind: SectionKind, offset: u64) -> Result<Item<'s>> {
         let id = self.f.get_be32()?;
         let known = if kind.has_identity() {
             let idstr = self.f.get_counted_string()?;
@@ -691,7 +717,7 @@ impl<T: Transport> Parser<T> {
         }))
     }
 
-    fn footer(&mut self, id: u32) -> Result<Item<'_>> {
+    fn footer<'s>(&mut self, id: u32) -> Result<Item<'s>> {
         let offset = self.f.offset();
         if self.f.peek_buffer(5, 0)? != footer_bytes(id) {
             return Err(Error::MissingFooter { offset, id });
@@ -704,7 +730,7 @@ impl<T: Transport> Parser<T> {
         })
     }
 
-    fn after_eof(&mut self) -> Result<Item<'_>> {
+    fn after_eof<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
         let offset = self.f.offset();
         if self.f.at_end()? {
             self.state = State::Done;
@@ -722,13 +748,13 @@ impl<T: Transport> Parser<T> {
                 limit: self.limits.max_vmdesc as u64,
             });
         }
-        self.scratch.resize(len, 0);
-        self.f.get_buffer(&mut self.scratch)?;
+        scratch.resize(len, 0);
+        self.f.get_buffer(scratch)?;
         self.state = State::Done;
-        Ok(Item::Vmdesc(&self.scratch))
+        Ok(Item::Vmdesc(&scratch[..]))
     }
 
-    fn ram_record(&mut self, id: u32) -> Result<Item<'_>> {
+    fn ram_record<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
         let offset = self.f.offset();
         let header = self.f.get_be64()?;
         let flags = header & ram_flag::MASK;
@@ -764,11 +790,14 @@ impl<T: Transport> Parser<T> {
                 fill: self.f.get_byte()?,
             },
             ram_flag::PAGE => {
-                self.scratch.resize(PAGE_SIZE, 0);
+                scratch.resize(PAGE_SIZE, 0);
                 RamRecord::Page {
                     block,
                     offset: addr,
-                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                    data: {
+                        self.f.get_buffer(&mut scratch[..])?;
+                        &scratch[..]
+                    },
                 }
             }
             ram_flag::COMPRESS_PAGE => {
@@ -780,11 +809,14 @@ impl<T: Transport> Parser<T> {
                         len,
                     });
                 }
-                self.scratch.resize(len as usize, 0);
+                scratch.resize(len as usize, 0);
                 RamRecord::Compressed {
                     block,
                     offset: addr,
-                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                    data: {
+                        self.f.get_buffer(&mut scratch[..])?;
+                        &scratch[..]
+                    },
                 }
             }
             _ => {
@@ -802,11 +834,14 @@ impl<T: Transport> Parser<T> {
                         what: "encoded length above one page",
                     });
                 }
-                self.scratch.resize(len, 0);
+                scratch.resize(len, 0);
                 RamRecord::Xbzrle {
                     block,
                     offset: addr,
-                    data: self.f.get_buffer_in_place(&mut self.scratch)?,
+                    data: {
+                        self.f.get_buffer(&mut scratch[..])?;
+                        &scratch[..]
+                    },
                 }
             }
         };
@@ -834,7 +869,7 @@ impl<T: Transport> Parser<T> {
         Ok(block)
     }
 
-    fn mem_size(&mut self, total: u64, offset: u64) -> Result<Item<'_>> {
+    fn mem_size<'s>(&mut self, total: u64, offset: u64) -> Result<Item<'s>> {
         let mut blocks = Vec::new();
         let mut sum = 0u64;
         while sum < total {
@@ -860,10 +895,10 @@ impl<T: Transport> Parser<T> {
             return Err(Error::MemSizeChanged { offset });
         }
         self.blocks = blocks;
-        Ok(Item::Ram(RamRecord::MemSize(&self.blocks)))
+        Ok(Item::Ram(RamRecord::MemSize(self.blocks.clone())))
     }
 
-    fn block_record(&mut self, id: u32) -> Result<Item<'_>> {
+    fn block_record<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
         let offset = self.f.offset();
         let header = self.f.get_be64()?;
         let flags = header & block_flag::MASK;
@@ -884,9 +919,9 @@ impl<T: Transport> Parser<T> {
         let data = if zero {
             None
         } else {
-            self.scratch.resize(BLOCK_CHUNK_SIZE, 0);
-            self.f.get_buffer(&mut self.scratch)?;
-            Some(&self.scratch[..])
+            scratch.resize(BLOCK_CHUNK_SIZE, 0);
+            self.f.get_buffer(scratch)?;
+            Some(&scratch[..])
         };
         Ok(Item::Block(BlockRecord::Chunk {
             device,
@@ -898,7 +933,7 @@ impl<T: Transport> Parser<T> {
     /// Reads an opaque section body: sized by the vmdesc when that size is
     /// confirmed by a footer right behind it, otherwise up to the first footer
     /// that is followed by something a stream may continue with.
-    fn device_state(&mut self, id: u32) -> Result<Item<'_>> {
+    fn device_state<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
         let start = self.f.offset();
         let footer = footer_bytes(id);
         let sized = self.sections.get(&id).and_then(|k| {
@@ -906,19 +941,19 @@ impl<T: Transport> Parser<T> {
                 .get(&(k.idstr.clone(), k.instance))
                 .copied()
         });
-        self.scratch.clear();
-        if let Some(len) = sized.map(|l| l as usize) {
-            if len + 5 <= IO_BUF_SIZE
-                && self
-                    .f
-                    .peek_buffer(len + 5, 0)
-                    .is_ok_and(|b| b[len..] == footer)
-            {
-                self.scratch
-                    .extend_from_slice(&self.f.peek_buffer(len, 0)?[..len]);
+        scratch.clear();
+        // A size from the vmdesc (itself untrusted) is used only when the
+        // footer sits right behind it; otherwise the footer is searched for.
+        let sized = sized
+            .and_then(|l| usize::try_from(l).ok())
+            .filter(|&l| l.checked_add(5).is_some_and(|end| end <= IO_BUF_SIZE));
+        if let Some(len) = sized {
+            let window = self.f.peek_available(len + 5)?;
+            if window.len() == len + 5 && window[len..] == footer {
+                scratch.extend_from_slice(&window[..len]);
                 self.f.skip(len as u64)?;
                 self.state = State::Footer { id };
-                return Ok(Item::DeviceState(&self.scratch));
+                return Ok(Item::DeviceState(&scratch[..]));
             }
         }
         loop {
@@ -932,23 +967,23 @@ impl<T: Transport> Parser<T> {
             match window.iter().position(|&b| b == marker::SECTION_FOOTER) {
                 None => {
                     let n = window.len();
-                    self.take_body(n, start)?;
+                    self.take_body(scratch, n, start)?;
                 }
                 Some(0) => {
                     if self.is_footer_here(&footer)? {
                         break;
                     }
-                    self.take_body(1, start)?;
+                    self.take_body(scratch, 1, start)?;
                 }
-                Some(p) => self.take_body(p, start)?,
+                Some(p) => self.take_body(scratch, p, start)?,
             }
         }
         self.state = State::Footer { id };
-        Ok(Item::DeviceState(&self.scratch))
+        Ok(Item::DeviceState(&scratch[..]))
     }
 
-    fn take_body(&mut self, n: usize, start: u64) -> Result<()> {
-        if self.scratch.len() + n > self.limits.max_device_section {
+    fn take_body(&mut self, scratch: &mut Vec<u8>, n: usize, start: u64) -> Result<()> {
+        if scratch.len() + n > self.limits.max_device_section {
             return Err(Error::LimitExceeded {
                 offset: start,
                 what: "device section size",
@@ -956,7 +991,7 @@ impl<T: Transport> Parser<T> {
             });
         }
         let bytes = self.f.peek_buffer(n, 0)?;
-        self.scratch.extend_from_slice(bytes);
+        scratch.extend_from_slice(bytes);
         Ok(self.f.skip(n as u64)?)
     }
 
