@@ -41,7 +41,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             d.clone()
         }
         None => {
-            tmp = tempfile::Builder::new().prefix("ferry-demo-").tempdir()?;
+            // Guest RAM lives in tmpfs on a real host too; a disk would time the disk.
+            let base = Path::new("/dev/shm");
+            tmp = if base.is_dir() {
+                tempfile::Builder::new()
+                    .prefix("ferry-demo-")
+                    .tempdir_in(base)?
+            } else {
+                tempfile::Builder::new().prefix("ferry-demo-").tempdir()?
+            };
             tmp.path().to_owned()
         }
     };
@@ -132,7 +140,14 @@ impl Drop for Reaped {
 }
 
 fn write_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    let file = File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    // Mapping for writing needs a file open for reading too.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     file.set_len(size)?;
     // SAFETY: the file was just created by us and nothing else maps it.
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;

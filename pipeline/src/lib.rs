@@ -11,9 +11,11 @@
 //! - [`process`]: spawning actor processes and supervising them.
 //! - [`inspect`]: `ferry inspect`.
 //! - [`demo`]: `ferry demo`, a local migration on built-in defaults.
+//! - [`bench`]: `ferry bench`, scenarios that print their figures.
 //! - [`pattern`]: synthetic guest memory.
 //! - [`uri`], [`options`], [`ram`]: command-line values and RAM files.
 
+pub mod bench;
 pub mod compress_pool;
 pub mod demo;
 pub mod inspect;

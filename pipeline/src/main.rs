@@ -32,6 +32,8 @@ enum Command {
     /// Migrate a built-in 1 GiB guest between two local ferry processes and
     /// check the copy: the quickest way to see ferry work.
     Demo(ferry::demo::DemoArgs),
+    /// Run a benchmark scenario and print its figures.
+    Bench(ferry::bench::BenchArgs),
     /// Run one actor process (used by ferry itself).
     #[command(name = "__actor", hide = true)]
     Actor {
@@ -93,6 +95,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Send(args) => ferry::orchestrator::send::run(args),
         Command::Receive(args) => ferry::orchestrator::receive::run(args),
         Command::Demo(args) => ferry::demo::run(args),
+        Command::Bench(args) => ferry::bench::run(args),
         Command::Actor { .. } => unreachable!("handled before"),
         Command::Inspect {
             stream,
