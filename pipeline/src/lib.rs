@@ -13,11 +13,13 @@
 //! - [`demo`]: `ferry demo`, a local migration on built-in defaults.
 //! - [`bench`]: `ferry bench`, scenarios that print their figures.
 //! - [`pattern`]: synthetic guest memory.
+//! - [`dirty_log`]: the page dirty bitmap a guest and ferry share.
 //! - [`uri`], [`options`], [`ram`]: command-line values and RAM files.
 
 pub mod bench;
 pub mod compress_pool;
 pub mod demo;
+pub mod dirty_log;
 pub mod inspect;
 pub mod options;
 pub mod orchestrator;

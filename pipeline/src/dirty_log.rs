@@ -1,0 +1,205 @@
+//! The dirty log shared by a guest and ferry: one bit per page in a file of
+//! little-endian u64 words (the vhost-user model).
+//!
+//! The guest sets bits with an atomic OR after writing a page; ferry takes
+//! them with an atomic swap to zero, so a write that lands after the swap
+//! shows up in the next round and is never lost.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use memmap2::MmapMut;
+
+/// Errors of opening a dirty log.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file cannot be opened, sized or mapped.
+    #[error("dirty log {path} cannot be opened")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The file is too small for the guest's pages.
+    #[error("dirty log {path} is {actual} bytes, {expected} are needed for {pages} pages")]
+    TooSmall {
+        /// The file.
+        path: PathBuf,
+        /// Its length.
+        actual: u64,
+        /// Bytes needed.
+        expected: u64,
+        /// Pages it must cover.
+        pages: u64,
+    },
+}
+
+/// A mapped dirty log covering `pages` pages.
+pub struct DirtyLog {
+    map: MmapMut,
+    pages: u64,
+}
+
+impl std::fmt::Debug for DirtyLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DirtyLog").field("pages", &self.pages).finish()
+    }
+}
+
+/// Bytes of a dirty log for `pages` pages.
+pub fn log_bytes(pages: u64) -> u64 {
+    pages.div_ceil(64) * 8
+}
+
+impl DirtyLog {
+    /// Creates (or truncates) a clean log for `pages` pages.
+    pub fn create(path: &Path, pages: u64) -> Result<Self, Error> {
+        let err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(path)
+            .map_err(err)?;
+        file.set_len(log_bytes(pages).max(8)).map_err(err)?;
+        Self::map(path, &file, pages)
+    }
+
+    /// Opens an existing log that must cover `pages` pages.
+    pub fn open(path: &Path, pages: u64) -> Result<Self, Error> {
+        let err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        let actual = file.metadata().map_err(err)?.len();
+        if actual < log_bytes(pages) {
+            return Err(Error::TooSmall {
+                path: path.to_owned(),
+                actual,
+                expected: log_bytes(pages),
+                pages,
+            });
+        }
+        Self::map(path, &file, pages)
+    }
+
+    fn map(path: &Path, file: &File, pages: u64) -> Result<Self, Error> {
+        // SAFETY: the file is shared with the guest, which only ever changes
+        // it through atomic operations on aligned u64 words, as we do; all
+        // access here goes through `words()`, which views it as atomics.
+        let map = unsafe { MmapMut::map_mut(file) }.map_err(|source| Error::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        Ok(Self { map, pages })
+    }
+
+    /// Pages covered.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    fn words(&self) -> &[AtomicU64] {
+        let n = log_bytes(self.pages) as usize / 8;
+        let bytes = &self.map[..n * 8];
+        // SAFETY: the mapping is page aligned (so 8-byte aligned) and at least
+        // n * 8 bytes long; AtomicU64 has the size and alignment of u64, and
+        // other processes touch these words only atomically.
+        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<AtomicU64>(), n) }
+    }
+
+    /// Marks `page` dirty (what the guest does after writing it).
+    pub fn mark(&self, page: u64) {
+        if page < self.pages {
+            self.words()[(page / 64) as usize].fetch_or((1u64 << (page % 64)).to_le(), Ordering::Release);
+        }
+    }
+
+    /// Marks every page dirty: after a failed round nothing is known to have
+    /// arrived, so everything goes again next time.
+    pub fn mark_all(&self) {
+        for (i, w) in self.words().iter().enumerate() {
+            let bits = (self.pages - i as u64 * 64).min(64);
+            let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            w.fetch_or(mask.to_le(), Ordering::Release);
+        }
+    }
+
+    /// Takes the dirty pages in `[first, first + count)` (clearing their bits)
+    /// and appends their indices to `out`. `first` must be a multiple of 64.
+    pub fn take_range(&self, first: u64, count: u64, out: &mut Vec<u32>) {
+        debug_assert_eq!(first % 64, 0);
+        let words = self.words();
+        let end = (first + count).min(self.pages);
+        let mut page = first;
+        while page < end {
+            let w = &words[(page / 64) as usize];
+            let span = (end - page).min(64);
+            let mask = if span == 64 { u64::MAX } else { (1u64 << span) - 1 };
+            // Cheap load first: most words are clean in later rounds.
+            let seen = u64::from_le(w.load(Ordering::Relaxed)) & mask;
+            if seen != 0 {
+                let got = u64::from_le(w.fetch_and((!mask).to_le(), Ordering::AcqRel)) & mask;
+                let mut bits = got;
+                while bits != 0 {
+                    let b = bits.trailing_zeros() as u64;
+                    out.push((page + b) as u32);
+                    bits &= bits - 1;
+                }
+            }
+            page += 64;
+        }
+    }
+
+    /// Number of dirty pages, without taking them.
+    pub fn count(&self) -> u64 {
+        self.words()
+            .iter()
+            .map(|w| u64::from_le(w.load(Ordering::Relaxed)).count_ones() as u64)
+            .sum()
+    }
+
+    /// Puts back bits for `pages` (a send that failed).
+    pub fn restore(&self, pages: &[u32]) {
+        for &p in pages {
+            self.mark(p as u64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marks_are_taken_once_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("log");
+        let log = DirtyLog::create(&path, 200).unwrap();
+        for p in [0, 63, 64, 130, 199] {
+            log.mark(p);
+        }
+        log.mark(500); // outside: ignored
+        let other = DirtyLog::open(&path, 200).unwrap();
+        assert_eq!(other.count(), 5);
+        let mut got = Vec::new();
+        other.take_range(64, 128, &mut got);
+        assert_eq!(got, vec![64, 130]);
+        got.clear();
+        other.take_range(0, 200, &mut got);
+        assert_eq!(got, vec![0, 63, 199]);
+        assert_eq!(log.count(), 0);
+        log.mark_all();
+        assert_eq!(log.count(), 200);
+        assert!(matches!(DirtyLog::open(&path, 10_000), Err(Error::TooSmall { .. })));
+    }
+}
