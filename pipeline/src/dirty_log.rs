@@ -46,7 +46,9 @@ pub struct DirtyLog {
 
 impl std::fmt::Debug for DirtyLog {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DirtyLog").field("pages", &self.pages).finish()
+        f.debug_struct("DirtyLog")
+            .field("pages", &self.pages)
+            .finish()
     }
 }
 
@@ -79,7 +81,11 @@ impl DirtyLog {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new().read(true).write(true).open(path).map_err(err)?;
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(err)?;
         let actual = file.metadata().map_err(err)?.len();
         if actual < log_bytes(pages) {
             return Err(Error::TooSmall {
@@ -120,7 +126,8 @@ impl DirtyLog {
     /// Marks `page` dirty (what the guest does after writing it).
     pub fn mark(&self, page: u64) {
         if page < self.pages {
-            self.words()[(page / 64) as usize].fetch_or((1u64 << (page % 64)).to_le(), Ordering::Release);
+            self.words()[(page / 64) as usize]
+                .fetch_or((1u64 << (page % 64)).to_le(), Ordering::Release);
         }
     }
 
@@ -129,34 +136,49 @@ impl DirtyLog {
     pub fn mark_all(&self) {
         for (i, w) in self.words().iter().enumerate() {
             let bits = (self.pages - i as u64 * 64).min(64);
-            let mask = if bits == 64 { u64::MAX } else { (1u64 << bits) - 1 };
+            let mask = if bits == 64 {
+                u64::MAX
+            } else {
+                (1u64 << bits) - 1
+            };
             w.fetch_or(mask.to_le(), Ordering::Release);
         }
     }
 
     /// Takes the dirty pages in `[first, first + count)` (clearing their bits)
-    /// and appends their indices to `out`. `first` must be a multiple of 64.
+    /// and appends their indices, relative to `first`, to `out`.
     pub fn take_range(&self, first: u64, count: u64, out: &mut Vec<u32>) {
-        debug_assert_eq!(first % 64, 0);
         let words = self.words();
         let end = (first + count).min(self.pages);
         let mut page = first;
         while page < end {
-            let w = &words[(page / 64) as usize];
-            let span = (end - page).min(64);
-            let mask = if span == 64 { u64::MAX } else { (1u64 << span) - 1 };
+            let word = page / 64;
+            let lo = page % 64;
+            let hi = (end - word * 64).min(64);
+            let span = hi - lo;
+            let mask = if span == 64 {
+                u64::MAX
+            } else {
+                ((1u64 << span) - 1) << lo
+            };
+            let w = &words[word as usize];
             // Cheap load first: most words are clean in later rounds.
-            let seen = u64::from_le(w.load(Ordering::Relaxed)) & mask;
-            if seen != 0 {
-                let got = u64::from_le(w.fetch_and((!mask).to_le(), Ordering::AcqRel)) & mask;
-                let mut bits = got;
+            if u64::from_le(w.load(Ordering::Relaxed)) & mask != 0 {
+                let mut bits = u64::from_le(w.fetch_and((!mask).to_le(), Ordering::AcqRel)) & mask;
                 while bits != 0 {
                     let b = bits.trailing_zeros() as u64;
-                    out.push((page + b) as u32);
+                    out.push((word * 64 + b - first) as u32);
                     bits &= bits - 1;
                 }
             }
-            page += 64;
+            page = word * 64 + hi;
+        }
+    }
+
+    /// Clears every bit.
+    pub fn clear(&self) {
+        for w in self.words() {
+            w.store(0, Ordering::Release);
         }
     }
 
@@ -192,14 +214,17 @@ mod tests {
         let other = DirtyLog::open(&path, 200).unwrap();
         assert_eq!(other.count(), 5);
         let mut got = Vec::new();
-        other.take_range(64, 128, &mut got);
-        assert_eq!(got, vec![64, 130]);
+        other.take_range(60, 71, &mut got);
+        assert_eq!(got, vec![3, 4], "pages 63 and 64, relative to 60");
         got.clear();
         other.take_range(0, 200, &mut got);
-        assert_eq!(got, vec![0, 63, 199]);
+        assert_eq!(got, vec![0, 130, 199]);
         assert_eq!(log.count(), 0);
         log.mark_all();
         assert_eq!(log.count(), 200);
-        assert!(matches!(DirtyLog::open(&path, 10_000), Err(Error::TooSmall { .. })));
+        assert!(matches!(
+            DirtyLog::open(&path, 10_000),
+            Err(Error::TooSmall { .. })
+        ));
     }
 }

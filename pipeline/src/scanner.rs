@@ -9,9 +9,12 @@ use ferry_proto::qemu_file::QemuFileWriter;
 use ferry_proto::stream::encode::{uniform_fill, RamWriter};
 use ferry_proto::stream::PAGE_SIZE;
 use ferry_proto::transport::MemTransport;
+use std::path::PathBuf;
+
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
+use crate::dirty_log::{self, DirtyLog};
 use crate::process::ipc_error;
 use crate::ram::{self, BlockFile};
 
@@ -22,10 +25,12 @@ pub const BATCH_PAGES: usize = 256;
 /// The scanner's mailbox.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub enum Command {
-    /// Send every page of every block, as round `round`.
+    /// Send a round of pages.
     Round {
         /// Round number.
         round: u32,
+        /// Every page (round 0), or only the pages taken from the dirty log.
+        all: bool,
         /// Whether the stream ends after this round.
         last: bool,
     },
@@ -47,6 +52,8 @@ pub struct Init {
     /// Batches in flight before waiting for credit: bounded, so a slow
     /// destination holds the scanner back instead of filling memory.
     pub window: u32,
+    /// The guest's dirty log, covering the blocks' pages in order.
+    pub dirty_log: Option<PathBuf>,
 }
 
 /// Errors of the scanner.
@@ -71,6 +78,12 @@ pub enum Error {
     /// The orchestrator is gone.
     #[error("lost the orchestrator's commands")]
     Mailbox(#[source] std::io::Error),
+    /// The dirty log cannot be used.
+    #[error("cannot use the dirty log")]
+    DirtyLog(#[from] dirty_log::Error),
+    /// A dirty round without a dirty log.
+    #[error("round {0} asks for dirty pages but there is no dirty log")]
+    NoDirtyLog(u32),
 }
 
 /// Runs the scanner until told to stop.
@@ -90,6 +103,11 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             Ok(m)
         })
         .collect::<Result<Vec<_>, Error>>()?;
+    let total_pages: u64 = init.blocks.iter().map(BlockFile::pages).sum();
+    let log = match &init.dirty_log {
+        Some(path) => Some(DirtyLog::open(path, total_pages)?),
+        None => None,
+    };
     let mut seq = 0u64;
     let mut credits = init.window.max(1);
     loop {
@@ -99,18 +117,35 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             .map_err(|e| Error::Mailbox(ipc_error(e)))?
         {
             Command::Stop => return Ok(()),
-            Command::Round { round, last } => {
+            Command::Round { round, all, last } => {
                 let mut pages = 0u64;
+                if all {
+                    // Round 0 sends everything: what was dirtied before it is moot,
+                    // what is dirtied from here on goes in the next round.
+                    if let Some(log) = &log {
+                        log.clear();
+                    }
+                }
+                let mut first_page = 0u64;
+                let mut indices: Vec<u32> = Vec::new();
                 for (block, (info, map)) in init.blocks.iter().zip(&maps).enumerate() {
-                    let all: Vec<u32> = (0..info.pages() as u32).collect();
-                    for indices in all.chunks(BATCH_PAGES) {
+                    indices.clear();
+                    match (all, &log) {
+                        (true, _) => indices.extend(0..info.pages() as u32),
+                        (false, Some(log)) => {
+                            log.take_range(first_page, info.pages(), &mut indices)
+                        }
+                        (false, None) => return Err(Error::NoDirtyLog(round)),
+                    }
+                    first_page += info.pages();
+                    for chunk in indices.chunks(BATCH_PAGES) {
                         while credits == 0 {
                             credits +=
                                 init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
                         }
                         credits -= 1;
-                        let batch = scan_batch(seq, block as u32, &info.name, map, indices);
-                        pages += indices.len() as u64;
+                        let batch = scan_batch(seq, block as u32, &info.name, map, chunk);
+                        pages += chunk.len() as u64;
                         init.work
                             .send(Work::Batch(batch))
                             .map_err(|e| Error::Send(ipc_error(e)))?;

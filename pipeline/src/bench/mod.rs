@@ -4,6 +4,8 @@
 //! ferry, side by side in one run, into the same kind of sink: a TCP socket on
 //! loopback whose reader discards what it gets.
 
+mod live;
+mod plot;
 mod qmp;
 
 use std::io::Read;
@@ -32,6 +34,10 @@ enum Scenario {
     /// Unchanging mixed RAM: QEMU 7.2 plain and compressed against ferry raw and
     /// compressed, each into a discarding TCP sink on loopback.
     Static(StaticArgs),
+    /// Live migration of a 2 GiB `ferry loadgen` guest under a 1 GiB/s cap at
+    /// several dirty rates, with and without compression and auto-converge;
+    /// prints a table and writes one SVG plot per scenario.
+    Live(live::LiveArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -57,6 +63,7 @@ struct StaticArgs {
 pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Static(a) => run_static(a),
+        Scenario::Live(a) => live::run(a),
     }
 }
 

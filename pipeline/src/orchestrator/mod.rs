@@ -2,6 +2,7 @@
 //! command line, spawns the actor processes, drives the migration, watches
 //! for failures and reports.
 
+pub mod guest;
 pub mod receive;
 pub mod send;
 pub mod stats;
@@ -73,6 +74,34 @@ pub struct SendArgs {
     /// Do not show progress.
     #[arg(long)]
     pub no_progress: bool,
+    /// The guest's dirty log (one bit per page, pages of the --ram blocks in
+    /// order). With it the migration is live: round 0 sends every page, later
+    /// rounds the pages dirtied meanwhile, until the rest fits the downtime.
+    #[arg(long, value_name = "PATH", requires = "guest_control")]
+    pub dirty_log: Option<PathBuf>,
+    /// The guest's control socket, to stop it for the switchover, resume it if
+    /// the migration fails, and throttle it.
+    #[arg(long, value_name = "unix:PATH", requires = "dirty_log")]
+    pub guest_control: Option<String>,
+    /// Longest acceptable pause of the guest, in milliseconds.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub downtime_limit: u64,
+    /// Give up (the guest keeps running) after this many rounds without
+    /// converging.
+    #[arg(long, value_name = "N", default_value_t = 100)]
+    pub max_iterations: u32,
+    /// Throttle the guest when it dirties memory faster than it can be sent.
+    #[arg(long)]
+    pub auto_converge: bool,
+    /// First throttle, in percent of guest CPU time.
+    #[arg(long, value_name = "PCT", default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub throttle_initial: u32,
+    /// Throttle added each time the guest still outruns the migration.
+    #[arg(long, value_name = "PCT", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=99))]
+    pub throttle_increment: u32,
+    /// Give up (the guest keeps running) after this many seconds; 0 = never.
+    #[arg(long, value_name = "SECONDS", default_value_t = 0)]
+    pub timeout: u64,
 }
 
 /// `ferry receive`

@@ -1,17 +1,22 @@
 //! `ferry send`: spawns the scanner, compress and writer processes, drives
-//! the rounds, and verifies the destination's digests.
+//! the rounds of pre-copy, switches over when the rest fits the downtime
+//! limit, and verifies the destination's digests.
 
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context};
+use anyhow::{anyhow, bail, Context};
 use ferry_proto::control::{ActorKind, BlockDigest, Chunk, Event, PageCounts, ReturnPath, Work};
 use ferry_proto::stream::device_state::DeviceState;
+use ferry_proto::stream::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressStyle};
-use ipc_channel::ipc;
+use ipc_channel::ipc::{self, IpcSender};
+use serde::Serialize;
 use serde_json::json;
 
+use super::guest::Guest;
 use super::{stats, SendArgs};
+use crate::dirty_log::DirtyLog;
 use crate::process::Supervisor;
 use crate::ram::{self, BlockFile};
 use crate::{compress_pool, scanner, writer};
@@ -22,11 +27,45 @@ const CHUNK_WINDOW: u32 = 8;
 /// Batches in flight between the scanner and the compress stage.
 const BATCH_WINDOW: u32 = 16;
 
-/// What the run produced, for the summary and the statistics.
-struct Outcome {
+/// One round of pre-copy, as `--stats-json` reports it.
+#[derive(Debug, Clone, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct RoundStats {
+    /// Round number (0 sends every page).
+    pub round: u32,
+    /// Seconds since the start of the migration when the round ended.
+    pub end: f64,
+    /// Seconds the round took.
+    pub duration: f64,
+    /// Stream bytes of the round.
+    pub bytes: u64,
+    /// Pages the round sent.
+    pub pages: u64,
+    /// Bytes the guest dirtied while the round ran.
+    pub dirty_bytes: u64,
+    /// The guest's dirty rate over the round, bytes per second.
+    pub dirty_rate: f64,
+    /// Stream bandwidth over the round, bytes per second.
+    pub bandwidth: f64,
+    /// Dirty bytes left when the round ended.
+    pub remaining: u64,
+    /// Downtime if the switchover happened now, milliseconds.
+    pub expected_downtime_ms: f64,
+    /// Guest throttle during the round, percent.
+    pub throttle: u32,
+}
+
+/// What a run produced.
+#[derive(Debug, Default)]
+struct Report {
     bytes: u64,
     counts: PageCounts,
-    return_path: ReturnPath,
+    return_path: Option<ReturnPath>,
+    setup: Duration,
+    rounds: Vec<RoundStats>,
+    downtime: Option<Duration>,
+    expected_downtime_ms: Option<f64>,
+    throttle: u32,
 }
 
 /// Runs `ferry send`.
@@ -45,67 +84,231 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    let log = match &args.dirty_log {
+        Some(path) => Some(DirtyLog::open(path, total / PAGE_SIZE as u64)?),
+        None => None,
+    };
+    let mut guest = match &args.guest_control {
+        Some(uri) => Some(Guest::connect(uri)?),
+        None => None,
+    };
     let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
     let mut sup = Supervisor::new()?;
-    let result = drive(&args, &blocks, device_state, &mut sup, start, show_progress);
+    let mut report = Report::default();
+    let result = drive(
+        &args,
+        &blocks,
+        device_state,
+        log.as_ref(),
+        guest.as_mut(),
+        &mut sup,
+        &mut report,
+        start,
+        show_progress,
+    );
+    if result.is_err() {
+        // Nothing sent this time is known to have arrived.
+        sup.kill_all();
+        if let Some(log) = &log {
+            log.mark_all();
+        }
+        if let Some(g) = guest.as_mut().filter(|g| g.is_stopped()) {
+            if let Err(e) = g.cont() {
+                eprintln!("ferry: cannot resume the guest: {e}");
+            }
+        }
+    }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(path) = &args.stats_json {
-        let (status, bytes, counts) = match &result {
-            Ok((o, _)) => ("completed", o.bytes, o.counts),
-            Err(_) => ("failed", 0, PageCounts::default()),
-        };
-        let setup_ms = result.as_ref().map_or(0, |(_, s)| s.as_millis() as u64);
-        let remaining = if status == "completed" { 0 } else { total };
-        let mut v = json!({
-            "status": status,
-            "total-time": (seconds * 1000.0) as u64,
-            "setup-time": setup_ms,
-            "ram": stats::ram(total, bytes, remaining, &counts, seconds),
-            "compression": stats::compression(&counts),
-            "processes": stats::processes(sup.usage()),
-        });
-        if let Ok((o, _)) = &result {
-            v["return-path"] = serde_json::to_value(o.return_path)?;
-        }
-        if let Err(e) = &result {
-            v["error-desc"] = json!(format!("{e:#}"));
-        }
-        stats::write(path, &v)?;
+        write_stats(path, &result, &report, total, seconds, &sup)?;
     }
-    let (outcome, _) = result?;
-    let mb = outcome.bytes as f64 / 1e6;
+    result?;
+    let mb = report.bytes as f64 / 1e6;
     eprintln!(
-        "ferry: sent {} pages ({} zero, {} raw, {} compressed) in {:.1} MB, {:.2} s, {:.0} MB/s",
-        outcome.counts.pages(),
-        outcome.counts.zero,
-        outcome.counts.raw,
-        outcome.counts.compressed,
+        "ferry: sent {} pages ({} zero, {} raw, {} compressed) in {:.1} MB, {:.2} s, {:.0} MB/s{}",
+        report.counts.pages(),
+        report.counts.zero,
+        report.counts.raw,
+        report.counts.compressed,
         mb,
         seconds,
-        mb / seconds.max(1e-9)
+        mb / seconds.max(1e-9),
+        match report.downtime {
+            Some(d) => format!(
+                ", {} rounds, downtime {} ms",
+                report.rounds.len() + 1,
+                d.as_millis()
+            ),
+            None => String::new(),
+        }
     );
-    match outcome.return_path {
-        ReturnPath::Ferry => eprintln!("ferry: destination verified: RAM digests match"),
-        ReturnPath::Silent => eprintln!(
+    match report.return_path {
+        Some(ReturnPath::Ferry) => eprintln!("ferry: destination verified: RAM digests match"),
+        Some(ReturnPath::Silent) => eprintln!(
             "ferry: the destination has no return path (a QEMU -incoming?): completion is not verified"
         ),
-        ReturnPath::None => eprintln!(
+        _ => eprintln!(
             "ferry: stream written to {}; a file has no return path, so nothing was verified",
             args.to
         ),
     }
+    if guest.is_some() {
+        eprintln!("ferry: the source guest stays stopped (the destination owns it now)");
+    }
     Ok(())
 }
 
-/// Spawns the actors and runs the migration; returns the outcome and the setup time.
+fn write_stats(
+    path: &std::path::Path,
+    result: &anyhow::Result<()>,
+    r: &Report,
+    total: u64,
+    seconds: f64,
+    sup: &Supervisor,
+) -> anyhow::Result<()> {
+    let ok = result.is_ok();
+    let mut v = json!({
+        "status": if ok { "completed" } else { "failed" },
+        "total-time": (seconds * 1000.0) as u64,
+        "setup-time": r.setup.as_millis() as u64,
+        "ram": stats::ram(total, r.bytes, if ok { 0 } else { total }, &r.counts, seconds),
+        "compression": stats::compression(&r.counts),
+        "iterations": r.rounds.len() + usize::from(ok),
+        "rounds": r.rounds,
+        "throttle-percent": r.throttle,
+        "processes": stats::processes(sup.usage()),
+    });
+    if let Some(d) = r.downtime {
+        v["downtime"] = json!(d.as_millis() as u64);
+    }
+    if let Some(e) = r.expected_downtime_ms {
+        v["expected-downtime"] = json!(e as u64);
+    }
+    if let Some(rp) = r.return_path {
+        v["return-path"] = serde_json::to_value(rp)?;
+    }
+    if let Err(e) = result {
+        v["error-desc"] = json!(format!("{e:#}"));
+    }
+    stats::write(path, &v)
+}
+
+/// The live part of a run: rounds, convergence, switchover.
+struct Rounds<'a> {
+    args: &'a SendArgs,
+    log: Option<&'a DirtyLog>,
+    guest: Option<&'a mut Guest>,
+    scan: IpcSender<scanner::Command>,
+    start: Instant,
+    round: u32,
+    round_start: Instant,
+    prev_bytes: u64,
+    dirty_high: u32,
+    stopped_at: Option<Instant>,
+}
+
+impl Rounds<'_> {
+    fn send_round(&mut self, all: bool, last: bool) -> anyhow::Result<()> {
+        self.round_start = Instant::now();
+        self.scan
+            .send(scanner::Command::Round {
+                round: self.round,
+                all,
+                last,
+            })
+            .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))
+    }
+
+    /// A round was written: decide on the next one, or on the switchover.
+    fn round_sent(&mut self, bytes: u64, pages: u64, report: &mut Report) -> anyhow::Result<()> {
+        let (Some(log), Some(guest)) = (self.log, self.guest.as_deref_mut()) else {
+            return Ok(()); // not live: round 0 was the last
+        };
+        let duration = self.round_start.elapsed().as_secs_f64().max(1e-6);
+        let sent = bytes - self.prev_bytes;
+        self.prev_bytes = bytes;
+        let bandwidth = sent as f64 / duration;
+        let dirty = log.count() * PAGE_SIZE as u64;
+        let expected_ms = if dirty == 0 {
+            0.0
+        } else {
+            dirty as f64 / bandwidth.max(1.0) * 1000.0
+        };
+        // Also proves the guest is still there.
+        guest.query_status()?;
+        report.rounds.push(RoundStats {
+            round: self.round,
+            end: self.start.elapsed().as_secs_f64(),
+            duration,
+            bytes: sent,
+            pages,
+            dirty_bytes: dirty,
+            dirty_rate: dirty as f64 / duration,
+            bandwidth,
+            remaining: dirty,
+            expected_downtime_ms: expected_ms,
+            throttle: report.throttle,
+        });
+        tracing::info!(round = self.round, sent, dirty, expected_ms, "round done");
+        self.round += 1;
+        if expected_ms <= self.args.downtime_limit as f64 {
+            report.expected_downtime_ms = Some(expected_ms);
+            guest.stop()?;
+            self.stopped_at = Some(Instant::now());
+            return self.send_round(false, true);
+        }
+        if self.round >= self.args.max_iterations {
+            bail!(
+                "did not converge in {} rounds: {:.0} ms of dirty memory left against a {} ms limit",
+                self.round,
+                expected_ms,
+                self.args.downtime_limit
+            );
+        }
+        if self.args.timeout > 0 && self.start.elapsed().as_secs() >= self.args.timeout {
+            bail!(
+                "did not converge within {} s: {:.0} ms of dirty memory left against a {} ms limit",
+                self.args.timeout,
+                expected_ms,
+                self.args.downtime_limit
+            );
+        }
+        if self.args.auto_converge {
+            // QEMU's rule: the guest dirtied more than half of what went out,
+            // two rounds in a row.
+            if dirty * 2 > sent {
+                self.dirty_high += 1;
+            } else {
+                self.dirty_high = 0;
+            }
+            if self.dirty_high >= 2 {
+                self.dirty_high = 0;
+                report.throttle = if report.throttle == 0 {
+                    self.args.throttle_initial
+                } else {
+                    (report.throttle + self.args.throttle_increment).min(99)
+                };
+                guest.set_throttle(report.throttle)?;
+                tracing::info!(throttle = report.throttle, "auto-converge");
+            }
+        }
+        self.send_round(false, false)
+    }
+}
+
+/// Spawns the actors and runs the migration.
+#[allow(clippy::too_many_arguments)]
 fn drive(
     args: &SendArgs,
     blocks: &[BlockFile],
     device_state: Option<Vec<u8>>,
+    log: Option<&DirtyLog>,
+    guest: Option<&mut Guest>,
     sup: &mut Supervisor,
+    report: &mut Report,
     start: Instant,
     show_progress: bool,
-) -> anyhow::Result<(Outcome, Duration)> {
+) -> anyhow::Result<()> {
     let (scan_tx, scan_rx) = ipc::channel::<scanner::Command>()?;
     let (work_tx, work_rx) = ipc::channel::<Work>()?;
     let (chunk_tx, chunk_rx) = ipc::channel::<Chunk>()?;
@@ -146,32 +349,58 @@ fn drive(
             work: work_tx,
             credits: scan_credit_rx,
             window: BATCH_WINDOW,
+            dirty_log: args.dirty_log.clone(),
         },
     )?;
-    let setup = start.elapsed();
+    report.setup = start.elapsed();
     tracing::info!(pids = ?sup.pids(), "actors started");
-    scan_tx.send(scanner::Command::Round {
+
+    let live = log.is_some();
+    let mut rounds = Rounds {
+        args,
+        log,
+        guest,
+        scan: scan_tx,
+        start,
         round: 0,
-        last: true,
-    })?;
+        round_start: Instant::now(),
+        prev_bytes: 0,
+        dirty_high: 0,
+        stopped_at: None,
+    };
+    rounds.send_round(true, !live)?;
 
     let total: u64 = blocks.iter().map(|b| b.length).sum();
     let bar = progress_bar(show_progress, total);
-    let mut outcome = None;
-    while outcome.is_none() {
+    let mut scanned = 0u64;
+    loop {
         let Some(ev) = sup.next_event(Duration::from_millis(100))? else {
+            if args.timeout > 0
+                && rounds.stopped_at.is_none()
+                && start.elapsed().as_secs() >= args.timeout
+            {
+                bail!("did not converge within {} s", args.timeout);
+            }
             continue;
         };
         match ev.event {
             Event::Progress { bytes, counts } => {
-                bar.set_position(counts.pages() * ferry_proto::stream::PAGE_SIZE as u64);
+                report.bytes = bytes;
+                report.counts = counts;
+                bar.set_position((counts.pages() * PAGE_SIZE as u64).min(total));
                 bar.set_message(format!(
-                    "{:.0} MB sent, {} zero / {} raw / {} compressed",
+                    "round {}, {:.0} MB sent, {} zero / {} raw / {} compressed",
+                    rounds.round,
                     bytes as f64 / 1e6,
                     counts.zero,
                     counts.raw,
                     counts.compressed
                 ));
+            }
+            Event::RoundScanned { pages, .. } => scanned = pages,
+            Event::RoundSent { bytes, .. } if rounds.stopped_at.is_none() => {
+                report.bytes = bytes;
+                rounds.round_sent(bytes, scanned, report)?;
             }
             Event::Finished {
                 bytes,
@@ -179,21 +408,23 @@ fn drive(
                 ack,
                 return_path,
             } => {
+                if let Some(t) = rounds.stopped_at {
+                    report.downtime = Some(t.elapsed());
+                }
                 if let Some(ack) = ack {
                     verify(blocks, &ack.digests)?;
                 }
-                outcome = Some(Outcome {
-                    bytes,
-                    counts,
-                    return_path,
-                });
+                report.bytes = bytes;
+                report.counts = counts;
+                report.return_path = Some(return_path);
+                break;
             }
             _ => {}
         }
     }
     bar.finish_and_clear();
     sup.wait_all(Duration::from_secs(10))?;
-    Ok((outcome.expect("loop ends with an outcome"), setup))
+    Ok(())
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

@@ -1,0 +1,119 @@
+//! Minimal SVG line plots: remaining dirty memory and throttle against time.
+
+use std::fmt::Write;
+
+/// One series of (x, y) points with its axis label.
+#[derive(Debug, Clone)]
+pub struct Series {
+    /// Legend text.
+    pub label: String,
+    /// The points.
+    pub points: Vec<(f64, f64)>,
+    /// Line colour (any SVG colour).
+    pub colour: &'static str,
+}
+
+const W: f64 = 720.0;
+const H: f64 = 360.0;
+const L: f64 = 70.0;
+const R: f64 = 70.0;
+const T: f64 = 40.0;
+const B: f64 = 50.0;
+
+fn max_of(points: &[(f64, f64)], f: impl Fn(&(f64, f64)) -> f64) -> f64 {
+    points.iter().map(f).fold(0.0, f64::max)
+}
+
+/// An SVG with `left` on the left axis and `right` on the right axis.
+pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String {
+    let xmax = max_of(&left.points, |p| p.0)
+        .max(max_of(&right.points, |p| p.0))
+        .max(1e-3);
+    let lmax = max_of(&left.points, |p| p.1).max(1.0) * 1.1;
+    let rmax = max_of(&right.points, |p| p.1).max(1.0) * 1.1;
+    let px = |x: f64| L + x / xmax * (W - L - R);
+    let py = |y: f64, m: f64| H - B - y / m * (H - T - B);
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        W / 2.0,
+        esc(title)
+    );
+    let _ = writeln!(
+        s,
+        r#"<path d="M{L},{T} V{} H{}" fill="none" stroke="black"/><path d="M{},{T} V{}" fill="none" stroke="black"/>"#,
+        H - B,
+        W - R,
+        W - R,
+        H - B
+    );
+    for i in 0..=4 {
+        let f = i as f64 / 4.0;
+        let y = py(f * lmax, lmax);
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}" text-anchor="end">{:.0}</text>"#,
+            L - 6.0,
+            y + 4.0,
+            f * lmax
+        );
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="{}">{:.0}</text>"#,
+            W - R + 6.0,
+            y + 4.0,
+            f * rmax
+        );
+        let x = px(f * xmax);
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{}" text-anchor="middle">{:.1}</text>"#,
+            H - B + 16.0,
+            f * xmax
+        );
+    }
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        W / 2.0,
+        H - 10.0,
+        esc(x_label)
+    );
+    for (series, m, x) in [(left, lmax, 14.0), (right, rmax, W - 14.0)] {
+        let path: Vec<String> = series
+            .points
+            .iter()
+            .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b, m)))
+            .collect();
+        if !path.is_empty() {
+            let _ = writeln!(
+                s,
+                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+                path.join(" "),
+                series.colour
+            );
+        }
+        let _ = writeln!(
+            s,
+            r#"<text x="{x}" y="{}" fill="{}" text-anchor="middle" transform="rotate(-90 {x} {})">{}</text>"#,
+            H / 2.0,
+            series.colour,
+            H / 2.0,
+            esc(&series.label)
+        );
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+}

@@ -1,0 +1,144 @@
+//! The guest's control socket, from the migration's side: stop, cont,
+//! throttle and status, as QMP-style JSON lines (see the guest contract in
+//! DESIGN.md).
+
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+/// How long the guest may take to answer; `stop` parks every vCPU first.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Errors of talking to the guest.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket cannot be reached or broke.
+    #[error("guest control socket {path} failed")]
+    Io {
+        /// The socket.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The guest closed the connection: it is gone.
+    #[error("the guest closed its control socket {0} (has it exited?)")]
+    Closed(PathBuf),
+    /// The guest refused a command.
+    #[error("the guest refused {command}: {desc}")]
+    Refused {
+        /// The command.
+        command: String,
+        /// Its error description.
+        desc: String,
+    },
+    /// The guest answered something that is not a QMP reply.
+    #[error("the guest sent an unreadable reply to {command}: {line:?}")]
+    BadReply {
+        /// The command.
+        command: String,
+        /// What it sent.
+        line: String,
+    },
+}
+
+/// A connection to a guest's control socket.
+#[derive(Debug)]
+pub struct Guest {
+    path: PathBuf,
+    reader: BufReader<UnixStream>,
+    writer: UnixStream,
+    /// True between a successful `stop` and the next `cont`.
+    stopped: bool,
+}
+
+impl Guest {
+    /// Connects to `unix:PATH` (or a bare path).
+    pub fn connect(uri: &str) -> Result<Self, Error> {
+        let path = Path::new(uri.strip_prefix("unix:").unwrap_or(uri)).to_owned();
+        let io = |source| Error::Io {
+            path: path.clone(),
+            source,
+        };
+        let s = UnixStream::connect(&path).map_err(io)?;
+        s.set_read_timeout(Some(REPLY_TIMEOUT)).map_err(io)?;
+        let reader = BufReader::new(s.try_clone().map_err(io)?);
+        Ok(Self {
+            path,
+            reader,
+            writer: s,
+            stopped: false,
+        })
+    }
+
+    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Result<Value, Error> {
+        let io = |source| Error::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut msg = json!({ "execute": command });
+        if let Some(a) = arguments {
+            msg["arguments"] = a;
+        }
+        writeln!(self.writer, "{msg}").map_err(io)?;
+        let mut line = String::new();
+        let n = (&mut self.reader)
+            .take(1 << 20)
+            .read_line(&mut line)
+            .map_err(|source| Error::Io {
+                path: self.path.clone(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(Error::Closed(self.path.clone()));
+        }
+        let bad = || Error::BadReply {
+            command: command.to_owned(),
+            line: line.chars().take(200).collect(),
+        };
+        let v: Value = serde_json::from_str(&line).map_err(|_| bad())?;
+        if let Some(r) = v.get("return") {
+            return Ok(r.clone());
+        }
+        match v.get("error") {
+            Some(e) => Err(Error::Refused {
+                command: command.to_owned(),
+                desc: e["desc"].as_str().unwrap_or("no description").to_owned(),
+            }),
+            None => Err(bad()),
+        }
+    }
+
+    /// Stops the guest; returns once it no longer writes memory.
+    pub fn stop(&mut self) -> Result<(), Error> {
+        self.execute("stop", None)?;
+        self.stopped = true;
+        Ok(())
+    }
+
+    /// Resumes the guest.
+    pub fn cont(&mut self) -> Result<(), Error> {
+        self.execute("cont", None)?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// Whether ferry stopped the guest and has not resumed it.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
+    /// Throttles the guest's vCPUs to `percent` (0 = full speed).
+    pub fn set_throttle(&mut self, percent: u32) -> Result<(), Error> {
+        self.execute("set-throttle", Some(json!({ "percent": percent })))
+            .map(drop)
+    }
+
+    /// The guest's status object.
+    pub fn query_status(&mut self) -> Result<Value, Error> {
+        self.execute("query-status", None)
+    }
+}
