@@ -10,6 +10,7 @@
 //! - [`receiver`]: the destination: parses, decompresses, writes guest RAM.
 //! - [`process`]: spawning actor processes and supervising them.
 //! - [`inspect`]: `ferry inspect`.
+//! - [`loadgen`]: `ferry loadgen`, the synthetic guest (RAM, dirty log, control socket).
 //! - [`demo`]: `ferry demo`, a local migration on built-in defaults.
 //! - [`bench`]: `ferry bench`, scenarios that print their figures.
 //! - [`pattern`]: synthetic guest memory.
@@ -21,6 +22,7 @@ pub mod compress_pool;
 pub mod demo;
 pub mod dirty_log;
 pub mod inspect;
+pub mod loadgen;
 pub mod options;
 pub mod orchestrator;
 pub mod pattern;

@@ -34,6 +34,12 @@ enum Command {
     Demo(ferry::demo::DemoArgs),
     /// Run a benchmark scenario and print its figures.
     Bench(ferry::bench::BenchArgs),
+    /// Run a synthetic guest: a RAM file dirtied at a set rate, its dirty log
+    /// and a QMP-style control socket (stop, cont, set-throttle, query-status).
+    ///
+    /// The guest every live-migration test and benchmark runs against. Runs
+    /// until SIGTERM or SIGINT, then exits 0 and removes its socket.
+    Loadgen(ferry::loadgen::LoadgenArgs),
     /// Run one actor process (used by ferry itself).
     #[command(name = "__actor", hide = true)]
     Actor {
@@ -96,6 +102,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Receive(args) => ferry::orchestrator::receive::run(args),
         Command::Demo(args) => ferry::demo::run(args),
         Command::Bench(args) => ferry::bench::run(args),
+        Command::Loadgen(args) => ferry::loadgen::run(args),
         Command::Actor { .. } => unreachable!("handled before"),
         Command::Inspect {
             stream,

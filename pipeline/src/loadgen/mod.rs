@@ -207,8 +207,11 @@ impl Guest {
             return Err(Error::TooSmall(args.size));
         }
         let working_set = ((pages as f64 * args.working_set) as u64).clamp(1, pages);
+        // Before touching the files: a guest still running there owns them.
+        clear_stale_socket(&args.control)?;
         let ram = create_ram(&args.ram, pages * page, args.pattern, args.seed)?;
         let log = DirtyLog::create(&args.dirty_log, pages)?;
+        // Last: a client that finds the socket finds the RAM filled.
         let (listener, socket) = bind_control(&args.control)?;
         Ok(Self {
             ram,
@@ -355,20 +358,26 @@ impl Drop for SocketFile {
     }
 }
 
-/// Binds `path`, replacing a stale socket left by a process that was killed.
-fn bind_control(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
-    if let Ok(meta) = fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(Error::NotSocket(path.to_owned()));
-        }
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::InUse(path.to_owned()));
-        }
-        fs::remove_file(path).map_err(|source| Error::Bind {
-            path: path.to_owned(),
-            source,
-        })?;
+/// Removes a stale control socket left by a process that was killed;
+/// refuses if a live process answers there or the file is not a socket.
+fn clear_stale_socket(path: &Path) -> Result<(), Error> {
+    let Ok(meta) = fs::symlink_metadata(path) else {
+        return Ok(());
+    };
+    if !meta.file_type().is_socket() {
+        return Err(Error::NotSocket(path.to_owned()));
     }
+    if UnixStream::connect(path).is_ok() {
+        return Err(Error::InUse(path.to_owned()));
+    }
+    fs::remove_file(path).map_err(|source| Error::Bind {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// Binds the control socket at `path`.
+fn bind_control(path: &Path) -> Result<(UnixListener, SocketFile), Error> {
     let listener = UnixListener::bind(path).map_err(|source| Error::Bind {
         path: path.to_owned(),
         source,

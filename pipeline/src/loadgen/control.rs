@@ -1,0 +1,330 @@
+//! The guest's control socket: QMP-style JSON lines, one connection at a time.
+//!
+//! Requests are `{"execute": NAME, "arguments": {...}}` (an `"id"` is echoed
+//! back, as QMP does); every request gets exactly one reply line,
+//! `{"return": {...}}` or `{"error": {"class": "GenericError", "desc": ...}}`.
+//! There is no greeting: the guest contract is the four commands, and
+//! ferry's client (`orchestrator::guest`) reads one reply per request.
+//! `qmp_capabilities` is accepted and does nothing, for QMP clients.
+//!
+//! Nothing a client sends may crash or wedge the guest: lines are bounded
+//! ([`MAX_LINE`]), reads and writes have timeouts, and a client that
+//! disconnects while the guest is stopped gets the guest resumed, so a
+//! migration that died never leaves it paused.
+
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Map, Value};
+
+use super::meter::Meter;
+use super::writers::Vcpus;
+
+/// The longest request line accepted; longer ones are answered with an
+/// error and skipped.
+pub(crate) const MAX_LINE: usize = 64 << 10;
+
+/// How often an idle listener or connection looks for a shutdown.
+const POLL: Duration = Duration::from_millis(50);
+
+/// A client that does not read its replies for this long is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Serves connections on `listener`, one after the other, until shutdown.
+pub(crate) fn serve(listener: &UnixListener, vcpus: &Vcpus, meter: &Meter) {
+    // Non-blocking, so that a shutdown is noticed without a client.
+    if let Err(e) = listener.set_nonblocking(true) {
+        eprintln!("ferry loadgen: control socket: {e}; shutdown may wait for a connection");
+    }
+    while !vcpus.is_shut_down() {
+        match listener.accept() {
+            Ok((stream, _)) => session(&stream, vcpus, meter),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => {
+                eprintln!("ferry loadgen: control socket: accept failed: {e}");
+                thread::sleep(POLL);
+            }
+        }
+    }
+}
+
+/// Serves one connection until it closes (or shutdown); then resumes the
+/// guest if the connection left it stopped.
+fn session(stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
+    converse(stream, vcpus, meter);
+    if !vcpus.is_shut_down() && vcpus.is_paused() {
+        vcpus.cont();
+        eprintln!(
+            "ferry loadgen: the control connection closed while the guest was stopped: \
+             resuming it"
+        );
+    }
+}
+
+fn converse(mut stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
+    let setup = stream
+        .set_nonblocking(false)
+        .and_then(|()| stream.set_read_timeout(Some(POLL)))
+        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)));
+    if let Err(e) = setup {
+        eprintln!("ferry loadgen: control connection: {e}; closing it");
+        return;
+    }
+    let mut lines = Lines::default();
+    let mut buf = [0u8; 4096];
+    let mut got = Vec::new();
+    while !vcpus.is_shut_down() {
+        let n = match stream.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => n,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    ErrorKind::WouldBlock | ErrorKind::TimedOut | ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Err(_) => return,
+        };
+        lines.push(&buf[..n], &mut got);
+        for line in got.drain(..) {
+            let reply = match line {
+                Line::Complete(text) if text.iter().all(u8::is_ascii_whitespace) => continue,
+                Line::Complete(text) => request(&text, vcpus, meter),
+                Line::TooLong => error_reply(None, format!("request longer than {MAX_LINE} bytes")),
+            };
+            let mut out = reply.to_string();
+            out.push('\n');
+            if stream.write_all(out.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// What [`Lines::push`] found.
+#[derive(Debug, PartialEq, Eq)]
+enum Line {
+    /// A line without its newline.
+    Complete(Vec<u8>),
+    /// A line over [`MAX_LINE`] bytes (reported once; the rest of it is
+    /// dropped up to its newline).
+    TooLong,
+}
+
+/// Splits a byte stream into lines of at most [`MAX_LINE`] bytes.
+#[derive(Debug, Default)]
+struct Lines {
+    partial: Vec<u8>,
+    /// Inside an over-long line that was reported already.
+    discarding: bool,
+}
+
+impl Lines {
+    fn push(&mut self, mut data: &[u8], out: &mut Vec<Line>) {
+        while let Some(i) = data.iter().position(|&b| b == b'\n') {
+            let part = &data[..i];
+            if self.discarding {
+                self.discarding = false;
+            } else if self.partial.len() + part.len() > MAX_LINE {
+                out.push(Line::TooLong);
+            } else {
+                self.partial.extend_from_slice(part);
+                out.push(Line::Complete(std::mem::take(&mut self.partial)));
+            }
+            self.partial.clear();
+            data = &data[i + 1..];
+        }
+        if !self.discarding {
+            if self.partial.len() + data.len() > MAX_LINE {
+                out.push(Line::TooLong);
+                self.partial.clear();
+                self.discarding = true;
+            } else {
+                self.partial.extend_from_slice(data);
+            }
+        }
+    }
+}
+
+/// Answers one request line.
+fn request(line: &[u8], vcpus: &Vcpus, meter: &Meter) -> Value {
+    match serde_json::from_slice::<Value>(line) {
+        Err(e) => error_reply(None, format!("malformed JSON: {e}")),
+        Ok(v) => {
+            let id = v.get("id").cloned();
+            match execute(&v, vcpus, meter) {
+                Ok(r) => with_id(json!({ "return": r }), id),
+                Err(desc) => error_reply(id, desc),
+            }
+        }
+    }
+}
+
+fn with_id(mut reply: Value, id: Option<Value>) -> Value {
+    if let Some(id) = id {
+        reply["id"] = id;
+    }
+    reply
+}
+
+fn error_reply(id: Option<Value>, desc: String) -> Value {
+    with_id(
+        json!({ "error": { "class": "GenericError", "desc": desc } }),
+        id,
+    )
+}
+
+/// Runs the command in `request`; `Err` is the error's description.
+fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, String> {
+    let obj = request
+        .as_object()
+        .ok_or("a request must be a JSON object")?;
+    let command = obj
+        .get("execute")
+        .ok_or("a request needs \"execute\"")?
+        .as_str()
+        .ok_or("\"execute\" must be a string")?;
+    let empty = Map::new();
+    let args = match obj.get("arguments") {
+        None => &empty,
+        Some(Value::Object(m)) => m,
+        Some(_) => return Err("\"arguments\" must be an object".into()),
+    };
+    match command {
+        "stop" => {
+            only(args, &[])?;
+            if vcpus.stop() {
+                tracing::info!(pages = vcpus.pages_written(), "loadgen stopped");
+            }
+            Ok(json!({}))
+        }
+        "cont" => {
+            only(args, &[])?;
+            if vcpus.cont() {
+                tracing::info!("loadgen resumed");
+            }
+            Ok(json!({}))
+        }
+        "set-throttle" => {
+            only(args, &["percent"])?;
+            let percent = args
+                .get("percent")
+                .ok_or("set-throttle needs \"percent\"")?
+                .as_u64()
+                .filter(|p| *p <= 99)
+                .ok_or("\"percent\" must be an integer from 0 to 99")?;
+            vcpus.set_throttle(percent as u8);
+            tracing::info!(percent, "loadgen throttle set");
+            Ok(json!({}))
+        }
+        "query-status" => {
+            only(args, &[])?;
+            let pages = vcpus.pages_written();
+            let paused = vcpus.is_paused();
+            Ok(json!({
+                "status": if paused { "paused" } else { "running" },
+                "running": !paused,
+                "pages-written": pages,
+                "dirty-rate": meter.rate(Instant::now(), pages),
+                "throttle-percent": vcpus.throttle(),
+            }))
+        }
+        "qmp_capabilities" => Ok(json!({})),
+        other => Err(format!(
+            "the command {} has not been found",
+            other.chars().take(100).collect::<String>()
+        )),
+    }
+}
+
+/// Rejects arguments other than `allowed`.
+fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), String> {
+    match args.keys().find(|k| !allowed.contains(&k.as_str())) {
+        Some(k) => Err(format!(
+            "parameter {:?} is unexpected",
+            k.chars().take(100).collect::<String>()
+        )),
+        None => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ask(line: &str, v: &Vcpus, m: &Meter) -> Value {
+        request(line.as_bytes(), v, m)
+    }
+
+    #[test]
+    fn requests_are_answered_and_bad_ones_refused() {
+        let (v, m) = (Vcpus::new(), Meter::new());
+        let status = ask(r#"{"execute":"query-status","id":7}"#, &v, &m);
+        assert_eq!(status["return"]["status"], "running");
+        assert_eq!(status["id"], 7);
+        assert_eq!(ask(r#"{"execute":"stop"}"#, &v, &m), json!({"return": {}}));
+        assert_eq!(
+            ask(r#"{"execute":"query-status"}"#, &v, &m)["return"]["status"],
+            "paused"
+        );
+        assert_eq!(ask(r#"{"execute":"cont"}"#, &v, &m), json!({"return": {}}));
+        let t = ask(
+            r#"{"execute":"set-throttle","arguments":{"percent":40}}"#,
+            &v,
+            &m,
+        );
+        assert_eq!(t, json!({"return": {}}));
+        assert_eq!(v.throttle(), 40);
+        for bad in [
+            "{",
+            "[]",
+            "\u{7f}\u{0}",
+            r#"{"execute":1}"#,
+            r#"{"arguments":{}}"#,
+            r#"{"execute":"reboot"}"#,
+            r#"{"execute":"stop","arguments":{"now":true}}"#,
+            r#"{"execute":"stop","arguments":[]}"#,
+            r#"{"execute":"set-throttle"}"#,
+            r#"{"execute":"set-throttle","arguments":{"percent":100}}"#,
+            r#"{"execute":"set-throttle","arguments":{"percent":-1}}"#,
+            r#"{"execute":"set-throttle","arguments":{"percent":"5"}}"#,
+        ] {
+            let r = ask(bad, &v, &m);
+            assert_eq!(r["error"]["class"], "GenericError", "{bad}: {r}");
+            assert!(r["error"]["desc"].is_string(), "{bad}: {r}");
+        }
+        assert_eq!(v.throttle(), 40);
+    }
+
+    #[test]
+    fn lines_are_split_and_bounded() {
+        let mut l = Lines::default();
+        let mut out = Vec::new();
+        l.push(b"ab\ncd", &mut out);
+        l.push(b"e\n\n", &mut out);
+        assert_eq!(
+            out,
+            vec![
+                Line::Complete(b"ab".to_vec()),
+                Line::Complete(b"cde".to_vec()),
+                Line::Complete(Vec::new())
+            ]
+        );
+        out.clear();
+        let long = vec![b'x'; MAX_LINE + 1];
+        l.push(&long, &mut out);
+        l.push(&long, &mut out);
+        l.push(b"x\nok\n", &mut out);
+        assert_eq!(out, vec![Line::TooLong, Line::Complete(b"ok".to_vec())]);
+        out.clear();
+        let mut exact = vec![b'y'; MAX_LINE];
+        exact.push(b'\n');
+        l.push(&exact, &mut out);
+        assert_eq!(out, vec![Line::Complete(vec![b'y'; MAX_LINE])]);
+    }
+}
