@@ -99,17 +99,35 @@ pub fn fill_page(page: &mut [u8], pattern: Pattern, index: u64, rng: &mut XorShi
         }
         Pattern::Text | Pattern::Mixed => {
             let mut at = 0;
+            let mut num = [0u8; 6];
             while at < page.len() {
                 let r = rng.next_u64();
-                let word = WORDS[(r % WORDS.len() as u64) as usize];
-                let piece = match r >> 60 {
-                    0 => format!("{} ", r >> 40 & 0xffff),
-                    1 => "\n    ".to_owned(),
-                    _ => format!("{word} "),
+                let piece: &[u8] = match r >> 60 {
+                    0 => {
+                        // A number and a space, written without allocating.
+                        let mut n = (r >> 40 & 0xffff) as u32;
+                        let mut i = num.len() - 1;
+                        num[i] = b' ';
+                        loop {
+                            i -= 1;
+                            num[i] = b'0' + (n % 10) as u8;
+                            n /= 10;
+                            if n == 0 {
+                                break;
+                            }
+                        }
+                        &num[i..]
+                    }
+                    1 => b"\n    ",
+                    _ => WORDS[(r % WORDS.len() as u64) as usize].as_bytes(),
                 };
                 let n = piece.len().min(page.len() - at);
-                page[at..at + n].copy_from_slice(&piece.as_bytes()[..n]);
+                page[at..at + n].copy_from_slice(&piece[..n]);
                 at += n;
+                if at < page.len() && r >> 60 > 1 {
+                    page[at] = b' ';
+                    at += 1;
+                }
             }
         }
     }

@@ -288,7 +288,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             (None, ReturnPath::None)
         }
         None => (None, ReturnPath::Silent),
-        Some(rx) => await_ack(&rx)?,
+        Some(rx) => await_ack(&rx, events)?,
     };
     let _ = events.send(ActorEvent {
         actor: ActorKind::Writer,
@@ -304,14 +304,23 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
 
 /// Waits for the verdict after EOF: an acknowledgement from a ferry receiver
 /// (which said hello), or the close of a peer that never answers (QEMU).
-fn await_ack(rx: &Receiver<Reply>) -> Result<(Option<Ack>, ReturnPath), Error> {
+fn await_ack(
+    rx: &Receiver<Reply>,
+    events: &IpcSender<ActorEvent>,
+) -> Result<(Option<Ack>, ReturnPath), Error> {
     let mut ferry = false;
     let start = Instant::now();
     loop {
         let limit = if ferry { ACK_TIMEOUT } else { SILENT_TIMEOUT };
         let left = limit.saturating_sub(start.elapsed());
         match rx.recv_timeout(left) {
-            Ok(Reply::Hello) => ferry = true,
+            Ok(Reply::Hello) => {
+                ferry = true;
+                let _ = events.send(ActorEvent {
+                    actor: ActorKind::Writer,
+                    event: Event::PeerLoaded,
+                });
+            }
             Ok(Reply::Ack(ack)) if ack.ok => return Ok((Some(ack), ReturnPath::Ferry)),
             Ok(Reply::Ack(ack)) => {
                 return Err(Error::Rejected(

@@ -233,6 +233,9 @@ pub enum Event {
         /// Stream bytes so far.
         bytes: u64,
     },
+    /// Writer: a ferry destination has the whole stream (its HELLO arrived);
+    /// the guest could run there now. Ends the measured downtime.
+    PeerLoaded,
     /// Writer: the stream is complete and the peer answered (or cannot).
     Finished {
         /// Stream bytes.

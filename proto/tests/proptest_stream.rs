@@ -422,20 +422,13 @@ enum Failure {
     Load(load::Error),
 }
 
-/// Block lists whose blocks would share a RAM file are not loaded; see the
-/// note on `block_file_name` collisions in the report (two blocks such as
-/// `a` and `/a` map the same file, and a shorter second block truncates the
-/// first block's mapping, which then faults with SIGBUS).
+/// Block lists above `max_total` bytes are parsed but not loaded.
 fn loadable(blocks: &[RamBlockInfo], max_total: u64) -> bool {
-    let mut names = HashSet::new();
-    let total = blocks
+    blocks
         .iter()
         .map(|b| b.length)
-        .fold(0u64, u64::saturating_add);
-    total <= max_total
-        && blocks
-            .iter()
-            .all(|b| names.insert(block_file_name(&b.idstr)))
+        .fold(0u64, u64::saturating_add)
+        <= max_total
 }
 
 /// Parses `bytes` to the end, applying RAM records to files in `dir`.
@@ -596,9 +589,15 @@ proptest! {
                 prop_assert!(events.contains(&Ev::Eof));
             }
             Err(Failure::Parse(_)) => {}
-            // A damaged zlib stream, or a block name the file system refuses.
+            // A damaged zlib stream, a block name the file system refuses,
+            // or two block names that share a file.
             Err(Failure::Load(e)) => prop_assert!(
-                matches!(e, load::Error::Inflate { .. } | load::Error::File { .. }),
+                matches!(
+                    e,
+                    load::Error::Inflate { .. }
+                        | load::Error::File { .. }
+                        | load::Error::NameCollision { .. }
+                ),
                 "{e:?}"
             ),
         }
@@ -668,41 +667,52 @@ fn extra_streams() -> Vec<(&'static str, Vec<u8>)> {
     use ferry_proto::stream::{marker, ram_flag, xbzrle, BLOCK_IDSTR, BLOCK_VERSION};
     let mut out = Vec::new();
 
-    // Configuration with every subsection QEMU 7.2 may send, a command, EOF
-    // and a vmdesc trailer.
-    let mut f = QemuFileWriter::new(MemTransport::new());
-    encode::put_file_header(&mut f);
-    encode::put_configuration(&mut f, "pc-i440fx-7.2");
-    f.put_byte(marker::SUBSECTION);
-    f.put_counted_string("configuration/target-page-bits")
-        .unwrap();
-    f.put_be32(1);
-    f.put_be32(12);
-    f.put_byte(marker::SUBSECTION);
-    f.put_counted_string("configuration/uuid").unwrap();
-    f.put_be32(1);
-    f.put_buffer(&[0x11; 16]);
-    f.put_byte(marker::SUBSECTION);
-    f.put_counted_string("configuration/capabilities").unwrap();
-    f.put_be32(1);
-    f.put_be32(2);
-    f.put_counted_string("compress").unwrap();
-    f.put_counted_string("xbzrle").unwrap();
-    f.put_byte(marker::COMMAND);
-    f.put_be16(1);
-    f.put_be16(4);
-    f.put_be32(0xdead_beef);
-    encode::put_section_start(&mut f, SectionKind::Full, 7, "timer", 0, 2).unwrap();
-    f.put_buffer(&[0, 0, 0, 0, 0, 0, 0x7e, 1, 2, 3]);
-    encode::put_footer(&mut f, 7);
-    encode::put_eof(&mut f);
-    encode::put_vmdesc(
-        &mut f,
-        br#"{"page_size":4096,"devices":[{"name":"timer","instance_id":0,"vmsd_name":"timer","version":2,"fields":[{"name":"a","type":"int64","size":8,"array_len":1},{"name":"b","type":"buffer","size":2}]}]}"#,
-    );
+    // Configuration with every subsection QEMU 7.2 may send, a command, a
+    // device whose body holds a footer marker, EOF and a vmdesc trailer that
+    // sizes the device right (10 bytes), too large, or absurdly large.
+    let with_vmdesc = |json: &[u8]| {
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        encode::put_file_header(&mut f);
+        encode::put_configuration(&mut f, "pc-i440fx-7.2");
+        f.put_byte(marker::SUBSECTION);
+        f.put_counted_string("configuration/target-page-bits")
+            .unwrap();
+        f.put_be32(1);
+        f.put_be32(12);
+        f.put_byte(marker::SUBSECTION);
+        f.put_counted_string("configuration/uuid").unwrap();
+        f.put_be32(1);
+        f.put_buffer(&[0x11; 16]);
+        f.put_byte(marker::SUBSECTION);
+        f.put_counted_string("configuration/capabilities").unwrap();
+        f.put_be32(1);
+        f.put_be32(2);
+        f.put_counted_string("compress").unwrap();
+        f.put_counted_string("xbzrle").unwrap();
+        f.put_byte(marker::COMMAND);
+        f.put_be16(1);
+        f.put_be16(4);
+        f.put_be32(0xdead_beef);
+        encode::put_section_start(&mut f, SectionKind::Full, 7, "timer", 0, 2).unwrap();
+        f.put_buffer(&[0, 0, 0, 0, 0, 0, 0x7e, 0, 0, 0]);
+        encode::put_footer(&mut f, 7);
+        encode::put_eof(&mut f);
+        encode::put_vmdesc(&mut f, json);
+        f.into_transport().unwrap().take()
+    };
+    let vmdesc = |size: u64| {
+        format!(
+            r#"{{"page_size":4096,"devices":[{{"name":"timer","instance_id":0,"vmsd_name":"timer","version":2,"fields":[{{"name":"a","type":"int64","size":8}},{{"name":"b","type":"buffer","size":{size}}}]}}]}}"#
+        )
+    };
     out.push((
         "extra-config-command-vmdesc",
-        f.into_transport().unwrap().take(),
+        with_vmdesc(vmdesc(2).as_bytes()),
+    ));
+    out.push(("extra-vmdesc-too-large", with_vmdesc(vmdesc(7).as_bytes())));
+    out.push((
+        "extra-vmdesc-huge",
+        with_vmdesc(vmdesc(u64::MAX - 10).as_bytes()),
     ));
 
     // A block section: a zero chunk, a progress record, EOS.

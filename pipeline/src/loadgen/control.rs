@@ -3,8 +3,10 @@
 //! Requests are `{"execute": NAME, "arguments": {...}}` (an `"id"` is echoed
 //! back, as QMP does); every request gets exactly one reply line,
 //! `{"return": {...}}` or `{"error": {"class": "GenericError", "desc": ...}}`.
-//! There is no greeting: the guest contract is the four commands, and
-//! ferry's client (`orchestrator::guest`) reads one reply per request.
+//! There is no greeting: the guest contract is the four commands (plus
+//! `migrated`, which a completed migration sends so that the stopped guest
+//! stays stopped, like QEMU's postmigrate), and ferry's client
+//! (`orchestrator::guest`) reads one reply per request.
 //! `qmp_capabilities` is accepted and does nothing, for QMP clients.
 //!
 //! Nothing a client sends may crash or wedge the guest: lines are bounded
@@ -55,7 +57,7 @@ pub(crate) fn serve(listener: &UnixListener, vcpus: &Vcpus, meter: &Meter) {
 /// guest if the connection left it stopped.
 fn session(stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
     converse(stream, vcpus, meter);
-    if !vcpus.is_shut_down() && vcpus.is_paused() {
+    if !vcpus.is_shut_down() && vcpus.is_paused() && !vcpus.is_migrated() {
         vcpus.cont();
         eprintln!(
             "ferry loadgen: the control connection closed while the guest was stopped: \
@@ -210,6 +212,15 @@ fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, Strin
             }
             Ok(json!({}))
         }
+        "migrated" => {
+            // The migration completed: the guest now lives on the destination
+            // and stays stopped here (QEMU's postmigrate) until told `cont`.
+            only(args, &[])?;
+            if !vcpus.set_migrated() {
+                return Err("the guest is running: stop it before marking it migrated".into());
+            }
+            Ok(json!({}))
+        }
         "set-throttle" => {
             only(args, &["percent"])?;
             let percent = args
@@ -226,8 +237,13 @@ fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, Strin
             only(args, &[])?;
             let pages = vcpus.pages_written();
             let paused = vcpus.is_paused();
+            let status = match (paused, vcpus.is_migrated()) {
+                (true, true) => "postmigrate",
+                (true, false) => "paused",
+                _ => "running",
+            };
             Ok(json!({
-                "status": if paused { "paused" } else { "running" },
+                "status": status,
                 "running": !paused,
                 "pages-written": pages,
                 "dirty-rate": meter.rate(Instant::now(), pages),

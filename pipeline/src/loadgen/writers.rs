@@ -64,6 +64,9 @@ pub(crate) struct Vcpus {
 #[derive(Debug, Default)]
 struct State {
     paused: bool,
+    /// Paused because the guest now runs on the destination (QEMU's
+    /// postmigrate): closing the control connection does not resume it.
+    migrated: bool,
     /// Writers between `enter` and `leave`.
     busy: usize,
     shutdown: bool,
@@ -110,6 +113,7 @@ impl Vcpus {
         let mut s = self.lock();
         let was_paused = s.paused;
         s.paused = false;
+        s.migrated = false;
         self.stopping.store(false, Ordering::SeqCst);
         drop(s);
         self.changed.notify_all();
@@ -119,6 +123,18 @@ impl Vcpus {
     /// True between `stop` and `cont`.
     pub(crate) fn is_paused(&self) -> bool {
         self.lock().paused
+    }
+
+    /// Marks a stopped guest as migrated; false if it is running.
+    pub(crate) fn set_migrated(&self) -> bool {
+        let mut s = self.lock();
+        s.migrated = s.paused;
+        s.migrated
+    }
+
+    /// True when the guest was stopped for a migration that completed.
+    pub(crate) fn is_migrated(&self) -> bool {
+        self.lock().migrated
     }
 
     /// Ends every writer (at its next look at the state).

@@ -119,6 +119,12 @@ impl Guest {
         Ok(())
     }
 
+    /// Tells a stopped guest that it now runs on the destination, so that it
+    /// stays stopped when ferry disconnects (QEMU's postmigrate).
+    pub fn migrated(&mut self) -> Result<(), Error> {
+        self.execute("migrated", None).map(drop)
+    }
+
     /// Resumes the guest.
     pub fn cont(&mut self) -> Result<(), Error> {
         self.execute("cont", None)?;

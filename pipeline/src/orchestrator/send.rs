@@ -402,13 +402,18 @@ fn drive(
                 report.bytes = bytes;
                 rounds.round_sent(bytes, scanned, report)?;
             }
+            Event::PeerLoaded => {
+                if let Some(t) = rounds.stopped_at {
+                    report.downtime = Some(t.elapsed());
+                }
+            }
             Event::Finished {
                 bytes,
                 counts,
                 ack,
                 return_path,
             } => {
-                if let Some(t) = rounds.stopped_at {
+                if let (Some(t), None) = (rounds.stopped_at, report.downtime) {
                     report.downtime = Some(t.elapsed());
                 }
                 if let Some(ack) = ack {
@@ -424,6 +429,9 @@ fn drive(
     }
     bar.finish_and_clear();
     sup.wait_all(Duration::from_secs(10))?;
+    if let Some(g) = rounds.guest {
+        g.migrated()?;
+    }
     Ok(())
 }
 
