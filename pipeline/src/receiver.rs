@@ -186,11 +186,10 @@ impl Parsed {
             .image
             .files()
             .map(|(info, path)| {
-                let map = ram::map_readonly(path).map_err(Error::Digest)?;
                 Ok(BlockDigest {
                     name: info.idstr.clone(),
                     length: info.length,
-                    xxh3: ram::digest(&map),
+                    xxh3: ram::digest_file(path).map_err(Error::Digest)?,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;

@@ -91,6 +91,33 @@ struct Block {
     info: RamBlockInfo,
     path: PathBuf,
     map: MmapMut,
+    /// The file was created here, so every page not yet written reads zero.
+    fresh: bool,
+    /// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
+    /// region: sized by what the stream sends, never by what it claims.
+    written: std::collections::HashMap<u64, [u64; 8]>,
+}
+
+impl Block {
+    /// Records that the page at `offset` was written.
+    fn mark_written(&mut self, offset: u64) {
+        if self.fresh {
+            let page = offset / PAGE_SIZE as u64;
+            let bits = self.written.entry(page / 512).or_default();
+            bits[(page % 512 / 64) as usize] |= 1 << (page % 64);
+        }
+    }
+
+    /// True when the page at `offset` of a fresh file was never written, so it
+    /// reads zero without being touched (and allocated).
+    fn untouched(&self, offset: u64) -> bool {
+        let page = offset / PAGE_SIZE as u64;
+        self.fresh
+            && self
+                .written
+                .get(&(page / 512))
+                .is_none_or(|bits| bits[(page % 512 / 64) as usize] & (1 << (page % 64)) == 0)
+    }
 }
 
 /// Guest RAM as a set of shared file mappings, one per RAM block.
@@ -151,12 +178,15 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         info: info.clone(),
         path: path.to_owned(),
         map,
+        fresh: !exists,
+        written: Default::default(),
     })
 }
 
 /// The page at `offset` of block `block`. The parser has checked the bounds.
 fn page(blocks: &mut [Block], block: usize, offset: u64) -> Result<&mut [u8; PAGE_SIZE]> {
     let b = blocks.get_mut(block).ok_or(Error::NoBlocks)?;
+    b.mark_written(offset);
     let start = offset as usize;
     let slice = &mut b.map[start..start + PAGE_SIZE];
     Ok(slice.try_into().expect("slice is one page long"))
@@ -231,8 +261,13 @@ impl RamImage {
                 offset: at,
                 fill,
             } => {
+                let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
+                // A zero page never written in a new file is already zero:
+                // reading it would only allocate it.
+                if fill == 0 && b.untouched(at) {
+                    return Ok(());
+                }
                 let page = page(&mut self.blocks, block, at)?;
-                // Reading first keeps never-written pages of a sparse file unallocated.
                 if fill != 0 || !crate::stream::encode::is_zero(page) {
                     page.fill(fill);
                 }
