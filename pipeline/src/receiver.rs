@@ -66,12 +66,20 @@ pub struct Init {
     pub ram: Vec<(String, PathBuf)>,
     /// Threads that inflate compressed pages.
     pub decompress_workers: usize,
+    /// Fail a read that gets nothing for this long.
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 impl Init {
     /// The reader's configuration for `ferry receive --listen URI --ram ...`.
-    pub fn new(listen: &Uri, ram: &[RamSpec], decompress_workers: usize) -> Self {
+    pub fn new(
+        listen: &Uri,
+        ram: &[RamSpec],
+        decompress_workers: usize,
+        stall_timeout: Option<std::time::Duration>,
+    ) -> Self {
         Self {
+            stall_timeout,
             listen: listen.to_string(),
             ram: ram
                 .iter()
@@ -237,10 +245,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .local_addr()
         .map_or_else(|| uri.to_string(), |a| format!("tcp:{a}"));
     report(Event::Listening { addr })?;
-    let conn = listener.accept().map_err(|source| Error::Accept {
-        uri: uri.to_string(),
-        source,
-    })?;
+    let conn = listener
+        .accept(init.stall_timeout)
+        .map_err(|source| Error::Accept {
+            uri: uri.to_string(),
+            source,
+        })?;
     // One peer only; for unix sockets this also removes the socket file.
     drop(listener);
     let mut answer = Answer {
@@ -838,6 +848,7 @@ mod tests {
             &"tcp:127.0.0.1:0".parse().unwrap(),
             &["/tmp/a.ram,name=pc.ram".parse().unwrap()],
             3,
+            None,
         );
         let back: Init = serde_json::from_str(&serde_json::to_string(&init).unwrap()).unwrap();
         assert_eq!(back, init);

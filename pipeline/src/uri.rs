@@ -85,9 +85,65 @@ fn with_return_path<T: Transport + 'static>(mut t: T) -> Connection {
     }
 }
 
+/// A transport whose peer made no progress for the stall timeout: the
+/// socket's timeout error, said in words a user can act on.
+struct Stall<T> {
+    inner: T,
+    secs: u64,
+}
+
+impl<T> Stall<T> {
+    fn map(&self, e: io::Error) -> io::Error {
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "the connection stalled: no progress for {} s (--stall-timeout)",
+                    self.secs
+                ),
+            ),
+            _ => e,
+        }
+    }
+}
+
+impl<T: Transport> Transport for Stall<T> {
+    fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
+        self.inner.writev(bufs).map_err(|e| self.map(e))
+    }
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.inner.read(buf).map_err(|e| self.map(e))
+    }
+    fn shutdown(&mut self) -> io::Result<()> {
+        self.inner.shutdown()
+    }
+    fn shutdown_write(&mut self) -> io::Result<()> {
+        self.inner.shutdown_write()
+    }
+    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
+        self.inner.return_path()
+    }
+    fn close(&mut self) -> io::Result<()> {
+        self.inner.close()
+    }
+}
+
+/// A socket's channel, with timeouts reported as stalls.
+fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection {
+    let mut conn = with_return_path(t);
+    if let Some(d) = stall {
+        conn.transport = Box::new(Stall {
+            inner: conn.transport,
+            secs: d.as_secs(),
+        });
+    }
+    conn
+}
+
 impl Uri {
     /// Opens the sending end: connects to a listener, or creates the file.
-    pub fn connect(&self, timeout: Duration) -> io::Result<Connection> {
+    /// With `stall`, a write that makes no progress for that long fails.
+    pub fn connect(&self, timeout: Duration, stall: Option<Duration>) -> io::Result<Connection> {
         match self {
             Uri::Tcp(addr) => {
                 let mut last =
@@ -96,14 +152,19 @@ impl Uri {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
-                            return Ok(with_return_path(TcpTransport(s)));
+                            s.set_write_timeout(stall)?;
+                            return Ok(stalling(TcpTransport(s), stall));
                         }
                         Err(e) => last = e,
                     }
                 }
                 Err(last)
             }
-            Uri::Unix(path) => Ok(with_return_path(UnixTransport(UnixStream::connect(path)?))),
+            Uri::Unix(path) => {
+                let s = UnixStream::connect(path)?;
+                s.set_write_timeout(stall)?;
+                Ok(stalling(UnixTransport(s), stall))
+            }
             Uri::File(path) => {
                 let f = OpenOptions::new()
                     .write(true)
@@ -149,17 +210,20 @@ pub enum Listener {
 }
 
 impl Listener {
-    /// Waits for the peer (or takes the file) and returns the channel.
-    pub fn accept(&self) -> io::Result<Connection> {
+    /// Waits for the peer (or takes the file) and returns the channel. With
+    /// `stall`, a read that gets nothing for that long fails.
+    pub fn accept(&self, stall: Option<Duration>) -> io::Result<Connection> {
         match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
-                Ok(with_return_path(TcpTransport(s)))
+                s.set_read_timeout(stall)?;
+                Ok(stalling(TcpTransport(s), stall))
             }
             Listener::Unix(l, _) => {
                 let (s, _) = l.accept()?;
-                Ok(with_return_path(UnixTransport(s)))
+                s.set_read_timeout(stall)?;
+                Ok(stalling(UnixTransport(s), stall))
             }
             Listener::File(f) => Ok(Connection {
                 transport: Box::new(FileTransport(f.try_clone()?)),

@@ -55,6 +55,8 @@ pub struct Init {
     pub machine: String,
     /// Bandwidth cap in bytes per second (0 = unlimited).
     pub rate: u64,
+    /// Fail a write that makes no progress for this long.
+    pub stall_timeout: Option<Duration>,
     /// Chunks from the compress stage.
     pub chunks: IpcReceiver<Chunk>,
     /// One credit back per chunk written.
@@ -241,7 +243,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map(|b| ram::map_readonly(&b.path))
         .collect::<Result<Vec<_>, _>>()?;
     let conn = to
-        .connect(Duration::from_secs(10))
+        .connect(Duration::from_secs(10), init.stall_timeout)
         .map_err(|source| Error::Connect {
             uri: to.to_string(),
             source,

@@ -102,6 +102,10 @@ pub struct SendArgs {
     /// Give up (the guest keeps running) after this many seconds; 0 = never.
     #[arg(long, value_name = "SECONDS", default_value_t = 0)]
     pub timeout: u64,
+    /// Fail when the connection makes no progress for this many seconds
+    /// (a dead link, a peer that stopped reading); 0 = wait forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub stall_timeout: u64,
 }
 
 /// `ferry receive`
@@ -122,4 +126,13 @@ pub struct ReceiveArgs {
     /// Write statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,
+    /// Fail when the connection makes no progress for this many seconds
+    /// (a dead link, a peer that stopped reading); 0 = wait forever.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub stall_timeout: u64,
+}
+
+/// A `--stall-timeout` value as the sockets take it.
+pub fn stall(secs: u64) -> Option<std::time::Duration> {
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }

@@ -72,7 +72,12 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
 
 /// Starts the reader and follows it until it has loaded the stream and exited.
 fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> anyhow::Result<()> {
-    let init = receiver::Init::new(&args.listen, &args.ram, args.decompress_workers);
+    let init = receiver::Init::new(
+        &args.listen,
+        &args.ram,
+        args.decompress_workers,
+        super::stall(args.stall_timeout),
+    );
     sup.spawn(ActorKind::Reader, init)?;
     loop {
         let Some(ev) = sup.next_event(POLL)? else {

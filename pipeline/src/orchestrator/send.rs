@@ -323,6 +323,7 @@ fn drive(
             device_state,
             machine: args.machine.clone(),
             rate: args.max_bandwidth,
+            stall_timeout: super::stall(args.stall_timeout),
             chunks: chunk_rx,
             credits: credit_tx,
             commands: cmd_rx,
