@@ -220,13 +220,13 @@ fn encode_part(
         let mut counts = PageCounts::default();
         for &i in pages {
             let off = i as usize * PAGE_SIZE;
-            match ram.put_compressed_page(
-                &mut f,
-                c,
-                name,
-                off as u64,
-                &map[off..off + PAGE_SIZE],
-            )? {
+            let page = &map[off..off + PAGE_SIZE];
+            if compress::looks_incompressible(page) {
+                ram.put_page(&mut f, name, off as u64, page)?;
+                counts.raw += 1;
+                continue;
+            }
+            match ram.put_compressed_page(&mut f, c, name, off as u64, page)? {
                 PageEncoding::Compressed(n) => {
                     counts.compressed += 1;
                     counts.compressed_bytes += n as u64;

@@ -42,6 +42,24 @@ pub fn decompressor() -> Decompress {
     Decompress::new(true)
 }
 
+/// A cheap guess that `page` will not shrink: 64 bytes sampled across it are
+/// nearly all different, as in random or already-compressed data. Such
+/// pages go raw without spending a deflate on them; text, code and sparse
+/// pages repeat bytes far more often.
+pub fn looks_incompressible(page: &[u8]) -> bool {
+    let mut seen = [0u64; 4];
+    let mut distinct = 0;
+    let step = (page.len() / 64).max(1);
+    for &b in page.iter().step_by(step).take(64) {
+        let (w, bit) = ((b >> 6) as usize, 1u64 << (b & 63));
+        if seen[w] & bit == 0 {
+            seen[w] |= bit;
+            distinct += 1;
+        }
+    }
+    distinct >= 52
+}
+
 /// Compresses `page` into `out` as one complete zlib stream.
 ///
 /// Returns the compressed length, or `None` when the stream does not fit in
@@ -133,6 +151,13 @@ mod tests {
             inflate_page(&mut decompressor(), &out[..n], &mut back).unwrap();
             assert_eq!(&back[..], &page[..]);
         }
+    }
+
+    #[test]
+    fn the_guess_tells_random_from_text() {
+        assert!(looks_incompressible(&random_page(3)));
+        assert!(!looks_incompressible(&text_page()));
+        assert!(!looks_incompressible(&[0u8; PAGE_SIZE]));
     }
 
     #[test]
