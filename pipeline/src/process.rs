@@ -53,6 +53,15 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// The temporary directory (TMPDIR) is not usable.
+    #[error("cannot use the temporary directory {path} (set TMPDIR to a writable directory)")]
+    TempDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
     /// The ipc machinery failed.
     #[error("ipc channel failed")]
     Ipc(#[source] io::Error),
@@ -79,6 +88,11 @@ pub enum Error {
 fn describe(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
     match (status.code(), status.signal()) {
+        (_, Some(libc::SIGBUS)) => format!(
+            "was killed by signal {} (SIGBUS: a page of a mapped file could not be \
+             written; is its file system full?)",
+            libc::SIGBUS
+        ),
         (_, Some(sig)) => format!("was killed by signal {sig}"),
         (Some(code), _) => format!("exited with status {code}"),
         _ => "ended".into(),
@@ -114,6 +128,10 @@ impl std::fmt::Debug for Supervisor {
 impl Supervisor {
     /// A supervisor with no actors yet.
     pub fn new() -> Result<Self, Error> {
+        // ipc-channel rendezvous through files in the temporary directory and
+        // panics if it cannot create them: say so plainly instead.
+        let tmp = std::env::temp_dir();
+        tempfile::tempfile_in(&tmp).map_err(|source| Error::TempDir { path: tmp, source })?;
         let (events_tx, events_rx) = ipc::channel().map_err(Error::Ipc)?;
         Ok(Self {
             actors: Vec::new(),
@@ -269,19 +287,23 @@ impl Supervisor {
                 actor: ev.actor.name(),
                 message: message.clone(),
             };
-            return Err(self.killed_sibling(ev.actor).unwrap_or(failed));
+            return Err(self.root_cause(ev.actor, failed));
         }
         self.check_children()?;
         Ok(Some(ev))
     }
 
-    /// An actor that fails on a broken channel is often only the echo of a
-    /// sibling killed by a signal: report the sibling, the real cause, if one
-    /// turns out dead within a moment.
-    fn killed_sibling(&mut self, reporter: ActorKind) -> Option<Error> {
+    /// An actor's failure is often only the echo of another's: a stage that
+    /// loses its channel because the writer hit a dead connection, or because
+    /// a sibling was killed. Within a moment, a sibling killed by a signal is
+    /// the cause; otherwise a failure reported by the connection's owner
+    /// (writer or reader) beats the first report.
+    fn root_cause(&mut self, reporter: ActorKind, first: Error) -> Error {
         use std::os::unix::process::ExitStatusExt;
+        let owns_connection = |k| matches!(k, ActorKind::Writer | ActorKind::Reader);
+        let (mut cause, mut certain) = (first, owns_connection(reporter));
         let deadline = Instant::now() + Duration::from_millis(200);
-        while Instant::now() < deadline {
+        loop {
             for a in self
                 .actors
                 .iter_mut()
@@ -290,17 +312,33 @@ impl Supervisor {
                 if let Ok(Some(status)) = a.child.try_wait() {
                     a.exited = true;
                     if status.signal().is_some() {
-                        return Some(Error::Died {
+                        return Error::Died {
                             actor: a.kind.name(),
                             pid: a.child.id(),
                             status: describe(status),
-                        });
+                        };
                     }
                 }
             }
+            while let Ok(ev) = self.events_rx.try_recv() {
+                self.note(&ev);
+                match &ev.event {
+                    Event::Failed { message } if !certain && owns_connection(ev.actor) => {
+                        cause = Error::Failed {
+                            actor: ev.actor.name(),
+                            message: message.clone(),
+                        };
+                        certain = true;
+                    }
+                    Event::Failed { .. } => {}
+                    _ => self.queued.push_back(ev),
+                }
+            }
+            if Instant::now() >= deadline {
+                return cause;
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
-        None
     }
 
     /// Waits for every actor to exit normally, collecting their usage.
