@@ -223,7 +223,8 @@ impl RamWriter {
 }
 
 /// Writes one 1 MiB chunk of a disk as a block record; a chunk that is all
-/// zero goes as ZERO_BLOCK without data.
+/// zero goes as ZERO_BLOCK without data. A shorter last chunk is padded: a
+/// QEMU destination always reads a whole chunk and writes what fits the disk.
 pub fn put_block_chunk<T: Transport>(
     f: &mut QemuFileWriter<'_, T>,
     device: &str,
@@ -238,7 +239,12 @@ pub fn put_block_chunk<T: Transport>(
     f.put_be64((sector << 9) | flags);
     f.put_counted_string(device)?;
     if !zero {
+        let chunk = &chunk[..chunk.len().min(super::BLOCK_CHUNK_SIZE)];
         f.put_buffer(chunk);
+        let pad = super::BLOCK_CHUNK_SIZE - chunk.len();
+        if pad > 0 {
+            f.put_buffer(&vec![0u8; pad]);
+        }
     }
     Ok(())
 }

@@ -6,6 +6,7 @@
 use super::device_state::DeviceState;
 use super::encode::{self, PageEncoding, RamWriter};
 use super::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use super::{BLOCK_CHUNK_SIZE, BLOCK_IDSTR, BLOCK_VERSION, SECTOR_SIZE};
 use crate::compress;
 use crate::qemu_file::{QemuFileWriter, Result};
 use crate::transport::Transport;
@@ -28,6 +29,19 @@ pub struct PageCounts {
 pub fn write_stream<T: Transport>(
     f: &mut QemuFileWriter<'_, T>,
     blocks: &[(&str, &[u8])],
+    device: &DeviceState,
+    machine: &str,
+    level: Option<u32>,
+) -> Result<PageCounts> {
+    write_stream_with_disks(f, blocks, &[], device, machine, level)
+}
+
+/// Like [`write_stream`], with disks (device name and contents) in QEMU's
+/// "block" section after the RAM: whole 1 MiB chunks, zero chunks without data.
+pub fn write_stream_with_disks<T: Transport>(
+    f: &mut QemuFileWriter<'_, T>,
+    blocks: &[(&str, &[u8])],
+    disks: &[(&str, &[u8])],
     device: &DeviceState,
     machine: &str,
     level: Option<u32>,
@@ -80,6 +94,25 @@ pub fn write_stream<T: Transport>(
     encode::put_section_part(f, SectionKind::End, id);
     ram.put_eos(f);
     encode::put_footer(f, id);
+
+    if !disks.is_empty() {
+        let bid = id + 1;
+        encode::put_section_start(f, SectionKind::Start, bid, BLOCK_IDSTR, 0, BLOCK_VERSION)?;
+        encode::put_block_eos(f);
+        encode::put_footer(f, bid);
+        encode::put_section_part(f, SectionKind::Part, bid);
+        for (name, data) in disks {
+            for (i, chunk) in data.chunks(BLOCK_CHUNK_SIZE).enumerate() {
+                let sector = (i * BLOCK_CHUNK_SIZE) as u64 / SECTOR_SIZE;
+                encode::put_block_chunk(f, name, sector, chunk)?;
+            }
+        }
+        encode::put_block_eos(f);
+        encode::put_footer(f, bid);
+        encode::put_section_part(f, SectionKind::End, bid);
+        encode::put_block_eos(f);
+        encode::put_footer(f, bid);
+    }
 
     device.put_sections(f)?;
     encode::put_eof(f);
