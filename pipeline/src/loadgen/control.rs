@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Map, Value};
 
-use super::meter::Meter;
+use super::meter::Meters;
 use super::writers::Vcpus;
 
 /// The longest request line accepted; longer ones are answered with an
@@ -35,14 +35,14 @@ const POLL: Duration = Duration::from_millis(50);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serves connections on `listener`, one after the other, until shutdown.
-pub(crate) fn serve(listener: &UnixListener, vcpus: &Vcpus, meter: &Meter) {
+pub(crate) fn serve(listener: &UnixListener, vcpus: &Vcpus, meters: &Meters) {
     // Non-blocking, so that a shutdown is noticed without a client.
     if let Err(e) = listener.set_nonblocking(true) {
         eprintln!("ferry loadgen: control socket: {e}; shutdown may wait for a connection");
     }
     while !vcpus.is_shut_down() {
         match listener.accept() {
-            Ok((stream, _)) => session(&stream, vcpus, meter),
+            Ok((stream, _)) => session(&stream, vcpus, meters),
             Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(POLL),
             Err(e) if e.kind() == ErrorKind::Interrupted => {}
             Err(e) => {
@@ -55,8 +55,8 @@ pub(crate) fn serve(listener: &UnixListener, vcpus: &Vcpus, meter: &Meter) {
 
 /// Serves one connection until it closes (or shutdown); then resumes the
 /// guest if the connection left it stopped.
-fn session(stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
-    converse(stream, vcpus, meter);
+fn session(stream: &UnixStream, vcpus: &Vcpus, meters: &Meters) {
+    converse(stream, vcpus, meters);
     if !vcpus.is_shut_down() && vcpus.is_paused() && !vcpus.is_migrated() {
         vcpus.cont();
         eprintln!(
@@ -66,7 +66,7 @@ fn session(stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
     }
 }
 
-fn converse(mut stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
+fn converse(mut stream: &UnixStream, vcpus: &Vcpus, meters: &Meters) {
     let setup = stream
         .set_nonblocking(false)
         .and_then(|()| stream.set_read_timeout(Some(POLL)))
@@ -96,7 +96,7 @@ fn converse(mut stream: &UnixStream, vcpus: &Vcpus, meter: &Meter) {
         for line in got.drain(..) {
             let reply = match line {
                 Line::Complete(text) if text.iter().all(u8::is_ascii_whitespace) => continue,
-                Line::Complete(text) => request(&text, vcpus, meter),
+                Line::Complete(text) => request(&text, vcpus, meters),
                 Line::TooLong => error_reply(None, format!("request longer than {MAX_LINE} bytes")),
             };
             let mut out = reply.to_string();
@@ -154,12 +154,12 @@ impl Lines {
 }
 
 /// Answers one request line.
-fn request(line: &[u8], vcpus: &Vcpus, meter: &Meter) -> Value {
+fn request(line: &[u8], vcpus: &Vcpus, meters: &Meters) -> Value {
     match serde_json::from_slice::<Value>(line) {
         Err(e) => error_reply(None, format!("malformed JSON: {e}")),
         Ok(v) => {
             let id = v.get("id").cloned();
-            match execute(&v, vcpus, meter) {
+            match execute(&v, vcpus, meters) {
                 Ok(r) => with_id(json!({ "return": r }), id),
                 Err(desc) => error_reply(id, desc),
             }
@@ -182,7 +182,7 @@ fn error_reply(id: Option<Value>, desc: String) -> Value {
 }
 
 /// Runs the command in `request`; `Err` is the error's description.
-fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, String> {
+fn execute(request: &Value, vcpus: &Vcpus, meters: &Meters) -> Result<Value, String> {
     let obj = request
         .as_object()
         .ok_or("a request must be a JSON object")?;
@@ -235,7 +235,9 @@ fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, Strin
         }
         "query-status" => {
             only(args, &[])?;
+            let now = Instant::now();
             let pages = vcpus.pages_written();
+            let disk_bytes = vcpus.disk_bytes_written();
             let paused = vcpus.is_paused();
             let status = match (paused, vcpus.is_migrated()) {
                 (true, true) => "postmigrate",
@@ -246,8 +248,10 @@ fn execute(request: &Value, vcpus: &Vcpus, meter: &Meter) -> Result<Value, Strin
                 "status": status,
                 "running": !paused,
                 "pages-written": pages,
-                "dirty-rate": meter.rate(Instant::now(), pages),
+                "dirty-rate": meters.ram.rate(now, pages),
                 "throttle-percent": vcpus.throttle(),
+                "disk-bytes-written": disk_bytes,
+                "disk-rate": meters.disk.rate(now, disk_bytes),
             }))
         }
         "qmp_capabilities" => Ok(json!({})),
@@ -273,16 +277,18 @@ fn only(args: &Map<String, Value>, allowed: &[&str]) -> Result<(), String> {
 mod tests {
     use super::*;
 
-    fn ask(line: &str, v: &Vcpus, m: &Meter) -> Value {
+    fn ask(line: &str, v: &Vcpus, m: &Meters) -> Value {
         request(line.as_bytes(), v, m)
     }
 
     #[test]
     fn requests_are_answered_and_bad_ones_refused() {
-        let (v, m) = (Vcpus::new(), Meter::new());
+        let (v, m) = (Vcpus::new(), Meters::new());
         let status = ask(r#"{"execute":"query-status","id":7}"#, &v, &m);
         assert_eq!(status["return"]["status"], "running");
         assert_eq!(status["id"], 7);
+        assert_eq!(status["return"]["disk-bytes-written"], 0);
+        assert_eq!(status["return"]["disk-rate"], 0);
         assert_eq!(ask(r#"{"execute":"stop"}"#, &v, &m), json!({"return": {}}));
         assert_eq!(
             ask(r#"{"execute":"query-status"}"#, &v, &m)["return"]["status"],

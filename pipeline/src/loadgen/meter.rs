@@ -1,4 +1,5 @@
-//! The measured dirty rate: pages written over the last second.
+//! The measured dirty rates: pages (and disk bytes) written over the last
+//! second.
 //!
 //! A migration decides when to throttle and when to switch over from the
 //! rate the guest really achieves, not the one it was asked for (a writer can
@@ -16,24 +17,51 @@ pub(crate) const INTERVAL: Duration = Duration::from_millis(100);
 /// The window the rate is measured over.
 const WINDOW: Duration = Duration::from_secs(1);
 
-/// Samples of (time, pages written so far), oldest first, covering a bit
+/// The guest's two meters: RAM (counting pages) and disk (counting bytes).
+#[derive(Debug)]
+pub(crate) struct Meters {
+    pub(crate) ram: Meter,
+    pub(crate) disk: Meter,
+}
+
+impl Meters {
+    pub(crate) fn new() -> Self {
+        Self {
+            ram: Meter::new(PAGE_SIZE as u64),
+            disk: Meter::new(1),
+        }
+    }
+
+    /// Records that `pages` pages and `disk_bytes` disk bytes had been
+    /// written by `now`.
+    pub(crate) fn record(&self, now: Instant, pages: u64, disk_bytes: u64) {
+        self.ram.record(now, pages);
+        self.disk.record(now, disk_bytes);
+    }
+}
+
+/// Samples of (time, units written so far), oldest first, covering a bit
 /// more than [`WINDOW`].
 #[derive(Debug)]
 pub(crate) struct Meter {
     samples: Mutex<VecDeque<(Instant, u64)>>,
+    /// Bytes per unit counted.
+    unit: u64,
 }
 
 impl Meter {
-    pub(crate) fn new() -> Self {
+    /// A meter counting units of `unit` bytes.
+    pub(crate) fn new(unit: u64) -> Self {
         Self {
             samples: Mutex::new(VecDeque::new()),
+            unit,
         }
     }
 
-    /// Records that `pages` pages had been written by `now`.
-    pub(crate) fn record(&self, now: Instant, pages: u64) {
+    /// Records that `count` units had been written by `now`.
+    pub(crate) fn record(&self, now: Instant, count: u64) {
         let mut s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
-        s.push_back((now, pages));
+        s.push_back((now, count));
         // Keep the newest sample at least WINDOW old; drop the older ones.
         while s.len() > 1 && s[1].0 + WINDOW <= now {
             s.pop_front();
@@ -41,8 +69,8 @@ impl Meter {
     }
 
     /// Bytes per second written between the newest sample at least a second
-    /// old (or the oldest sample, early on) and (`now`, `pages`).
-    pub(crate) fn rate(&self, now: Instant, pages: u64) -> u64 {
+    /// old (or the oldest sample, early on) and (`now`, `count`).
+    pub(crate) fn rate(&self, now: Instant, count: u64) -> u64 {
         let s = self.samples.lock().unwrap_or_else(PoisonError::into_inner);
         let base = s
             .iter()
@@ -56,7 +84,7 @@ impl Meter {
         if secs < 0.01 {
             return 0;
         }
-        (pages.saturating_sub(before) as f64 * PAGE_SIZE as f64 / secs) as u64
+        (count.saturating_sub(before) as f64 * self.unit as f64 / secs) as u64
     }
 }
 
@@ -66,7 +94,7 @@ mod tests {
 
     #[test]
     fn rate_spans_the_last_second() {
-        let m = Meter::new();
+        let m = Meter::new(PAGE_SIZE as u64);
         let t0 = Instant::now();
         assert_eq!(m.rate(t0, 0), 0);
         // 100 pages per 100 ms for 3 s.
@@ -80,7 +108,7 @@ mod tests {
             "{r}"
         );
         // Early on, the rate covers what there is.
-        let m = Meter::new();
+        let m = Meter::new(PAGE_SIZE as u64);
         m.record(t0, 0);
         let r = m.rate(t0 + Duration::from_millis(500), 500);
         assert_eq!(r, 1000 * 4096);

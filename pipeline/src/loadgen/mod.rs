@@ -14,13 +14,19 @@
 //! - Control: a unix socket speaking QMP-style JSON lines ([`control`]):
 //!   `stop` (replied to only once no writer can write any more), `cont`,
 //!   `set-throttle` (QEMU's CPU throttle: writers sleep in proportion) and
-//!   `query-status` (with the dirty rate measured over the last second). A
-//!   controller that disconnects while the guest is stopped resumes it: a
-//!   migration that died must never leave its guest paused.
+//!   `query-status` (with the dirty rate and the disk write rate measured
+//!   over the last second). A controller that disconnects while the guest is
+//!   stopped resumes it: a migration that died must never leave its guest
+//!   paused.
+//! - Disk (optional, `--disk`): a raw image file and its dirty log, one bit
+//!   per 1 MiB chunk ([`disk`]). A disk writer thread writes blocks of 4 KiB
+//!   to 1 MiB at a set rate and marks the chunks after writing; `stop`,
+//!   `cont` and the throttle apply to it as to the vCPUs.
 //!
 //! It runs until SIGTERM or SIGINT, then exits 0 and removes its socket.
 
 mod control;
+mod disk;
 mod meter;
 mod writers;
 
@@ -42,7 +48,8 @@ use crate::dirty_log::{self, DirtyLog};
 use crate::options::parse_rate;
 use crate::pattern::{self, Pattern, XorShift};
 
-use meter::Meter;
+use disk::{Disk, DiskWriter, CHUNK};
+use meter::Meters;
 use writers::{Vcpus, Writer};
 
 /// `ferry loadgen` options.
@@ -75,9 +82,25 @@ pub struct LoadgenArgs {
     #[arg(long, value_name = "N", default_value_t = 1,
           value_parser = clap::value_parser!(u32).range(1..=1024))]
     pub threads: u32,
-    /// Seed of the RAM contents, of the XOR page and of the page choice.
+    /// Seed of the RAM contents, of the XOR page and of the page choice
+    /// (and of the disk's contents and writes).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub seed: u64,
+    /// A raw disk image to create (or truncate) and fill per --pattern;
+    /// needs --disk-size and --disk-dirty-log.
+    #[arg(long, value_name = "PATH")]
+    pub disk: Option<PathBuf>,
+    /// Disk size: a whole number of MiB, with an optional K, M or G suffix.
+    #[arg(long, value_name = "SIZE", value_parser = parse_size)]
+    pub disk_size: Option<u64>,
+    /// Bytes per second written to the disk, in blocks of 4 KiB to 1 MiB
+    /// (K, M, G suffixes; 0 = no disk writes, the default).
+    #[arg(long, value_name = "RATE", value_parser = parse_rate)]
+    pub disk_rate: Option<u64>,
+    /// The disk's dirty log to create (clean): one bit per 1 MiB chunk,
+    /// little-endian u64 words.
+    #[arg(long, value_name = "PATH")]
+    pub disk_dirty_log: Option<PathBuf>,
 }
 
 /// Why a synthetic guest cannot start.
@@ -104,6 +127,27 @@ pub enum Error {
     /// The dirty log cannot be created.
     #[error(transparent)]
     DirtyLog(#[from] dirty_log::Error),
+    /// A disk option is missing one it needs.
+    #[error("{0} needs {1}")]
+    DiskNeeds(&'static str, &'static str),
+    /// `--disk-size` is not a positive whole number of MiB.
+    #[error("--disk-size {0} is not a whole number of MiB (a multiple of 1048576 bytes, at least 1 MiB)")]
+    DiskSize(u64),
+    /// Two of the files to create are the same path.
+    #[error("{0} is given for two of --ram, --dirty-log, --disk and --disk-dirty-log")]
+    SamePath(PathBuf),
+    /// The disk image cannot be created or filled.
+    #[error("disk image {path} cannot be created")]
+    Disk {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The disk's dirty log cannot be created.
+    #[error("the disk's dirty log cannot be created")]
+    DiskDirtyLog(#[source] dirty_log::Error),
     /// Something that is not a socket sits where the control socket goes;
     /// it is not ours to delete.
     #[error("{0} exists and is not a socket; not replacing it")]
@@ -181,19 +225,62 @@ pub fn run(args: LoadgenArgs) -> anyhow::Result<()> {
     guest.run(&args).context("loadgen failed")
 }
 
-/// The guest's RAM, dirty log and control socket, set up and not yet running.
+/// The checked disk options.
+#[derive(Debug)]
+struct DiskOptions<'a> {
+    image: &'a Path,
+    size: u64,
+    log: &'a Path,
+}
+
+/// Checks the disk options: all of --disk, --disk-size and --disk-dirty-log
+/// or none (and no --disk-rate without --disk), a size of whole MiB.
+fn disk_options(args: &LoadgenArgs) -> Result<Option<DiskOptions<'_>>, Error> {
+    let Some(image) = &args.disk else {
+        let given = [
+            (args.disk_size.is_some(), "--disk-size"),
+            (args.disk_rate.is_some(), "--disk-rate"),
+            (args.disk_dirty_log.is_some(), "--disk-dirty-log"),
+        ];
+        return match given.iter().find(|(g, _)| *g) {
+            Some((_, name)) => Err(Error::DiskNeeds(name, "--disk PATH")),
+            None => Ok(None),
+        };
+    };
+    let size = args
+        .disk_size
+        .ok_or(Error::DiskNeeds("--disk", "--disk-size SIZE"))?;
+    let log = args
+        .disk_dirty_log
+        .as_deref()
+        .ok_or(Error::DiskNeeds("--disk", "--disk-dirty-log PATH"))?;
+    if size == 0 || size % CHUNK != 0 {
+        return Err(Error::DiskSize(size));
+    }
+    let paths = [args.ram.as_path(), &args.dirty_log, image, log];
+    for (i, p) in paths.iter().enumerate() {
+        if paths[i + 1..].contains(p) {
+            return Err(Error::SamePath(p.to_path_buf()));
+        }
+    }
+    Ok(Some(DiskOptions { image, size, log }))
+}
+
+/// The guest's RAM, dirty log, disk and control socket, set up and not yet
+/// running.
 struct Guest {
     ram: MmapMut,
     log: DirtyLog,
     pages: u64,
     working_set: u64,
+    disk: Option<Disk>,
     listener: UnixListener,
     socket: SocketFile,
 }
 
 impl Guest {
-    /// Creates and fills the RAM file, creates a clean dirty log and binds
-    /// the control socket.
+    /// Creates and fills the RAM file (and the disk image), creates clean
+    /// dirty logs and binds the control socket.
     fn create(args: &LoadgenArgs) -> Result<Self, Error> {
         if !(args.working_set > 0.0 && args.working_set <= 1.0) {
             return Err(Error::WorkingSet(args.working_set));
@@ -207,10 +294,21 @@ impl Guest {
             return Err(Error::TooSmall(args.size));
         }
         let working_set = ((pages as f64 * args.working_set) as u64).clamp(1, pages);
+        let disk_options = disk_options(args)?;
         // Before touching the files: a guest still running there owns them.
         clear_stale_socket(&args.control)?;
         let ram = create_ram(&args.ram, pages * page, args.pattern, args.seed)?;
         let log = DirtyLog::create(&args.dirty_log, pages)?;
+        let disk = match disk_options {
+            Some(d) => Some(Disk::create(
+                d.image,
+                d.size,
+                d.log,
+                args.pattern,
+                args.seed,
+            )?),
+            None => None,
+        };
         // Last: a client that finds the socket finds the RAM filled.
         let (listener, socket) = bind_control(&args.control)?;
         Ok(Self {
@@ -218,6 +316,7 @@ impl Guest {
             log,
             pages,
             working_set,
+            disk,
             listener,
             socket,
         })
@@ -227,7 +326,7 @@ impl Guest {
     /// once every thread has stopped.
     fn run(mut self, args: &LoadgenArgs) -> Result<(), Error> {
         let vcpus = Vcpus::new();
-        let meter = Meter::new();
+        let meters = Meters::new();
         let xor = xor_page(args.seed);
         // Each writer owns a contiguous share of the working set, so no two
         // threads ever write the same page.
@@ -248,14 +347,36 @@ impl Guest {
             })
             .collect();
         let threads = writers.len();
+        let disk_rate = args.disk_rate.unwrap_or(0);
+        let disk_writer = self
+            .disk
+            .as_ref()
+            .filter(|_| disk_rate > 0)
+            .map(|disk| DiskWriter {
+                disk,
+                rate: disk_rate as f64,
+                vcpus: &vcpus,
+                seed: args.seed ^ 0x6469_736b_7772_6974,
+            });
+        let disk_line = match (&self.disk, &args.disk, &args.disk_dirty_log) {
+            (Some(disk), Some(image), Some(log)) => format!(
+                ", disk {}: {} ({} chunks of 1 MiB), disk rate {}/s, disk dirty log {}",
+                image.display(),
+                mib(disk.size()),
+                disk.chunks(),
+                mib(disk_rate),
+                log.display()
+            ),
+            _ => String::new(),
+        };
         let started = Instant::now();
         thread::scope(|scope| {
-            let spawned = spawn_all(scope, writers, &self.listener, &vcpus, &meter);
+            let spawned = spawn_all(scope, writers, disk_writer, &self.listener, &vcpus, &meters);
             if spawned.is_ok() {
-                meter.record(Instant::now(), 0);
+                meters.record(Instant::now(), 0, 0);
                 eprintln!(
                     "ferry loadgen: ready: {}, {} pages, working set {} pages, dirty rate {}/s, \
-                     {threads} writer thread(s), control unix:{}",
+                     {threads} writer thread(s){disk_line}, control unix:{}",
                     mib(self.pages * PAGE_SIZE as u64),
                     self.pages,
                     self.working_set,
@@ -267,7 +388,11 @@ impl Guest {
                     thread::sleep(Duration::from_millis(20));
                     if last_sample.elapsed() >= meter::INTERVAL {
                         last_sample = Instant::now();
-                        meter.record(last_sample, vcpus.pages_written());
+                        meters.record(
+                            last_sample,
+                            vcpus.pages_written(),
+                            vcpus.disk_bytes_written(),
+                        );
                     }
                 }
             }
@@ -277,23 +402,35 @@ impl Guest {
             spawned
         })?;
         let written = vcpus.pages_written();
+        let disk_written = vcpus.disk_bytes_written();
         let secs = started.elapsed().as_secs_f64().max(1e-9);
+        let disk_line = if self.disk.is_some() {
+            format!(
+                "; {} written to the disk ({}/s on average)",
+                mib(disk_written),
+                mib((disk_written as f64 / secs) as u64)
+            )
+        } else {
+            String::new()
+        };
         eprintln!(
             "ferry loadgen: exiting on a signal: {written} pages written in {secs:.1} s \
-             ({}/s on average)",
+             ({}/s on average){disk_line}",
             mib((written as f64 * PAGE_SIZE as f64 / secs) as u64)
         );
         Ok(())
     }
 }
 
-/// Starts the writer threads and the control thread inside `scope`.
+/// Starts the writer threads, the disk writer and the control thread inside
+/// `scope`.
 fn spawn_all<'scope, 'env>(
     scope: &'scope thread::Scope<'scope, 'env>,
     writers: Vec<Writer<'env>>,
+    disk_writer: Option<DiskWriter<'env>>,
     listener: &'env UnixListener,
     vcpus: &'env Vcpus,
-    meter: &'env Meter,
+    meters: &'env Meters,
 ) -> Result<(), Error> {
     for (i, writer) in writers.into_iter().enumerate() {
         thread::Builder::new()
@@ -301,9 +438,15 @@ fn spawn_all<'scope, 'env>(
             .spawn_scoped(scope, move || writer.run())
             .map_err(Error::Spawn)?;
     }
+    if let Some(disk_writer) = disk_writer {
+        thread::Builder::new()
+            .name("loadgen-disk".into())
+            .spawn_scoped(scope, move || disk_writer.run())
+            .map_err(Error::Spawn)?;
+    }
     thread::Builder::new()
         .name("loadgen-control".into())
-        .spawn_scoped(scope, move || control::serve(listener, vcpus, meter))
+        .spawn_scoped(scope, move || control::serve(listener, vcpus, meters))
         .map_err(Error::Spawn)?;
     Ok(())
 }

@@ -1,5 +1,7 @@
 //! The guest's "vCPUs": threads that dirty pages at a set rate, and the run
-//! state (`stop`, `cont`, throttle) they obey.
+//! state (`stop`, `cont`, throttle) they obey. The disk writer
+//! ([`super::disk`]) obeys the same state and paces itself the same way
+//! ([`Pacer`]).
 //!
 //! Each writer owns a disjoint, contiguous share of the working set. It
 //! paces itself in short slices: every [`SLICE`] it works out from the
@@ -12,7 +14,8 @@
 //! migration's final copy could miss a write. Writers therefore write only
 //! between [`Vcpus::enter`] and [`Vcpus::leave`]; `stop` marks the guest
 //! paused and waits until no writer is inside, and a writer inside checks a
-//! flag before each page, so the wait lasts at most one page write.
+//! flag before each page (the disk writer: before each disk write), so the
+//! wait lasts at most one write.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
@@ -29,7 +32,7 @@ const SLICE: Duration = Duration::from_millis(2);
 
 /// The longest a writer writes before it looks at the clock (and the
 /// throttle) again, when it cannot keep up with its rate.
-const MAX_BATCH: Duration = Duration::from_millis(5);
+pub(super) const MAX_BATCH: Duration = Duration::from_millis(5);
 
 /// Seconds of due pages a writer may owe; beyond that (a writer descheduled
 /// for long, or one that cannot keep up) the debt is forgiven, so it never
@@ -59,6 +62,7 @@ pub(crate) struct Vcpus {
     stopping: AtomicBool,
     throttle: AtomicU8,
     pages_written: AtomicU64,
+    disk_bytes_written: AtomicU64,
 }
 
 #[derive(Debug, Default)]
@@ -80,6 +84,7 @@ impl Vcpus {
             stopping: AtomicBool::new(false),
             throttle: AtomicU8::new(0),
             pages_written: AtomicU64::new(0),
+            disk_bytes_written: AtomicU64::new(0),
         }
     }
 
@@ -166,9 +171,20 @@ impl Vcpus {
         self.pages_written.load(Ordering::SeqCst)
     }
 
+    /// Disk bytes written since the start.
+    pub(crate) fn disk_bytes_written(&self) -> u64 {
+        self.disk_bytes_written.load(Ordering::SeqCst)
+    }
+
+    /// True from `stop` until `cont`: a writer inside must not start another
+    /// write.
+    pub(super) fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
     /// Waits while paused, then counts the caller as writing. `None` on
     /// shutdown; otherwise whether it had to wait.
-    fn enter(&self) -> Option<bool> {
+    pub(super) fn enter(&self) -> Option<bool> {
         let mut s = self.lock();
         let mut waited = false;
         while s.paused && !s.shutdown {
@@ -183,8 +199,20 @@ impl Vcpus {
     }
 
     /// Counts the caller as no longer writing, after it wrote `pages`.
-    fn leave(&self, pages: u64) {
+    pub(super) fn leave(&self, pages: u64) {
         self.pages_written.fetch_add(pages, Ordering::SeqCst);
+        self.exit();
+    }
+
+    /// Counts the disk writer as no longer writing, after it wrote `bytes`.
+    pub(super) fn leave_disk(&self, bytes: u64) {
+        self.disk_bytes_written.fetch_add(bytes, Ordering::SeqCst);
+        self.exit();
+    }
+
+    /// The end of [`Vcpus::leave`]: the counters are up to date before
+    /// `stop` can see the writer out.
+    fn exit(&self) {
         let mut s = self.lock();
         s.busy -= 1;
         if s.busy == 0 && s.paused {
@@ -219,10 +247,99 @@ impl Vcpus {
     }
 
     /// Waits until shutdown (a writer with nothing to write).
-    fn idle(&self) {
+    pub(super) fn idle(&self) {
         let mut s = self.lock();
         while !s.shutdown {
             s = self.wait(s);
+        }
+    }
+}
+
+/// Paces one writer thread at `rate` units (pages, bytes) per second, in
+/// slices: each slice credits the time since the last, the writer does what
+/// is due (or stops early), and [`Pacer::rest`] sleeps off the throttle or
+/// until the next slice.
+pub(super) struct Pacer<'a> {
+    vcpus: &'a Vcpus,
+    rate: f64,
+    /// The most a writer may owe; beyond it the debt is forgiven.
+    max_debt: f64,
+    /// Units due and not yet done.
+    due: f64,
+    /// When time was last credited.
+    last: Instant,
+    /// Time run since the last throttle nap.
+    ran: Duration,
+    /// Time overslept in throttle naps, to be taken off the next naps.
+    owed: Duration,
+}
+
+impl<'a> Pacer<'a> {
+    /// A pacer for `rate` units per second that never owes more than
+    /// `max_debt` units (nor less than [`MAX_DEBT_SECS`] of them).
+    pub(super) fn new(vcpus: &'a Vcpus, rate: f64, max_debt: f64) -> Self {
+        Self {
+            vcpus,
+            rate,
+            max_debt: max_debt.max(rate * MAX_DEBT_SECS),
+            due: 0.0,
+            last: Instant::now(),
+            ran: Duration::ZERO,
+            owed: Duration::ZERO,
+        }
+    }
+
+    /// Starts a slice, right after [`Vcpus::enter`] (`waited` is what it
+    /// returned): credits the time since the last slice. Returns the slice's
+    /// start.
+    pub(super) fn start(&mut self, waited: bool) -> Instant {
+        let now = Instant::now();
+        if waited {
+            // Paused time earns nothing.
+            self.last = now;
+            self.ran = Duration::ZERO;
+            self.owed = Duration::ZERO;
+            self.due = 0.0;
+        }
+        let elapsed = now - self.last;
+        self.last = now;
+        self.ran += elapsed;
+        self.due = (self.due + self.rate * elapsed.as_secs_f64()).min(self.max_debt);
+        now
+    }
+
+    /// Units due.
+    pub(super) fn due(&self) -> f64 {
+        self.due
+    }
+
+    /// Counts `done` units as done.
+    pub(super) fn spend(&mut self, done: f64) {
+        self.due -= done;
+    }
+
+    /// Ends a slice, after [`Vcpus::leave`]: sleeps off the throttle, or
+    /// until the next slice if the writer `kept_up` (did all that was due).
+    pub(super) fn rest(&mut self, kept_up: bool) {
+        let throttle = self.vcpus.throttle();
+        if throttle == 0 {
+            // Unthrottled time is owed nothing: a throttle set later
+            // counts from when it was set.
+            self.ran = Duration::ZERO;
+            self.owed = Duration::ZERO;
+        }
+        if throttle > 0 && self.ran >= TIMESLICE {
+            // On a busy host a nap overshoots; the next naps are
+            // shortened by as much, so the share of time asleep is right.
+            let slept = self.vcpus.nap(self.ran, self.owed);
+            let share = throttle_share(self.ran, self.vcpus.throttle());
+            self.owed = (self.owed + slept).saturating_sub(share).min(MAX_OWED);
+            // Throttled time earns nothing either.
+            self.last = Instant::now();
+            self.ran = Duration::ZERO;
+        } else if kept_up {
+            // Nothing more is due before the next slice.
+            thread::sleep(SLICE);
         }
     }
 }
@@ -251,32 +368,17 @@ impl Writer<'_> {
             self.vcpus.idle();
             return;
         }
-        let max_debt = (self.rate * MAX_DEBT_SECS).max(1.0);
+        let mut pacer = Pacer::new(self.vcpus, self.rate, 1.0);
         let mut rng = XorShift::new(self.seed);
-        let mut due = 0.0f64;
-        let mut last = Instant::now();
-        let mut ran = Duration::ZERO;
-        let mut owed = Duration::ZERO;
         loop {
             let Some(waited) = self.vcpus.enter() else {
                 return;
             };
-            let now = Instant::now();
-            if waited {
-                // Paused time earns nothing.
-                last = now;
-                ran = Duration::ZERO;
-                owed = Duration::ZERO;
-                due = 0.0;
-            }
-            let elapsed = now - last;
-            last = now;
-            ran += elapsed;
-            due = (due + self.rate * elapsed.as_secs_f64()).min(max_debt);
-            let todo = due as u64;
+            let now = pacer.start(waited);
+            let todo = pacer.due() as u64;
             let mut done = 0u64;
             while done < todo {
-                if self.vcpus.stopping.load(Ordering::SeqCst) {
+                if self.vcpus.stopping() {
                     break;
                 }
                 if done % 64 == 63 && now.elapsed() >= MAX_BATCH {
@@ -292,28 +394,9 @@ impl Writer<'_> {
                 self.log.mark(self.first_page + page);
                 done += 1;
             }
-            due -= done as f64;
+            pacer.spend(done as f64);
             self.vcpus.leave(done);
-            let throttle = self.vcpus.throttle();
-            if throttle == 0 {
-                // Unthrottled time is owed nothing: a throttle set later
-                // counts from when it was set.
-                ran = Duration::ZERO;
-                owed = Duration::ZERO;
-            }
-            if throttle > 0 && ran >= TIMESLICE {
-                // On a busy host a nap overshoots; the next naps are
-                // shortened by as much, so the share of time asleep is right.
-                let slept = self.vcpus.nap(ran, owed);
-                let share = throttle_share(ran, self.vcpus.throttle());
-                owed = (owed + slept).saturating_sub(share).min(MAX_OWED);
-                // Throttled time earns nothing either.
-                last = Instant::now();
-                ran = Duration::ZERO;
-            } else if done == todo {
-                // Kept up: nothing more is due before the next slice.
-                thread::sleep(SLICE);
-            }
+            pacer.rest(done == todo);
         }
     }
 }
