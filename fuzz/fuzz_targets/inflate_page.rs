@@ -69,9 +69,10 @@ fuzz_target!(|data: &[u8]| {
             };
         }
         let mut c = compress::compressor(u32::from(level % 10));
-        let mut out = [0u8; PAGE_SIZE + 64];
-        let n = compress::deflate_into(&mut c, &src, &mut out).expect("a page fits in page + 64");
-        assert!(n <= MAX_COMPRESSED_PAGE);
+        // zlib-rs at level 1 can expand incompressible data by ~5%: beyond
+        // QEMU's bound, which is why ferry sends pages that do not shrink raw.
+        let mut out = [0u8; 2 * PAGE_SIZE];
+        let n = compress::deflate_into(&mut c, &src, &mut out).expect("a page fits in two pages");
         let mut back = [0u8; PAGE_SIZE];
         compress::inflate_page(&mut compress::decompressor(), &out[..n], &mut back).unwrap();
         assert_eq!(back, src);

@@ -8,6 +8,7 @@
 //! - [`compress_pool`]: compresses (or passes on) batches with a rayon pool.
 //! - [`writer`]: owns the connection and the bandwidth budget.
 //! - [`receiver`]: the destination: parses, decompresses, writes guest RAM.
+//! - [`blockio`]: the block-IO actor: one libblkio queue (io_uring or vhost-user) and its completion fd.
 //! - [`process`]: spawning actor processes and supervising them.
 //! - [`inspect`]: `ferry inspect`.
 //! - [`loadgen`]: `ferry loadgen`, the synthetic guest (RAM, dirty log, control socket).
@@ -15,13 +16,17 @@
 //! - [`bench`]: `ferry bench`, scenarios that print their figures.
 //! - [`pattern`]: synthetic guest memory.
 //! - [`dirty_log`]: the page dirty bitmap a guest and ferry share.
+//! - [`tls`]: TLS 1.3 with mutual authentication on tcp: and unix: channels.
+//! - [`integrity`]: checkpoints that let a ferry receiver verify the stream bytes.
 //! - [`uri`], [`options`], [`ram`]: command-line values and RAM files.
 
 pub mod bench;
+pub mod blockio;
 pub mod compress_pool;
 pub mod demo;
 pub mod dirty_log;
 pub mod inspect;
+pub mod integrity;
 pub mod loadgen;
 pub mod options;
 pub mod orchestrator;
@@ -30,6 +35,7 @@ pub mod process;
 pub mod ram;
 pub mod receiver;
 pub mod scanner;
+pub mod tls;
 pub mod uri;
 pub mod writer;
 

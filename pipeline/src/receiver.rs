@@ -22,6 +22,15 @@
 //! and reads: HELLO + Ack means a ferry receiver, end of input with nothing
 //! before it means a silent peer such as QEMU.
 //!
+//! With `--tls-*` the connection must open with a TLS handshake in which the
+//! sender shows a certificate signed by our CA; anything else is refused
+//! before a byte of the stream is parsed, so no RAM is written for it. The
+//! return path then runs inside the same TLS session.
+//!
+//! A stream whose first section is a `ferry-integrity` checkpoint (`ferry
+//! send --integrity`) is verified checkpoint by checkpoint (see
+//! [`crate::integrity`]); a mismatch fails the load.
+//!
 //! Nothing is written earlier, on purpose: a QEMU 7.2 source never reads its
 //! migration socket, and closing a tcp socket that holds unread bytes makes
 //! Linux send a reset instead of a FIN *and drop whatever the source had not
@@ -29,7 +38,7 @@
 //! QEMU-to-receiver run ended in ECONNRESET instead of end of input, and with a
 //! receiver slower than the source 3.3 MB of a 50 MB stream were lost.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, IoSlice};
 use std::path::PathBuf;
@@ -38,6 +47,7 @@ use std::time::{Duration, Instant};
 use ferry_proto::compress;
 use ferry_proto::control::{self, Ack, ActorEvent, ActorKind, BlockDigest, Event, PageCounts};
 use ferry_proto::qemu_file::QemuFileReader;
+use ferry_proto::stream::integrity as checkpoint;
 use ferry_proto::stream::load::{self, RamImage};
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
@@ -46,9 +56,11 @@ use ipc_channel::ipc::IpcSender;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::integrity::{self, ReadTap};
 use crate::options::RamSpec;
 use crate::process::error_chain;
 use crate::ram;
+use crate::tls;
 use crate::uri::{self, Uri};
 
 /// How often the reader reports progress.
@@ -68,6 +80,8 @@ pub struct Init {
     pub decompress_workers: usize,
     /// Fail a read that gets nothing for this long.
     pub stall_timeout: Option<std::time::Duration>,
+    /// Require a TLS sender with a certificate signed by this CA.
+    pub tls: Option<tls::Files>,
 }
 
 impl Init {
@@ -77,9 +91,11 @@ impl Init {
         ram: &[RamSpec],
         decompress_workers: usize,
         stall_timeout: Option<std::time::Duration>,
+        tls: Option<tls::Files>,
     ) -> Self {
         Self {
             stall_timeout,
+            tls,
             listen: listen.to_string(),
             ram: ram
                 .iter()
@@ -117,14 +133,17 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// No connection could be taken.
+    /// The TLS files cannot be loaded.
+    #[error("cannot set up TLS")]
+    Tls(#[source] Box<tls::Error>),
+    /// No connection could be taken (or its TLS handshake failed).
     #[error("cannot accept a connection on {uri}")]
     Accept {
         /// The URI.
         uri: String,
         /// Why.
         #[source]
-        source: io::Error,
+        source: uri::OpenError,
     },
     /// The orchestrator cannot be told.
     #[error("cannot report to the orchestrator")]
@@ -132,6 +151,9 @@ pub enum Error {
     /// The stream is malformed or ended early.
     #[error("cannot read the migration stream")]
     Stream(#[source] parse::Error),
+    /// The stream is not what the sender wrote (`--integrity` checkpoints).
+    #[error("the migration stream is corrupt")]
+    Integrity(#[source] integrity::Error),
     /// The stream announces a block that has no RAM file.
     #[error("the stream has RAM block {block:?} ({length} bytes) but no --ram file is named {block:?} (names given: {given})")]
     NoRamFile {
@@ -184,6 +206,8 @@ struct Parsed {
     bytes: u64,
     counts: PageCounts,
     image: RamImage,
+    /// Integrity checkpoints verified, if the stream had them.
+    checkpoints: Option<u64>,
 }
 
 impl Parsed {
@@ -236,6 +260,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             .map_err(Error::Report)
     };
     let uri: Uri = init.listen.parse().map_err(Error::Uri)?;
+    let server = init
+        .tls
+        .as_ref()
+        .map(tls::Server::new)
+        .transpose()
+        .map_err(|e| Error::Tls(Box::new(e)))?;
     let mut loader = Loader::new(&init.ram, init.decompress_workers)?;
     let listener = uri.listen().map_err(|source| Error::Listen {
         uri: uri.to_string(),
@@ -246,7 +276,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map_or_else(|| uri.to_string(), |a| format!("tcp:{a}"));
     report(Event::Listening { addr })?;
     let conn = listener
-        .accept(init.stall_timeout)
+        .accept(init.stall_timeout, server.as_ref())
         .map_err(|source| Error::Accept {
             uri: uri.to_string(),
             source,
@@ -269,6 +299,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             // The peer has sent everything and half-closed: say hello now, so
             // a ferry sender waits for the Ack while the RAM is synced.
             answer.hello();
+            if let Some(n) = parsed.checkpoints {
+                eprintln!(
+                    "ferry: integrity verified: {n} checkpoints cover the {} stream bytes before EOF",
+                    parsed.bytes.saturating_sub(1)
+                );
+            }
             parsed.finish()
         });
     match result {
@@ -278,6 +314,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 error: None,
                 digests: loaded.digests.clone(),
             });
+            answer.close();
             report(Event::Loaded {
                 bytes: loaded.bytes,
                 counts: loaded.counts,
@@ -290,6 +327,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 error: Some(error_chain(&e)),
                 digests: Vec::new(),
             });
+            answer.close();
             Err(e)
         }
     }
@@ -318,6 +356,14 @@ impl Answer {
         if !self.said_hello {
             self.said_hello = true;
             self.write(control::HELLO);
+        }
+    }
+
+    /// Ends our direction once everything is said (over TLS, the
+    /// close_notify that tells the sender the answer is complete).
+    fn close(&mut self) {
+        if let Some(rp) = self.return_path.as_mut() {
+            let _ = rp.shutdown_write();
         }
     }
 
@@ -417,27 +463,41 @@ impl Loader {
         transport: T,
         progress: &mut dyn FnMut(u64, PageCounts) -> Result<(), Error>,
     ) -> Result<Parsed, Error> {
-        let mut parser = Parser::new(QemuFileReader::new(transport));
+        let (tap, mut verifier) = ReadTap::new(transport);
+        // A checkpoint's body has a known length: never search for its footer.
+        let sizes = HashMap::from([(
+            (checkpoint::IDSTR.to_owned(), 0),
+            checkpoint::BODY_LEN as u64,
+        )]);
+        let mut parser = Parser::new(QemuFileReader::new(tap)).with_device_sizes(sizes);
         let mut last_report = Instant::now();
         let (mut ram_started, mut ram_ended) = (false, false);
+        let mut in_checkpoint = false;
         loop {
             let at = parser.offset();
+            verifier.before_item(at).map_err(Error::Integrity)?;
             match parser.next().map_err(Error::Stream)? {
                 Item::Ram(rec) => self.ram_record(rec, at)?,
-                Item::Section(h) => match h.class {
-                    SectionClass::Ram => match h.kind {
-                        SectionKind::Start => ram_started = true,
-                        SectionKind::End => ram_ended = true,
-                        SectionKind::Part | SectionKind::Full => {}
-                    },
-                    SectionClass::Block => {
-                        return Err(Error::Unsupported {
-                            offset: h.start,
-                            what: "disk (block migration) sections",
-                        })
+                Item::Section(h) => {
+                    in_checkpoint = verifier.on_section(&h, at).map_err(Error::Integrity)?;
+                    match h.class {
+                        SectionClass::Ram => match h.kind {
+                            SectionKind::Start => ram_started = true,
+                            SectionKind::End => ram_ended = true,
+                            SectionKind::Part | SectionKind::Full => {}
+                        },
+                        SectionClass::Block => {
+                            return Err(Error::Unsupported {
+                                offset: h.start,
+                                what: "disk (block migration) sections",
+                            })
+                        }
+                        SectionClass::Device => {}
                     }
-                    SectionClass::Device => {}
-                },
+                }
+                Item::DeviceState(body) if in_checkpoint => {
+                    verifier.on_body(body).map_err(Error::Integrity)?
+                }
                 Item::Block(_) => {
                     return Err(Error::Unsupported {
                         offset: at,
@@ -450,7 +510,15 @@ impl Loader {
                         what: "stream commands (postcopy, return path)",
                     })
                 }
-                Item::Footer { .. } | Item::Eof => self.flush()?,
+                Item::Footer { end, .. } => {
+                    verifier.on_footer(in_checkpoint, end);
+                    in_checkpoint = false;
+                    self.flush()?
+                }
+                Item::Eof => {
+                    verifier.on_eof(at).map_err(Error::Integrity)?;
+                    self.flush()?
+                }
                 Item::End => break,
                 Item::FileHeader
                 | Item::Configuration { .. }
@@ -477,6 +545,7 @@ impl Loader {
             bytes,
             counts: self.counts,
             image,
+            checkpoints: verifier.verified(),
         })
     }
 
@@ -848,6 +917,7 @@ mod tests {
             &"tcp:127.0.0.1:0".parse().unwrap(),
             &["/tmp/a.ram,name=pc.ram".parse().unwrap()],
             3,
+            None,
             None,
         );
         let back: Init = serde_json::from_str(&serde_json::to_string(&init).unwrap()).unwrap();

@@ -1,4 +1,5 @@
-//! Migration URIs in QEMU's forms: `tcp:HOST:PORT`, `unix:PATH`, `file:PATH`.
+//! Migration URIs in QEMU's forms: `tcp:HOST:PORT`, `unix:PATH`, `file:PATH`,
+//! and opening them, with TLS on the two socket forms if asked.
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -10,6 +11,8 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use ferry_proto::transport::{FileTransport, TcpTransport, Transport, UnixTransport};
+
+use crate::tls::{self, Socket};
 
 /// Where a migration stream goes or comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,18 +64,41 @@ impl fmt::Display for Uri {
     }
 }
 
+/// Why a channel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The socket or file.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The TLS handshake or setup (boxed: it is large, and rare).
+    #[error(transparent)]
+    Tls(Box<tls::Error>),
+    /// TLS asked for on a file.
+    #[error("TLS works only on tcp: and unix: channels, not on {0}")]
+    TlsOnFile(String),
+}
+
+impl From<tls::Error> for OpenError {
+    fn from(e: tls::Error) -> Self {
+        OpenError::Tls(Box::new(e))
+    }
+}
+
 /// An open migration channel: the stream, and the way back if the peer has one.
 pub struct Connection {
     /// The stream.
     pub transport: Box<dyn Transport>,
     /// The return path; `None` for files.
     pub return_path: Option<Box<dyn Transport>>,
+    /// The channel is a TLS session (both directions).
+    pub tls: bool,
 }
 
 impl fmt::Debug for Connection {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Connection")
             .field("return_path", &self.return_path.is_some())
+            .field("tls", &self.tls)
             .finish_non_exhaustive()
     }
 }
@@ -82,6 +108,7 @@ fn with_return_path<T: Transport + 'static>(mut t: T) -> Connection {
     Connection {
         transport: Box::new(t),
         return_path,
+        tls: false,
     }
 }
 
@@ -130,7 +157,10 @@ impl<T: Transport> Transport for Stall<T> {
 
 /// A socket's channel, with timeouts reported as stalls.
 fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection {
-    let mut conn = with_return_path(t);
+    stalling_conn(with_return_path(t), stall)
+}
+
+fn stalling_conn(mut conn: Connection, stall: Option<Duration>) -> Connection {
     if let Some(d) = stall {
         conn.transport = Box::new(Stall {
             inner: conn.transport,
@@ -141,40 +171,74 @@ fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection
 }
 
 impl Uri {
+    /// The HOST of `tcp:HOST:PORT` (brackets of an IPv6 address removed).
+    pub fn host(&self) -> Option<&str> {
+        match self {
+            Uri::Tcp(addr) => addr
+                .rsplit_once(':')
+                .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']')),
+            _ => None,
+        }
+    }
+
     /// Opens the sending end: connects to a listener, or creates the file.
     /// With `stall`, a write that makes no progress for that long fails.
-    pub fn connect(&self, timeout: Duration, stall: Option<Duration>) -> io::Result<Connection> {
-        match self {
+    /// With `tls`, the socket carries a TLS session whose handshake must
+    /// finish within `timeout`.
+    pub fn connect(
+        &self,
+        timeout: Duration,
+        stall: Option<Duration>,
+        tls: Option<&tls::Client>,
+    ) -> Result<Connection, OpenError> {
+        let socket = match self {
             Uri::Tcp(addr) => {
                 let mut last =
                     io::Error::new(io::ErrorKind::NotFound, "address resolves to nothing");
+                let mut found = None;
                 for a in addr.to_socket_addrs()? {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
-                            s.set_write_timeout(stall)?;
-                            return Ok(stalling(TcpTransport(s), stall));
+                            found = Some(s);
+                            break;
                         }
                         Err(e) => last = e,
                     }
                 }
-                Err(last)
+                Socket::Tcp(found.ok_or(last)?)
             }
-            Uri::Unix(path) => {
-                let s = UnixStream::connect(path)?;
-                s.set_write_timeout(stall)?;
-                Ok(stalling(UnixTransport(s), stall))
-            }
+            Uri::Unix(path) => Socket::Unix(UnixStream::connect(path)?),
             Uri::File(path) => {
+                if tls.is_some() {
+                    return Err(OpenError::TlsOnFile(self.to_string()));
+                }
                 let f = OpenOptions::new()
                     .write(true)
                     .create(true)
                     .truncate(true)
                     .open(path)?;
-                Ok(Connection {
+                return Ok(Connection {
                     transport: Box::new(FileTransport(f)),
                     return_path: None,
-                })
+                    tls: false,
+                });
+            }
+        };
+        match (tls, socket) {
+            (None, Socket::Tcp(s)) => {
+                s.set_write_timeout(stall)?;
+                Ok(stalling(TcpTransport(s), stall))
+            }
+            (None, Socket::Unix(s)) => {
+                s.set_write_timeout(stall)?;
+                Ok(stalling(UnixTransport(s), stall))
+            }
+            (Some(client), socket) => {
+                let name = client.server_name(self.host())?;
+                let t = client.connect(socket, name, Some(timeout))?;
+                t.set_timeouts(None, stall)?;
+                Ok(tls_connection(t, stall))
             }
         }
     }
@@ -198,6 +262,13 @@ impl Uri {
     }
 }
 
+/// A TLS session as a channel: the return path is another handle on it.
+fn tls_connection(t: tls::TlsTransport, stall: Option<Duration>) -> Connection {
+    let mut conn = with_return_path(t);
+    conn.tls = true;
+    stalling_conn(conn, stall)
+}
+
 /// The receiving end before a peer arrives.
 #[derive(Debug)]
 pub enum Listener {
@@ -211,24 +282,46 @@ pub enum Listener {
 
 impl Listener {
     /// Waits for the peer (or takes the file) and returns the channel. With
-    /// `stall`, a read that gets nothing for that long fails.
-    pub fn accept(&self, stall: Option<Duration>) -> io::Result<Connection> {
-        match self {
+    /// `stall`, a read that gets nothing for that long fails. With `tls`, the
+    /// peer must complete a TLS handshake (within `stall`, if set) with a
+    /// certificate the server accepts.
+    pub fn accept(
+        &self,
+        stall: Option<Duration>,
+        tls: Option<&tls::Server>,
+    ) -> Result<Connection, OpenError> {
+        let socket = match self {
             Listener::Tcp(l) => {
                 let (s, _) = l.accept()?;
                 s.set_nodelay(true)?;
+                Socket::Tcp(s)
+            }
+            Listener::Unix(l, _) => Socket::Unix(l.accept()?.0),
+            Listener::File(f) => {
+                if tls.is_some() {
+                    return Err(OpenError::TlsOnFile("a file".into()));
+                }
+                return Ok(Connection {
+                    transport: Box::new(FileTransport(f.try_clone()?)),
+                    return_path: None,
+                    tls: false,
+                });
+            }
+        };
+        match (tls, socket) {
+            (None, Socket::Tcp(s)) => {
                 s.set_read_timeout(stall)?;
                 Ok(stalling(TcpTransport(s), stall))
             }
-            Listener::Unix(l, _) => {
-                let (s, _) = l.accept()?;
+            (None, Socket::Unix(s)) => {
                 s.set_read_timeout(stall)?;
                 Ok(stalling(UnixTransport(s), stall))
             }
-            Listener::File(f) => Ok(Connection {
-                transport: Box::new(FileTransport(f.try_clone()?)),
-                return_path: None,
-            }),
+            (Some(server), socket) => {
+                let t = server.accept(socket, stall)?;
+                t.set_timeouts(stall, None)?;
+                Ok(tls_connection(t, stall))
+            }
         }
     }
 
@@ -276,5 +369,14 @@ mod tests {
         ] {
             assert!(bad.parse::<Uri>().is_err(), "{bad:?} should be rejected");
         }
+    }
+
+    #[test]
+    fn the_host_of_a_tcp_uri_names_the_tls_server() {
+        let host = |s: &str| s.parse::<Uri>().unwrap().host().map(str::to_owned);
+        assert_eq!(host("tcp:localhost:4444").as_deref(), Some("localhost"));
+        assert_eq!(host("tcp:127.0.0.1:4444").as_deref(), Some("127.0.0.1"));
+        assert_eq!(host("tcp:[::1]:4444").as_deref(), Some("::1"));
+        assert_eq!(host("unix:/run/m.sock"), None);
     }
 }

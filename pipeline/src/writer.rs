@@ -6,6 +6,11 @@
 //! page can never overtake a newer one, enforces the rate limit in QEMU's
 //! 100 ms windows, and listens on the return path for a ferry receiver's
 //! acknowledgement.
+//!
+//! With TLS the connection is a TLS session in both directions (see
+//! [`crate::tls`]); with `--integrity` the writer seals the stream with
+//! checkpoints (see [`crate::integrity`]) after the configuration, after
+//! every chunk (closing the RAM section part around it) and before EOF.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read};
@@ -23,7 +28,9 @@ use ferry_proto::transport::Transport;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
+use crate::integrity::{Sealer, WriteTap};
 use crate::ram::{self, BlockFile};
+use crate::tls;
 use crate::uri::{self, Uri};
 
 /// QEMU's rate-limit window.
@@ -42,6 +49,22 @@ pub enum Command {
     SetRate(u64),
 }
 
+/// TLS settings of the sending end.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TlsInit {
+    /// Certificate, key and CA.
+    pub files: tls::Files,
+    /// The name the receiver's certificate must carry, instead of the tcp: host.
+    pub hostname: Option<String>,
+}
+
+impl TlsInit {
+    /// Loads the files into a client setup.
+    pub fn client(&self) -> Result<tls::Client, tls::Error> {
+        tls::Client::new(&self.files, self.hostname.as_deref())
+    }
+}
+
 /// Configuration of the writer.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct Init {
@@ -57,6 +80,10 @@ pub struct Init {
     pub rate: u64,
     /// Fail a write that makes no progress for this long.
     pub stall_timeout: Option<Duration>,
+    /// TLS on the connection, if set.
+    pub tls: Option<TlsInit>,
+    /// Seal the stream with integrity checkpoints (a ferry receiver only).
+    pub integrity: bool,
     /// Chunks from the compress stage.
     pub chunks: IpcReceiver<Chunk>,
     /// One credit back per chunk written.
@@ -83,6 +110,9 @@ pub enum Error {
     /// The device-state file is not valid.
     #[error("bad device state")]
     DeviceState(#[source] parse::Error),
+    /// The TLS files cannot be loaded.
+    #[error("cannot set up TLS")]
+    Tls(#[source] Box<tls::Error>),
     /// Cannot connect to the destination.
     #[error("cannot connect to {uri}")]
     Connect {
@@ -90,7 +120,7 @@ pub enum Error {
         uri: String,
         /// Why.
         #[source]
-        source: io::Error,
+        source: uri::OpenError,
     },
     /// Guest RAM cannot be mapped.
     #[error("cannot map guest RAM")]
@@ -113,6 +143,13 @@ pub enum Error {
     /// The destination sent something that is not an acknowledgement.
     #[error("the destination sent an unreadable acknowledgement: {0:?}")]
     BadAck(String),
+    /// The TLS session failed while the stream was under way (an alert
+    /// from the receiver, a record that does not authenticate).
+    #[error(transparent)]
+    Session(io::Error),
+    /// A plain-text sender met a receiver that wants TLS.
+    #[error("the destination answered with a TLS alert: it expects TLS (give --tls-cert, --tls-key and --tls-ca)")]
+    PeerWantsTls,
     /// Chunks arrived with a gap in their sequence.
     #[error("chunk {0} never arrived")]
     SequenceGap(u64),
@@ -137,7 +174,18 @@ enum Reply {
     Hello,
     Ack(Ack),
     Garbage(String),
+    /// The TLS session failed (an alert, a bad record).
+    Failed(io::Error),
     Closed,
+}
+
+impl Reply {
+    /// A TLS record (alert 0x15 or handshake 0x16, version 3.x) where a line
+    /// of text was expected: the peer speaks TLS and we do not.
+    fn is_tls_record(line: &str) -> bool {
+        let b = line.as_bytes();
+        b.len() >= 3 && matches!(b[0], 0x15 | 0x16) && b[1] == 3 && b[2] <= 4
+    }
 }
 
 /// `Read` over a transport, for line-based parsing of the return path.
@@ -149,13 +197,17 @@ impl Read for TransportRead {
     }
 }
 
-fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>) {
+/// Reads the return path. Over TLS, a failed session (`InvalidData`, what
+/// [`tls::SessionError`] comes as) is reported as such; any other end of the
+/// return path is a close, as for a peer that never answers.
+fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>, tls: bool) {
     let mut r = BufReader::new(TransportRead(rp));
     let mut line = String::new();
     loop {
         line.clear();
         // Bound the line: the peer is not trusted.
         let reply = match (&mut r).take(1 << 20).read_line(&mut line) {
+            Err(e) if tls && e.kind() == io::ErrorKind::InvalidData => Reply::Failed(e),
             Ok(0) | Err(_) => Reply::Closed,
             Ok(_) if line.as_bytes() == control::HELLO => Reply::Hello,
             Ok(_) => match serde_json::from_str::<Ack>(line.trim_end()) {
@@ -163,7 +215,7 @@ fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>
                 Err(_) => Reply::Garbage(line.chars().take(200).collect()),
             },
         };
-        let closed = matches!(reply, Reply::Closed);
+        let closed = matches!(reply, Reply::Closed | Reply::Failed(_));
         if tx.send(reply).is_err() || closed {
             return;
         }
@@ -233,33 +285,52 @@ fn forward<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
 /// Runs the writer until the stream is complete and acknowledged.
 pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let to: Uri = init.to.parse()?;
-    let device = match init.device_state {
+    let mut device = match init.device_state {
         Some(bytes) => DeviceState::from_bytes(bytes).map_err(Error::DeviceState)?,
         None => DeviceState::default(),
     };
+    // Device state extracted from a sealed stream carries its checkpoints,
+    // which would be stale here (and fail the receiver's check).
+    device
+        .sections
+        .retain(|s| s.header.idstr != ferry_proto::stream::integrity::IDSTR);
     let maps = init
         .blocks
         .iter()
         .map(|b| ram::map_readonly(&b.path))
         .collect::<Result<Vec<_>, _>>()?;
+    let client = init
+        .tls
+        .as_ref()
+        .map(TlsInit::client)
+        .transpose()
+        .map_err(|e| Error::Tls(Box::new(e)))?;
     let conn = to
-        .connect(Duration::from_secs(10), init.stall_timeout)
+        .connect(Duration::from_secs(10), init.stall_timeout, client.as_ref())
         .map_err(|source| Error::Connect {
             uri: to.to_string(),
             source,
         })?;
     let is_file = matches!(to, Uri::File(_));
+    let tls = conn.tls;
     let replies = conn.return_path.map(|rp| {
         let (tx, rx) = crossbeam_channel::unbounded();
-        std::thread::spawn(move || read_return_path(rp, tx));
+        std::thread::spawn(move || read_return_path(rp, tx, tls));
         rx
     });
+    let (transport, sealer): (Box<dyn Transport>, _) = if init.integrity {
+        let (tap, sealer) = WriteTap::new(conn.transport);
+        (Box::new(tap), Some(sealer))
+    } else {
+        (conn.transport, None)
+    };
     let (mail_tx, mail) = crossbeam_channel::bounded(64);
     forward(init.chunks, mail_tx.clone(), Mail::Chunk);
     forward(init.commands, mail_tx, Mail::Command);
 
+    let section_id = device.free_section_id();
     let mut w = Writer {
-        f: QemuFileWriter::new(conn.transport),
+        f: QemuFileWriter::new(transport),
         uri: to.to_string(),
         blocks: &init.blocks,
         maps: &maps,
@@ -268,8 +339,10 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             window_start: Instant::now(),
         },
         counts: PageCounts::default(),
-        section_id: device.free_section_id(),
+        section_id,
         in_part: false,
+        sealer,
+        checkpoint_id: section_id + 1,
         events,
         last_progress: Instant::now(),
     };
@@ -278,6 +351,9 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     w.stream(&mail, &init.credits, replies.as_ref())?;
     w.finish(&device)?;
     let bytes = w.f.ftell();
+    if let Some(s) = &w.sealer {
+        tracing::info!(checkpoints = s.count(), "stream sealed");
+    }
     // Tell the peer the stream is over; it can still answer on the return path.
     let _ = w.f.transport_mut().shutdown_write();
     let counts = w.counts;
@@ -329,7 +405,11 @@ fn await_ack(
                     ack.error.unwrap_or_else(|| "no reason given".into()),
                 ))
             }
+            Ok(Reply::Garbage(line)) if Reply::is_tls_record(&line) => {
+                return Err(Error::PeerWantsTls)
+            }
             Ok(Reply::Garbage(line)) => return Err(Error::BadAck(line)),
+            Ok(Reply::Failed(e)) => return Err(Error::Session(e)),
             Ok(Reply::Closed) | Err(_) if ferry => return Err(Error::NoAck),
             Ok(Reply::Closed) | Err(_) => return Ok((None, ReturnPath::Silent)),
         }
@@ -345,6 +425,10 @@ struct Writer<'m, 'e> {
     counts: PageCounts,
     section_id: u32,
     in_part: bool,
+    /// Makes the integrity checkpoints, with `--integrity`.
+    sealer: Option<Sealer>,
+    /// The checkpoints' section id.
+    checkpoint_id: u32,
     events: &'e IpcSender<ActorEvent>,
     last_progress: Instant,
 }
@@ -367,11 +451,28 @@ impl<'m> Writer<'m, '_> {
         }
     }
 
+    /// With `--integrity`, seals what was written since the last checkpoint.
+    /// Never inside a section.
+    fn checkpoint(&mut self) -> Result<(), Error> {
+        if self.sealer.is_none() {
+            return Ok(());
+        }
+        debug_assert!(!self.in_part);
+        self.f.flush();
+        self.check()?;
+        let Some(c) = self.sealer.as_mut().map(Sealer::seal) else {
+            return Ok(());
+        };
+        c.put(&mut self.f, self.checkpoint_id)
+            .map_err(|e| self.wrap(e))
+    }
+
     /// Header, configuration and the RAM section's setup part.
     fn start(&mut self, device: &DeviceState, machine: &str) -> Result<(), Error> {
+        encode::put_file_header(&mut self.f);
+        device.put_configuration(&mut self.f, machine);
+        self.checkpoint()?;
         let f = &mut self.f;
-        encode::put_file_header(f);
-        device.put_configuration(f, machine);
         let infos: Vec<RamBlockInfo> = self.blocks.iter().map(BlockFile::info).collect();
         let id = self.section_id;
         encode::put_section_start(f, SectionKind::Start, id, RAM_IDSTR, 0, RAM_VERSION)
@@ -406,6 +507,10 @@ impl<'m> Writer<'m, '_> {
                         // A receiver that gives up says why before it closes.
                         Ok(Reply::Ack(ack)) if !ack.ok => {
                             return Err(Error::Rejected(ack.error.unwrap_or_default()))
+                        }
+                        Ok(Reply::Failed(e)) => return Err(Error::Session(e)),
+                        Ok(Reply::Garbage(line)) if Reply::is_tls_record(&line) => {
+                            return Err(Error::PeerWantsTls)
                         }
                         Ok(Reply::Closed) | Err(_) => {}
                         Ok(_) => {}
@@ -509,13 +614,20 @@ impl<'m> Writer<'m, '_> {
                     if n % per_check == 0 {
                         self.limiter.throttle(&mut self.f);
                     }
-                    ram.put_page_async(&mut self.f, &info.name, off as u64, page)
-                        .map_err(|e| self.wrap(e))?;
+                    if self.sealer.is_some() {
+                        // Copied, so the bytes hashed are the bytes sent even
+                        // while the guest writes the page.
+                        ram.put_page(&mut self.f, &info.name, off as u64, page)
+                    } else {
+                        ram.put_page_async(&mut self.f, &info.name, off as u64, page)
+                    }
+                    .map_err(|e| self.wrap(e))?;
                 }
                 self.counts.zero += zero_pages;
                 self.counts.raw += pages.len() as u64;
             }
             Chunk::RoundEnd { round, last, .. } => {
+                // With --integrity the chunk before was sealed already.
                 self.close_part();
                 self.f.flush();
                 self.check()?;
@@ -529,6 +641,10 @@ impl<'m> Writer<'m, '_> {
                 return Ok(last);
             }
         }
+        if self.sealer.is_some() {
+            self.close_part();
+            self.checkpoint()?;
+        }
         self.check()?;
         Ok(false)
     }
@@ -540,6 +656,7 @@ impl<'m> Writer<'m, '_> {
         RamWriter::new().put_eos(&mut self.f);
         encode::put_footer(&mut self.f, self.section_id);
         device.put_sections(&mut self.f).map_err(|e| self.wrap(e))?;
+        self.checkpoint()?;
         encode::put_eof(&mut self.f);
         self.f.flush();
         self.check()

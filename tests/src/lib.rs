@@ -8,6 +8,7 @@
 //! - [`ferry`]: find or build the workspace's `ferry` binary and run it with a timeout.
 //! - [`proc`]: ferry processes in the background, their actors, and killing them.
 //! - [`error`]: the harness's error type: a message naming the failed step.
+//! - [`netns`]: two hosts (network namespaces, shaped veth), guests, tmpfs mounts; root only.
 //!
 //! What QEMU 7.2 puts on the wire and what it accepts is written down in
 //! /work/notes/qemu-format.md (outside the repo); the facts this code depends on are
@@ -15,6 +16,7 @@
 
 pub mod error;
 pub mod ferry;
+pub mod netns;
 pub mod proc;
 pub mod qemu;
 pub mod qmp;

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use clap::Args;
 
 use crate::options::{parse_rate, RamSpec};
+use crate::tls;
 use crate::uri::Uri;
 
 /// Worker threads by default: one per core.
@@ -30,6 +31,38 @@ fn parse_workers(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
         Ok(n) if (1..=256).contains(&n) => Ok(n),
         _ => Err(format!("{s:?}: expected a worker count from 1 to 256")),
+    }
+}
+
+/// `--tls-cert`, `--tls-key`, `--tls-ca`: all three or none.
+#[derive(Debug, Clone, Default, Args)]
+pub struct TlsArgs {
+    /// TLS: this end's certificate (PEM, its chain may follow). With --tls-key
+    /// and --tls-ca the channel is TLS 1.3 with mutual authentication, like
+    /// QEMU's tls-creds-x509 with verify-peer=on: the receiver accepts only a
+    /// sender whose certificate is signed by its --tls-ca, and the sender
+    /// accepts only a receiver whose certificate is signed by its --tls-ca and
+    /// issued for the expected name: --tls-hostname if given, else the HOST of
+    /// tcp:HOST:PORT (a DNS name, or an IP address matched against the
+    /// certificate's IP SANs), else "ferry" for unix:PATH. tcp: and unix: only.
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_ca"])]
+    pub tls_key: Option<PathBuf>,
+    /// TLS: the CA certificate(s) that must have signed the peer's certificate (PEM).
+    #[arg(long, value_name = "FILE", requires_all = ["tls_cert", "tls_key"])]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The three files, if TLS is asked for.
+    pub fn files(&self) -> Result<Option<tls::Files>, tls::Error> {
+        tls::Files::from_options(
+            self.tls_cert.as_deref(),
+            self.tls_key.as_deref(),
+            self.tls_ca.as_deref(),
+        )
     }
 }
 
@@ -106,13 +139,29 @@ pub struct SendArgs {
     /// (a dead link, a peer that stopped reading); 0 = wait forever.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub stall_timeout: u64,
+    /// Seal the stream with integrity checkpoints: an XXH3-128 of the stream
+    /// bytes after every chunk (about 1 MiB), which the receiver verifies by
+    /// itself; a corrupt byte fails the migration, naming the bytes. Only with
+    /// a ferry receiver: a QEMU destination rejects the stream (unknown
+    /// section "ferry-integrity"). With file: the check happens when `ferry
+    /// receive --listen file:` loads the file.
+    #[arg(long)]
+    pub integrity: bool,
+    // TLS settings.
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// TLS: the name the receiver's certificate must carry (DNS SAN, or IP
+    /// SAN for an address), instead of the tcp: host or "ferry" for unix:.
+    #[arg(long, value_name = "NAME", requires = "tls_cert")]
+    pub tls_hostname: Option<String>,
 }
 
 /// `ferry receive`
 #[derive(Debug, Clone, Args)]
 pub struct ReceiveArgs {
     /// Where the stream arrives: tcp:HOST:PORT, unix:PATH, or file:PATH (a
-    /// saved stream).
+    /// saved stream). A stream sealed by `ferry send --integrity` is verified
+    /// as it is read, whatever the URI.
     #[arg(long, value_name = "URI")]
     pub listen: Uri,
     /// Destination RAM block: a file (created at the block's size if missing;
@@ -130,6 +179,9 @@ pub struct ReceiveArgs {
     /// (a dead link, a peer that stopped reading); 0 = wait forever.
     #[arg(long, value_name = "SECONDS", default_value_t = 60)]
     pub stall_timeout: u64,
+    // TLS settings.
+    #[command(flatten)]
+    pub tls: TlsArgs,
 }
 
 /// A `--stall-timeout` value as the sockets take it.

@@ -11,9 +11,13 @@ use std::time::{Duration, Instant};
 use ferry_proto::control::{ActorKind, BlockDigest, Event, PageCounts, Usage};
 use serde_json::{json, Value};
 
+use anyhow::{bail, Context};
+
 use super::{stats, ReceiveArgs};
 use crate::process::{self, Supervisor};
 use crate::receiver;
+use crate::tls;
+use crate::uri::Uri;
 
 /// How long one wait for an event lasts; also how soon a dead reader is noticed.
 const POLL: Duration = Duration::from_millis(100);
@@ -72,11 +76,23 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
 
 /// Starts the reader and follows it until it has loaded the stream and exited.
 fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> anyhow::Result<()> {
+    let tls = args.tls.files()?;
+    if let Some(files) = &tls {
+        if matches!(args.listen, Uri::File(_)) {
+            bail!(
+                "--tls-cert/--tls-key/--tls-ca work only with tcp: and unix:, not {}",
+                args.listen
+            );
+        }
+        // Fail on unreadable files before spawning anything.
+        tls::Server::new(files).context("cannot set up TLS")?;
+    }
     let init = receiver::Init::new(
         &args.listen,
         &args.ram,
         args.decompress_workers,
         super::stall(args.stall_timeout),
+        tls,
     );
     sup.spawn(ActorKind::Reader, init)?;
     loop {

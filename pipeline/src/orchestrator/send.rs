@@ -19,6 +19,7 @@ use super::{stats, SendArgs};
 use crate::dirty_log::DirtyLog;
 use crate::process::Supervisor;
 use crate::ram::{self, BlockFile};
+use crate::uri::Uri;
 use crate::{compress_pool, scanner, writer};
 
 /// Chunks in flight between the compress stage and the writer: enough to
@@ -309,6 +310,7 @@ fn drive(
     start: Instant,
     show_progress: bool,
 ) -> anyhow::Result<()> {
+    let tls = tls_init(args)?;
     let (scan_tx, scan_rx) = ipc::channel::<scanner::Command>()?;
     let (work_tx, work_rx) = ipc::channel::<Work>()?;
     let (chunk_tx, chunk_rx) = ipc::channel::<Chunk>()?;
@@ -324,6 +326,8 @@ fn drive(
             machine: args.machine.clone(),
             rate: args.max_bandwidth,
             stall_timeout: super::stall(args.stall_timeout),
+            tls: tls.clone(),
+            integrity: args.integrity,
             chunks: chunk_rx,
             credits: credit_tx,
             commands: cmd_rx,
@@ -434,6 +438,26 @@ fn drive(
         g.migrated()?;
     }
     Ok(())
+}
+
+/// The writer's TLS settings, checked: the files load, the URI is a socket.
+fn tls_init(args: &SendArgs) -> anyhow::Result<Option<writer::TlsInit>> {
+    let Some(files) = args.tls.files()? else {
+        return Ok(None);
+    };
+    if matches!(args.to, Uri::File(_)) {
+        bail!(
+            "--tls-cert/--tls-key/--tls-ca work only with tcp: and unix:, not {}",
+            args.to
+        );
+    }
+    let init = writer::TlsInit {
+        files,
+        hostname: args.tls_hostname.clone(),
+    };
+    // Fail on unreadable files before spawning anything.
+    init.client().context("cannot set up TLS")?;
+    Ok(Some(init))
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

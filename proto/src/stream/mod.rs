@@ -2,6 +2,7 @@
 //!
 //! - [`encode`]: records and framing a QEMU 7.2 destination loads.
 //! - [`image`]: a whole stream from unchanging RAM, in one pass.
+//! - [`integrity`]: ferry's checkpoint section (`ferry send --integrity`).
 //! - [`parse`]: streams QEMU 7.2 (or ferry) wrote, read trusting nothing.
 //! - [`load`]: parsed RAM records applied to file-backed memory.
 //! - [`device_state`]: the opaque non-RAM sections, kept byte for byte.
@@ -11,6 +12,7 @@
 pub mod device_state;
 pub mod encode;
 pub mod image;
+pub mod integrity;
 pub mod load;
 pub mod parse;
 pub mod vmdesc;
