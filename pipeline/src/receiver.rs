@@ -109,6 +109,14 @@ impl Init {
 /// Errors of the reader.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// A --ram path names something other than a regular file.
+    #[error("the RAM file {path} for block {block:?} is not a regular file")]
+    NotAFile {
+        /// The block.
+        block: String,
+        /// The path.
+        path: PathBuf,
+    },
     /// The listen URI does not parse.
     #[error("bad listen address")]
     Uri(#[source] uri::ParseError),
@@ -610,6 +618,12 @@ impl Loader {
             };
             // Other errors (permissions, a missing directory) surface in open.
             if let Ok(meta) = fs::metadata(path) {
+                if !meta.is_file() {
+                    return Err(Error::NotAFile {
+                        block: b.idstr.clone(),
+                        path: path.clone(),
+                    });
+                }
                 if meta.len() != b.length {
                     return Err(Error::SizeMismatch {
                         block: b.idstr.clone(),

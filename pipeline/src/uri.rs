@@ -155,6 +155,31 @@ impl<T: Transport> Transport for Stall<T> {
     }
 }
 
+/// Bounds how long sent data may stay unacknowledged (TCP_USER_TIMEOUT).
+/// SO_SNDTIMEO alone restarts with every write that copies a few bytes into
+/// a socket buffer with room left, so a dead link took two or three stall
+/// timeouts to notice; with this the connection fails after one.
+fn set_user_timeout(s: &TcpStream, stall: Option<Duration>) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let Some(d) = stall else { return Ok(()) };
+    let ms = libc::c_uint::try_from(d.as_millis()).unwrap_or(libc::c_uint::MAX);
+    // SAFETY: setsockopt reads exactly size_of::<c_uint>() bytes from a valid
+    // c_uint on our stack, for a socket we own.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_USER_TIMEOUT,
+            (&ms as *const libc::c_uint).cast(),
+            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// A socket's channel, with timeouts reported as stalls.
 fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection {
     stalling_conn(with_return_path(t), stall)
@@ -200,6 +225,7 @@ impl Uri {
                     match TcpStream::connect_timeout(&a, timeout) {
                         Ok(s) => {
                             s.set_nodelay(true)?;
+                            set_user_timeout(&s, stall)?;
                             found = Some(s);
                             break;
                         }
