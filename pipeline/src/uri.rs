@@ -117,29 +117,49 @@ fn with_return_path<T: Transport + 'static>(mut t: T) -> Connection {
 struct Stall<T> {
     inner: T,
     secs: u64,
+    /// When bytes last moved. A connection the kernel gave up on
+    /// (TCP_USER_TIMEOUT) may surface as a broken pipe on the next write: if
+    /// nothing moved for the stall timeout, that too is the stall.
+    last_progress: std::time::Instant,
 }
 
 impl<T> Stall<T> {
     fn map(&self, e: io::Error) -> io::Error {
-        match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "the connection stalled: no progress for {} s (--stall-timeout)",
-                    self.secs
-                ),
-            ),
-            _ => e,
+        // The kernel's own give-up comes a little after the last write that
+        // still fit in the socket buffer, so half the timeout counts.
+        let quiet = self.last_progress.elapsed() >= Duration::from_secs(self.secs) / 2;
+        let stalled = match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => true,
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => quiet,
+            _ => false,
+        };
+        if !stalled {
+            return e;
         }
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "the connection stalled: no progress for {} s (--stall-timeout)",
+                self.secs
+            ),
+        )
     }
 }
 
 impl<T: Transport> Transport for Stall<T> {
     fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
-        self.inner.writev(bufs).map_err(|e| self.map(e))
+        let r = self.inner.writev(bufs).map_err(|e| self.map(e));
+        if matches!(r, Ok(n) if n > 0) {
+            self.last_progress = std::time::Instant::now();
+        }
+        r
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.inner.read(buf).map_err(|e| self.map(e))
+        let r = self.inner.read(buf).map_err(|e| self.map(e));
+        if matches!(r, Ok(n) if n > 0) {
+            self.last_progress = std::time::Instant::now();
+        }
+        r
     }
     fn shutdown(&mut self) -> io::Result<()> {
         self.inner.shutdown()
@@ -188,6 +208,7 @@ fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection
 fn stalling_conn(mut conn: Connection, stall: Option<Duration>) -> Connection {
     if let Some(d) = stall {
         conn.transport = Box::new(Stall {
+            last_progress: std::time::Instant::now(),
             inner: conn.transport,
             secs: d.as_secs(),
         });
