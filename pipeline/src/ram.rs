@@ -110,14 +110,32 @@ pub fn map_readonly(path: &Path) -> Result<Mmap, Error> {
     unsafe { Mmap::map(&file) }.map_err(err)
 }
 
-/// The digest both ends compute over a RAM block: XXH3-128 in hex.
+/// The digest both ends compute over a RAM block: XXH3-128, in hex, of every
+/// page that is not all zero, each preceded by its little-endian u64 index.
+///
+/// Zero pages are left out so that the cost follows the memory a block holds,
+/// not the size it claims: a destination skips the holes of its sparse files
+/// without reading them, and a hostile stream that announces terabytes costs
+/// nothing to verify.
 pub fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(bytes))
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    hash_pages(&mut h, 0, bytes);
+    format!("{:032x}", h.digest128())
 }
 
-/// [`digest`] of a RAM file, reading only the parts that hold data: holes
-/// of a sparse file are hashed as the zeros they are without touching them,
-/// so a destination's never-written pages are not allocated by the check.
+/// Adds the non-zero pages of `bytes`, which starts at page `first`.
+fn hash_pages(h: &mut xxhash_rust::xxh3::Xxh3, first: u64, bytes: &[u8]) {
+    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+        if !ferry_proto::stream::encode::is_zero(page) {
+            h.update(&(first + i as u64).to_le_bytes());
+            h.update(page);
+        }
+    }
+}
+
+/// [`digest`] of a RAM file, reading only the parts that hold data: the holes
+/// of a sparse file are zero pages, skipped without being touched, so a
+/// destination's never-written pages are not allocated by the check.
 pub fn digest_file(path: &Path) -> Result<String, Error> {
     use std::os::fd::AsRawFd;
     let err = |source| Error::Open {
@@ -127,32 +145,32 @@ pub fn digest_file(path: &Path) -> Result<String, Error> {
     let file = File::open(path).map_err(err)?;
     let len = file.metadata().map_err(err)?.len();
     let map = map_readonly(path)?;
-    static ZEROS: [u8; 1 << 16] = [0; 1 << 16];
+    let page = PAGE_SIZE as u64;
     let mut h = xxhash_rust::xxh3::Xxh3::new();
-    let mut at = 0u64;
     let seek = |from: u64, whence| {
         // SAFETY: lseek on a descriptor we own has no memory effects.
         let r = unsafe { libc::lseek(file.as_raw_fd(), from as libc::off_t, whence) };
         if r < 0 {
-            len // no more data (ENXIO), or no hole support: treat as the end
+            None // ENXIO: no data after `from`
         } else {
-            r as u64
+            Some(r as u64)
         }
     };
+    let mut at = 0u64;
     while at < len {
-        let data = seek(at, libc::SEEK_DATA).min(len);
-        let mut z = data - at;
-        while z > 0 {
-            let n = z.min(ZEROS.len() as u64);
-            h.update(&ZEROS[..n as usize]);
-            z -= n;
-        }
-        if data >= len {
+        let Some(data) = seek(at, libc::SEEK_DATA).filter(|&d| d < len) else {
             break;
-        }
-        let hole = seek(data, libc::SEEK_HOLE).clamp(data, len);
-        h.update(&map[data as usize..hole as usize]);
-        at = hole;
+        };
+        // Whole pages around the data: a hole boundary may fall inside one.
+        let start = data / page * page;
+        let end = seek(data, libc::SEEK_HOLE)
+            .unwrap_or(len)
+            .min(len)
+            .div_ceil(page)
+            * page;
+        let end = end.min(len).max(start + 1);
+        hash_pages(&mut h, start / page, &map[start as usize..end as usize]);
+        at = end;
     }
     Ok(format!("{:032x}", h.digest128()))
 }
