@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use ferry_proto::stream::{RamBlockInfo, PAGE_SIZE};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
-use xxhash_rust::xxh3::xxh3_128;
 
 use crate::options::RamSpec;
 
