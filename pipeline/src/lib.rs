@@ -8,6 +8,7 @@
 //! - [`compress_pool`]: compresses (or passes on) batches with a rayon pool.
 //! - [`writer`]: owns the connection and the bandwidth budget.
 //! - [`receiver`]: the destination: parses, decompresses, writes guest RAM.
+//! - [`disk`]: disk migration: the source's blockio actor process, the destination's disk sinks.
 //! - [`blockio`]: the block-IO actor: one libblkio queue (io_uring or vhost-user) and its completion fd.
 //! - [`process`]: spawning actor processes and supervising them.
 //! - [`inspect`]: `ferry inspect`.
@@ -25,6 +26,7 @@ pub mod blockio;
 pub mod compress_pool;
 pub mod demo;
 pub mod dirty_log;
+pub mod disk;
 pub mod inspect;
 pub mod integrity;
 pub mod loadgen;
@@ -50,6 +52,7 @@ pub fn run_actor(kind: &str, server: String) -> i32 {
         }
         Some(ActorKind::Writer) => process::run_child(ActorKind::Writer, server, writer::run),
         Some(ActorKind::Reader) => process::run_child(ActorKind::Reader, server, receiver::run),
+        Some(ActorKind::Blockio) => process::run_child(ActorKind::Blockio, server, disk::run),
         None => {
             eprintln!("ferry: unknown actor {kind:?}");
             2

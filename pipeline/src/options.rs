@@ -3,6 +3,8 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use crate::blockio::Driver;
+
 /// `--ram PATH[,name=BLOCK]`: a RAM block backed by a file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RamSpec {
@@ -12,12 +14,64 @@ pub struct RamSpec {
     pub name: String,
 }
 
+/// `--disk PATH[,name=DEV][,driver=io_uring|virtio-blk-vhost-user][,dirty-log=PATH]`:
+/// a disk (a raw image, or a vhost-user-blk socket) and its device name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskSpec {
+    /// The image file, or the vhost-user socket.
+    pub path: PathBuf,
+    /// The device name in the "block" section.
+    pub name: String,
+    /// The libblkio driver.
+    pub driver: Driver,
+    /// The disk's dirty log (one bit per 1 MiB chunk), for a live migration.
+    pub dirty_log: Option<PathBuf>,
+}
+
+impl FromStr for DiskSpec {
+    type Err = ParseError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ParseError::Disk(s.into());
+        let mut parts = s.split(',');
+        let path = parts.next().filter(|p| !p.is_empty()).ok_or_else(bad)?;
+        let (mut name, mut driver, mut dirty_log) = (None, Driver::IoUring, None);
+        for opt in parts {
+            match opt.split_once('=') {
+                Some(("name", n)) if !n.is_empty() => name = Some(n.to_owned()),
+                Some(("driver", d)) => driver = d.parse().map_err(|_| bad())?,
+                Some(("dirty-log", p)) if !p.is_empty() => dirty_log = Some(PathBuf::from(p)),
+                _ => return Err(bad()),
+            }
+        }
+        let path = PathBuf::from(path);
+        let name = match name {
+            Some(n) => n,
+            None => stem(&path).ok_or_else(bad)?,
+        };
+        if name.len() > 255 {
+            return Err(ParseError::NameTooLong(name));
+        }
+        Ok(DiskSpec {
+            path,
+            name,
+            driver,
+            dirty_log,
+        })
+    }
+}
+
 /// An option value that does not parse.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ParseError {
     /// `--ram` is malformed.
     #[error("{0:?}: expected PATH[,name=BLOCK]")]
     Ram(String),
+    /// `--disk` is malformed.
+    #[error(
+        "{0:?}: expected PATH[,name=DEV][,driver=io_uring|virtio-blk-vhost-user][,dirty-log=PATH]"
+    )]
+    Disk(String),
     /// A block name longer than a counted string allows.
     #[error("block name {0:?} is longer than 255 bytes")]
     NameTooLong(String),
@@ -108,6 +162,23 @@ mod tests {
         assert!(format!("/x,name={}", "n".repeat(256))
             .parse::<RamSpec>()
             .is_err());
+    }
+
+    #[test]
+    fn disk_spec_parses_its_options() {
+        let d: DiskSpec = "/x/vda.img".parse().unwrap();
+        assert_eq!(
+            (d.name.as_str(), d.driver, d.dirty_log),
+            ("vda", Driver::IoUring, None)
+        );
+        let d: DiskSpec = "/x/s.sock,name=disk0,driver=virtio-blk-vhost-user,dirty-log=/l"
+            .parse()
+            .unwrap();
+        assert_eq!(d.name, "disk0");
+        assert_eq!(d.driver, Driver::VirtioBlkVhostUser);
+        assert_eq!(d.dirty_log, Some(PathBuf::from("/l")));
+        assert!("/x,driver=nbd".parse::<DiskSpec>().is_err());
+        assert!("/x,size=1".parse::<DiskSpec>().is_err());
     }
 
     #[test]

@@ -49,15 +49,16 @@ use ferry_proto::control::{self, Ack, ActorEvent, ActorKind, BlockDigest, Event,
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::integrity as checkpoint;
 use ferry_proto::stream::load::{self, RamImage};
-use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionClass};
+use ferry_proto::stream::parse::{self, BlockRecord, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
 use ferry_proto::transport::Transport;
 use ipc_channel::ipc::IpcSender;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
+use crate::disk::{self, DiskInit, Sinks};
 use crate::integrity::{self, ReadTap};
-use crate::options::RamSpec;
+use crate::options::{DiskSpec, RamSpec};
 use crate::process::error_chain;
 use crate::ram;
 use crate::tls;
@@ -82,6 +83,9 @@ pub struct Init {
     pub stall_timeout: Option<std::time::Duration>,
     /// Require a TLS sender with a certificate signed by this CA.
     pub tls: Option<tls::Files>,
+    /// Destination disks for the "block" section.
+    #[serde(default)]
+    pub disks: Vec<DiskInit>,
 }
 
 impl Init {
@@ -102,7 +106,14 @@ impl Init {
                 .map(|s| (s.name.clone(), s.path.clone()))
                 .collect(),
             decompress_workers,
+            disks: Vec::new(),
         }
+    }
+
+    /// With these destination disks.
+    pub fn with_disks(mut self, disks: &[DiskSpec]) -> Self {
+        self.disks = disks.iter().map(DiskInit::from_spec).collect();
+        self
     }
 }
 
@@ -204,6 +215,9 @@ pub enum Error {
     /// The RAM cannot be written back to its files.
     #[error("cannot save the loaded RAM")]
     Save(#[source] load::Error),
+    /// A destination disk failed, or the stream does not fit it.
+    #[error(transparent)]
+    Disk(disk::Error),
     /// A loaded RAM file cannot be read back for its digest.
     #[error("cannot compute the digest of the loaded RAM")]
     Digest(#[source] ram::Error),
@@ -216,6 +230,8 @@ struct Parsed {
     image: RamImage,
     /// Integrity checkpoints verified, if the stream had them.
     checkpoints: Option<u64>,
+    /// Digests of the disks, written and flushed.
+    disks: Vec<BlockDigest>,
 }
 
 impl Parsed {
@@ -237,6 +253,7 @@ impl Parsed {
             bytes: self.bytes,
             counts: self.counts,
             digests,
+            disks: self.disks,
         })
     }
 }
@@ -250,6 +267,8 @@ struct Loaded {
     counts: PageCounts,
     /// Digests of the loaded blocks.
     digests: Vec<BlockDigest>,
+    /// Digests of the disks.
+    disks: Vec<BlockDigest>,
 }
 
 /// Runs the reader.
@@ -275,6 +294,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .transpose()
         .map_err(|e| Error::Tls(Box::new(e)))?;
     let mut loader = Loader::new(&init.ram, init.decompress_workers)?;
+    loader.disks = Sinks::open(&init.disks).map_err(Error::Disk)?;
     let listener = uri.listen().map_err(|source| Error::Listen {
         uri: uri.to_string(),
         source,
@@ -321,6 +341,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 ok: true,
                 error: None,
                 digests: loaded.digests.clone(),
+                disks: loaded.disks.clone(),
             });
             answer.close();
             report(Event::Loaded {
@@ -334,6 +355,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 ok: false,
                 error: Some(error_chain(&e)),
                 digests: Vec::new(),
+                disks: Vec::new(),
             });
             answer.close();
             Err(e)
@@ -428,6 +450,8 @@ struct Loader {
     /// (block, page offset) of the pending slots.
     pending_pages: HashSet<(usize, u64)>,
     counts: PageCounts,
+    /// Destination disks.
+    disks: Sinks,
 }
 
 impl std::fmt::Debug for Loader {
@@ -461,6 +485,7 @@ impl Loader {
             pending: 0,
             pending_pages: HashSet::new(),
             counts: PageCounts::default(),
+            disks: Sinks::default(),
         })
     }
 
@@ -494,24 +519,22 @@ impl Loader {
                             SectionKind::End => ram_ended = true,
                             SectionKind::Part | SectionKind::Full => {}
                         },
-                        SectionClass::Block => {
-                            return Err(Error::Unsupported {
-                                offset: h.start,
-                                what: "disk (block migration) sections",
-                            })
-                        }
+                        SectionClass::Block => {}
                         SectionClass::Device => {}
                     }
                 }
                 Item::DeviceState(body) if in_checkpoint => {
                     verifier.on_body(body).map_err(Error::Integrity)?
                 }
-                Item::Block(_) => {
-                    return Err(Error::Unsupported {
-                        offset: at,
-                        what: "disk (block migration) records",
-                    })
-                }
+                Item::Block(BlockRecord::Chunk {
+                    device,
+                    sector,
+                    data,
+                }) => self
+                    .disks
+                    .chunk(&device, sector, data)
+                    .map_err(Error::Disk)?,
+                Item::Block(_) => {}
                 Item::Command { .. } => {
                     return Err(Error::Unsupported {
                         offset: at,
@@ -541,6 +564,8 @@ impl Loader {
         self.flush()?;
         let bytes = parser.offset();
         drop(parser);
+        // Every disk written and flushed before anything is acknowledged.
+        let disks = self.disks.finish().map_err(Error::Disk)?;
         let image = self.image.take().ok_or(Error::Incomplete(
             "it carries no RAM block list (no MEM_SIZE record)",
         ))?;
@@ -554,6 +579,7 @@ impl Loader {
             counts: self.counts,
             image,
             checkpoints: verifier.verified(),
+            disks,
         })
     }
 

@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 
 use crossbeam_channel::{select, Receiver};
 use ferry_proto::control::{
-    self, Ack, ActorEvent, ActorKind, Chunk, Event, PageCounts, ReturnPath,
+    self, Ack, ActorEvent, ActorKind, Chunk, DiskChunk, Event, PageCounts, ReturnPath,
 };
 use ferry_proto::qemu_file::{self, QemuFileWriter};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::encode::{self, RamWriter};
-use ferry_proto::stream::{parse, RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use ferry_proto::stream::{
+    block_flag, parse, RamBlockInfo, SectionKind, BLOCK_CHUNK_SIZE, BLOCK_IDSTR, BLOCK_VERSION,
+    PAGE_SIZE, RAM_IDSTR, RAM_VERSION, SECTOR_SIZE,
+};
 use ferry_proto::transport::Transport;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
@@ -90,6 +93,15 @@ pub struct Init {
     pub credits: IpcSender<u32>,
     /// Commands from the orchestrator.
     pub commands: IpcReceiver<Command>,
+    /// Device names of the disks, in the blockio actor's order (none: no
+    /// block section).
+    pub disks: Vec<String>,
+    /// Disk chunks from the blockio actor (with `disks`).
+    pub disk_chunks: Option<IpcReceiver<DiskChunk>>,
+    /// One credit back per disk chunk written.
+    pub disk_credits: Option<IpcSender<u32>>,
+    /// The shared disk chunk buffers and how many chunks they hold.
+    pub disk_slots: Option<(std::path::PathBuf, u32)>,
 }
 
 /// Everything that reaches the writer, on one queue.
@@ -99,6 +111,8 @@ pub enum Mail {
     Chunk(Chunk),
     /// A command from the orchestrator.
     Command(Command),
+    /// A disk chunk from the blockio actor.
+    Disk(DiskChunk),
 }
 
 /// Errors of the writer.
@@ -163,6 +177,12 @@ pub enum Error {
         /// Page index.
         page: u32,
     },
+    /// The shared disk chunk buffers cannot be mapped.
+    #[error("cannot map the disk chunk buffers")]
+    Slots(#[source] Box<crate::disk::Error>),
+    /// A disk chunk names a disk that does not exist.
+    #[error("disk chunk for disk {0}, which does not exist")]
+    BadDisk(u32),
     /// The compress stage or orchestrator is gone.
     #[error("lost the {0} channel")]
     Channel(&'static str, #[source] io::Error),
@@ -324,9 +344,20 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     } else {
         (conn.transport, None)
     };
+    let slots = init
+        .disk_slots
+        .as_ref()
+        .map(|(path, window)| crate::disk::map_slots_readonly(path, *window))
+        .transpose()
+        .map_err(|e| Error::Slots(Box::new(e)))?;
     let (mail_tx, mail) = crossbeam_channel::bounded(64);
     forward(init.chunks, mail_tx.clone(), Mail::Chunk);
-    forward(init.commands, mail_tx, Mail::Command);
+    forward(init.commands, mail_tx.clone(), Mail::Command);
+    if let Some(rx) = init.disk_chunks {
+        forward(rx, mail_tx, Mail::Disk);
+    } else {
+        drop(mail_tx);
+    }
 
     let section_id = device.free_section_id();
     let mut w = Writer {
@@ -345,10 +376,35 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         checkpoint_id: section_id + 1,
         events,
         last_progress: Instant::now(),
+        disks: &init.disks,
+        slots: slots.as_deref().unwrap_or_default(),
+        block_id: section_id + 2,
+        ram_done: None,
+        disk_done: None,
     };
     w.limiter.set_rate(&mut w.f, init.rate);
     w.start(&device, &init.machine)?;
-    w.stream(&mail, &init.credits, replies.as_ref())?;
+    let streamed = w.stream(
+        &mail,
+        &init.credits,
+        init.disk_credits.as_ref(),
+        replies.as_ref(),
+    );
+    if let (Err(Error::Write { .. }), Some(rx)) = (&streamed, replies.as_ref()) {
+        // A receiver that gives up (a disk too small, an I/O error on its
+        // side) says why before it closes: that beats our broken pipe.
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while let Ok(r) = rx.recv_deadline(deadline) {
+            match r {
+                Reply::Ack(ack) if !ack.ok => {
+                    return Err(Error::Rejected(ack.error.unwrap_or_default()))
+                }
+                Reply::Closed | Reply::Failed(_) => break,
+                _ => {}
+            }
+        }
+    }
+    streamed?;
     w.finish(&device)?;
     let bytes = w.f.ftell();
     if let Some(s) = &w.sealer {
@@ -431,6 +487,16 @@ struct Writer<'m, 'e> {
     checkpoint_id: u32,
     events: &'e IpcSender<ActorEvent>,
     last_progress: Instant,
+    /// Disk device names (empty: no block section).
+    disks: &'m [String],
+    /// The shared disk chunk buffers.
+    slots: &'m [u8],
+    /// The block section's id.
+    block_id: u32,
+    /// The last RAM round written, and whether it was the last.
+    ram_done: Option<(u32, bool)>,
+    /// The last disk round written.
+    disk_done: Option<(u32, bool)>,
 }
 
 impl<'m> Writer<'m, '_> {
@@ -482,8 +548,93 @@ impl<'m> Writer<'m, '_> {
             .map_err(|e| self.wrap(e))?;
         ram.put_eos(&mut self.f);
         encode::put_footer(&mut self.f, id);
+        if !self.disks.is_empty() {
+            let bid = self.block_id;
+            encode::put_section_start(
+                &mut self.f,
+                SectionKind::Start,
+                bid,
+                BLOCK_IDSTR,
+                0,
+                BLOCK_VERSION,
+            )
+            .map_err(|e| self.wrap(e))?;
+            encode::put_block_eos(&mut self.f);
+            encode::put_footer(&mut self.f, bid);
+        }
         self.f.flush();
         self.check()
+    }
+
+    /// One disk chunk as a block PART section of its own (the RAM part, if
+    /// open, is closed first), under the same bandwidth budget as RAM.
+    fn write_disk_chunk(
+        &mut self,
+        disk: u32,
+        offset: u64,
+        len: u32,
+        slot: Option<u32>,
+    ) -> Result<(), Error> {
+        let bytes: &'m [u8] = match slot {
+            None => &[],
+            Some(s) => {
+                let at = s as usize * BLOCK_CHUNK_SIZE;
+                let slots: &'m [u8] = self.slots;
+                slots
+                    .get(at..at + (len as usize).min(BLOCK_CHUNK_SIZE))
+                    .ok_or(Error::BadDisk(disk))?
+            }
+        };
+        let name = self.disks.get(disk as usize).ok_or(Error::BadDisk(disk))?;
+        self.close_part();
+        self.limiter.throttle(&mut self.f);
+        encode::put_section_part(&mut self.f, SectionKind::Part, self.block_id);
+        let sector = offset / SECTOR_SIZE;
+        let mut flags = block_flag::DEVICE_BLOCK;
+        if bytes.is_empty() {
+            flags |= block_flag::ZERO_BLOCK;
+        }
+        self.f.put_be64((sector << 9) | flags);
+        self.f.put_counted_string(name).map_err(|e| self.wrap(e))?;
+        if !bytes.is_empty() {
+            let data = &bytes[..(len as usize).min(bytes.len()).min(BLOCK_CHUNK_SIZE)];
+            for piece in data.chunks(self.limiter.slice()) {
+                self.limiter.throttle(&mut self.f);
+                self.f.put_buffer(piece);
+            }
+            // A short last chunk is padded: a destination reads whole chunks.
+            let pad = BLOCK_CHUNK_SIZE - data.len();
+            if pad > 0 {
+                self.f.put_buffer(&vec![0u8; pad]);
+            }
+        }
+        encode::put_block_eos(&mut self.f);
+        encode::put_footer(&mut self.f, self.block_id);
+        self.checkpoint()?;
+        self.check()
+    }
+
+    /// A round is sent once both its RAM and its disk parts are; returns
+    /// true after the last round.
+    fn round_done(&mut self) -> Result<bool, Error> {
+        let Some((round, last)) = self.ram_done else {
+            return Ok(false);
+        };
+        if !self.disks.is_empty() && self.disk_done != Some((round, last)) {
+            return Ok(false);
+        }
+        self.ram_done = None;
+        self.disk_done = None;
+        self.f.flush();
+        self.check()?;
+        let _ = self.events.send(ActorEvent {
+            actor: ActorKind::Writer,
+            event: Event::RoundSent {
+                round,
+                bytes: self.f.ftell_fast(),
+            },
+        });
+        Ok(last)
     }
 
     /// Writes chunks in sequence order until the last round ends.
@@ -491,6 +642,7 @@ impl<'m> Writer<'m, '_> {
         &mut self,
         mail: &Receiver<Mail>,
         credits: &IpcSender<u32>,
+        disk_credits: Option<&IpcSender<u32>>,
         replies: Option<&Receiver<Reply>>,
     ) -> Result<(), Error> {
         let mut pending: BTreeMap<u64, Chunk> = BTreeMap::new();
@@ -520,6 +672,25 @@ impl<'m> Writer<'m, '_> {
             };
             match m {
                 Mail::Command(Command::SetRate(r)) => self.limiter.set_rate(&mut self.f, r),
+                Mail::Disk(DiskChunk::Data {
+                    disk,
+                    offset,
+                    len,
+                    slot,
+                }) => {
+                    self.write_disk_chunk(disk, offset, len, slot)?;
+                    if let Some(c) = disk_credits {
+                        // The blockio actor exits after its last round.
+                        let _ = c.send(1);
+                    }
+                    self.progress();
+                }
+                Mail::Disk(DiskChunk::RoundEnd { round, last }) => {
+                    self.disk_done = Some((round, last));
+                    if self.round_done()? {
+                        return Ok(());
+                    }
+                }
                 Mail::Chunk(c) => {
                     pending.insert(c.seq(), c);
                     if pending.len() > MAX_REORDER {
@@ -528,7 +699,7 @@ impl<'m> Writer<'m, '_> {
                     while let Some(c) = pending.remove(&next) {
                         next += 1;
                         let counts_credit = !matches!(c, Chunk::RoundEnd { .. });
-                        if self.write_chunk(c)? {
+                        if self.write_chunk(c)? && self.round_done()? {
                             return Ok(());
                         }
                         if counts_credit {
@@ -571,7 +742,7 @@ impl<'m> Writer<'m, '_> {
         }
     }
 
-    /// Writes one chunk; returns true after the last round.
+    /// Writes one chunk; returns true at the end of a RAM round.
     fn write_chunk(&mut self, c: Chunk) -> Result<bool, Error> {
         match c {
             Chunk::Records { bytes, counts, .. } => {
@@ -631,14 +802,8 @@ impl<'m> Writer<'m, '_> {
                 self.close_part();
                 self.f.flush();
                 self.check()?;
-                let _ = self.events.send(ActorEvent {
-                    actor: ActorKind::Writer,
-                    event: Event::RoundSent {
-                        round,
-                        bytes: self.f.ftell_fast(),
-                    },
-                });
-                return Ok(last);
+                self.ram_done = Some((round, last));
+                return Ok(true);
             }
         }
         if self.sealer.is_some() {
@@ -655,6 +820,11 @@ impl<'m> Writer<'m, '_> {
         encode::put_section_part(&mut self.f, SectionKind::End, self.section_id);
         RamWriter::new().put_eos(&mut self.f);
         encode::put_footer(&mut self.f, self.section_id);
+        if !self.disks.is_empty() {
+            encode::put_section_part(&mut self.f, SectionKind::End, self.block_id);
+            encode::put_block_eos(&mut self.f);
+            encode::put_footer(&mut self.f, self.block_id);
+        }
         device.put_sections(&mut self.f).map_err(|e| self.wrap(e))?;
         self.checkpoint()?;
         encode::put_eof(&mut self.f);

@@ -19,6 +19,8 @@ pub enum ActorKind {
     Writer,
     /// Destination: reads and checks the stream, writes guest RAM.
     Reader,
+    /// Source: reads the disks through libblkio, chunk by chunk.
+    Blockio,
 }
 
 impl ActorKind {
@@ -29,14 +31,21 @@ impl ActorKind {
             ActorKind::Compress => "compress",
             ActorKind::Writer => "writer",
             ActorKind::Reader => "reader",
+            ActorKind::Blockio => "blockio",
         }
     }
 
     /// The actor with this name.
     pub fn from_name(s: &str) -> Option<Self> {
-        [Self::Scanner, Self::Compress, Self::Writer, Self::Reader]
-            .into_iter()
-            .find(|k| k.name() == s)
+        [
+            Self::Scanner,
+            Self::Compress,
+            Self::Writer,
+            Self::Reader,
+            Self::Blockio,
+        ]
+        .into_iter()
+        .find(|k| k.name() == s)
     }
 }
 
@@ -164,6 +173,31 @@ impl Chunk {
     }
 }
 
+/// What the blockio actor hands to the writer, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DiskChunk {
+    /// One chunk of a disk (1 MiB, shorter at the end of the disk).
+    Data {
+        /// Index of the disk in the send order.
+        disk: u32,
+        /// Byte offset of the chunk.
+        offset: u64,
+        /// The chunk's length on the disk.
+        len: u32,
+        /// The slot of the shared chunk buffers that holds the chunk's
+        /// bytes; `None` when it is all zero (a ZERO_BLOCK record). The slot
+        /// is reused once the writer gave the chunk's credit back.
+        slot: Option<u32>,
+    },
+    /// Every chunk of `round` has been handed over.
+    RoundEnd {
+        /// The round.
+        round: u32,
+        /// The stream ends after this round.
+        last: bool,
+    },
+}
+
 /// A RAM block's digest, as both ends compute it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockDigest {
@@ -190,6 +224,9 @@ pub struct Ack {
     pub error: Option<String>,
     /// Digest of each RAM block after loading.
     pub digests: Vec<BlockDigest>,
+    /// Digest of each disk after loading and flushing (name = device name).
+    #[serde(default)]
+    pub disks: Vec<BlockDigest>,
 }
 
 /// Whether the peer answers on a return path.
@@ -255,6 +292,12 @@ pub enum Event {
         counts: PageCounts,
         /// Digests of the loaded blocks.
         digests: Vec<BlockDigest>,
+    },
+    /// Blockio: the source disks' digests, taken after the last pass (the
+    /// guest is stopped then).
+    DiskDigests {
+        /// One per disk, in send order.
+        disks: Vec<BlockDigest>,
     },
     /// The actor failed; it exits non-zero after this.
     Failed {

@@ -167,6 +167,21 @@ pub fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
     (a.len() != b.len()).then(|| a.len().min(b.len()))
 }
 
+/// The digest ferry reports for a RAM block (its `ram::digest`): XXH3-128, in
+/// hex, of every page that is not all zero, each preceded by its
+/// little-endian u64 index. Written out again here so the tests check ferry
+/// against the definition, not against itself.
+pub fn ferry_digest(bytes: &[u8]) -> String {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+        if page.iter().any(|&b| b != 0) {
+            h.update(&(i as u64).to_le_bytes());
+            h.update(page);
+        }
+    }
+    format!("{:032x}", h.digest128())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -17,7 +17,6 @@ use ferry_tests::proc::Background;
 use ferry_tests::ram::{self, first_difference};
 use serde_json::Value;
 use tempfile::TempDir;
-use xxhash_rust::xxh3::xxh3_128;
 
 const MIB: usize = 1 << 20;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -41,7 +40,7 @@ fn stats(path: &Path) -> Value {
 }
 
 fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(bytes))
+    ferry_tests::ram::ferry_digest(bytes)
 }
 
 fn ferry(args: &[String]) -> Output {

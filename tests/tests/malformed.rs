@@ -62,7 +62,12 @@ fn base() -> (Vec<u8>, Layout) {
     l.part = pos(&mut f);
     l.boundaries.push(l.part);
     encode::put_section_part(&mut f, SectionKind::Part, 2);
-    let text: Vec<u8> = b"hostile input ".iter().copied().cycle().take(PAGE_SIZE).collect();
+    let text: Vec<u8> = b"hostile input "
+        .iter()
+        .copied()
+        .cycle()
+        .take(PAGE_SIZE)
+        .collect();
     let mut c = ferry_proto::compress::compressor(1);
     for p in 0..PAGES {
         let off = p * PAGE_SIZE as u64;
@@ -74,9 +79,12 @@ fn base() -> (Vec<u8>, Layout) {
             2 => {
                 // header (8 bytes, CONTINUE) then the be32 length.
                 l.compressed_len = pos(&mut f) + 8;
-                ram.put_compressed_page(&mut f, &mut c, "mem", off, &text).unwrap();
+                ram.put_compressed_page(&mut f, &mut c, "mem", off, &text)
+                    .unwrap();
             }
-            _ => ram.put_page(&mut f, "mem", off, &[p as u8 + 1; PAGE_SIZE]).unwrap(),
+            _ => ram
+                .put_page(&mut f, "mem", off, &[p as u8 + 1; PAGE_SIZE])
+                .unwrap(),
         }
     }
     ram.put_eos(&mut f);
@@ -169,19 +177,35 @@ fn malformed_streams_get_their_expected_errors() {
         m
     };
     // Flipped bits in headers.
-    refused(d, "magic", &with(0, &[b'Q' ^ 0x20]), &["at byte 0", "bad magic"]);
-    refused(d, "version", &with(7, &[4]), &["at byte 4", "stream version 4"]);
+    refused(
+        d,
+        "magic",
+        &with(0, &[b'Q' ^ 0x20]),
+        &["at byte 0", "bad magic"],
+    );
+    refused(
+        d,
+        "version",
+        &with(7, &[4]),
+        &["at byte 4", "stream version 4"],
+    );
     refused(
         d,
         "marker",
         &with(l.ram_start, &[0x09]),
-        &[&format!("at byte {}", l.ram_start), "unknown section type 0x09"],
+        &[
+            &format!("at byte {}", l.ram_start),
+            "unknown section type 0x09",
+        ],
     );
     refused(
         d,
         "section-id",
         &with(l.part + 1, &77u32.to_be_bytes()),
-        &[&format!("at byte {}", l.part), "section id 77 was never started"],
+        &[
+            &format!("at byte {}", l.part),
+            "section id 77 was never started",
+        ],
     );
     refused(
         d,
@@ -209,13 +233,19 @@ fn malformed_streams_get_their_expected_errors() {
         d,
         "offset-past-end",
         &with(l.first_page, &past.to_be_bytes()),
-        &[&format!("at byte {}", l.first_page), "past the end of block \"mem\""],
+        &[
+            &format!("at byte {}", l.first_page),
+            "past the end of block \"mem\"",
+        ],
     );
     refused(
         d,
         "unknown-flag",
         &with(l.first_page, &0x200u64.to_be_bytes()),
-        &[&format!("at byte {}", l.first_page), "unknown RAM record flags 0x200"],
+        &[
+            &format!("at byte {}", l.first_page),
+            "unknown RAM record flags 0x200",
+        ],
     );
     // A block list that does not add up.
     let mem_size = l.ram_start + 1 + 4 + 4 + 4 + 4;
@@ -277,7 +307,9 @@ fn a_huge_announced_block_is_not_allocated() {
     // Whether the file system takes a 4 TiB sparse file or not, the reader's
     // own memory stays small.
     if ok {
-        let anon = st["processes"]["reader"]["peak-anon-bytes"].as_u64().unwrap_or(0);
+        let anon = st["processes"]["reader"]["peak-anon-bytes"]
+            .as_u64()
+            .unwrap_or(0);
         assert!(anon < 64 << 20, "the reader used {anon} bytes of memory");
     } else {
         assert!(err.contains("mem"), "a clear error naming the block: {err}");

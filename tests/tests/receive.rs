@@ -32,7 +32,6 @@ use ferry_tests::qemu::{none_machine_args, Qemu};
 use ferry_tests::ram::{self, first_difference};
 use serde_json::{json, Value};
 use tempfile::TempDir;
-use xxhash_rust::xxh3::xxh3_128;
 
 /// Deadline for a whole `ferry receive` run.
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
@@ -278,7 +277,7 @@ fn parse_reply(reply: &[u8]) -> Option<Ack> {
 }
 
 fn digest(bytes: &[u8]) -> String {
-    format!("{:032x}", xxh3_128(bytes))
+    ferry_tests::ram::ferry_digest(bytes)
 }
 
 fn read_json(path: &Path) -> Value {

@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::options::{parse_rate, RamSpec};
+use crate::options::{parse_rate, DiskSpec, RamSpec};
 use crate::tls;
 use crate::uri::Uri;
 
@@ -73,6 +73,15 @@ pub struct SendArgs {
     /// stem). Repeat for several blocks; they are sent in this order.
     #[arg(long = "ram", value_name = "PATH[,name=BLOCK]", required = true)]
     pub ram: Vec<RamSpec>,
+    /// A disk to migrate in QEMU's "block" section: a raw image (io_uring) or a
+    /// vhost-user-blk socket (driver=virtio-blk-vhost-user), its device name
+    /// (default: the file's stem), and for a live migration its dirty log (one
+    /// bit per 1 MiB chunk). Repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,name=DEV][,driver=io_uring|virtio-blk-vhost-user][,dirty-log=PATH]"
+    )]
+    pub disk: Vec<DiskSpec>,
     /// Destination: tcp:HOST:PORT, unix:PATH (a `ferry receive` or a QEMU
     /// `-incoming`), or file:PATH (a stream QEMU can load with `exec:cat`).
     #[arg(long, value_name = "URI")]
@@ -169,6 +178,15 @@ pub struct ReceiveArgs {
     /// (default: the file's stem). Every block in the stream needs one.
     #[arg(long = "ram", value_name = "PATH[,name=BLOCK]", required = true)]
     pub ram: Vec<RamSpec>,
+    /// A destination disk: a raw image (io_uring) or a vhost-user-blk socket
+    /// (driver=virtio-blk-vhost-user) of the same size as the source's (a
+    /// smaller one fails the migration; a larger one fails the sender's digest
+    /// check), and its device name (default: the file's stem). Repeatable.
+    #[arg(
+        long = "disk",
+        value_name = "PATH[,name=DEV][,driver=io_uring|virtio-blk-vhost-user]"
+    )]
+    pub disk: Vec<DiskSpec>,
     /// Decompression threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = default_workers(), value_parser = parse_workers)]
     pub decompress_workers: usize,

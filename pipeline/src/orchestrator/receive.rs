@@ -93,7 +93,8 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
         args.decompress_workers,
         super::stall(args.stall_timeout),
         tls,
-    );
+    )
+    .with_disks(&args.disk);
     sup.spawn(ActorKind::Reader, init)?;
     loop {
         let Some(ev) = sup.next_event(POLL)? else {

@@ -6,7 +6,9 @@ use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context};
-use ferry_proto::control::{ActorKind, BlockDigest, Chunk, Event, PageCounts, ReturnPath, Work};
+use ferry_proto::control::{
+    ActorKind, BlockDigest, Chunk, DiskChunk, Event, PageCounts, ReturnPath, Work,
+};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -20,13 +22,41 @@ use crate::dirty_log::DirtyLog;
 use crate::process::Supervisor;
 use crate::ram::{self, BlockFile};
 use crate::uri::Uri;
-use crate::{compress_pool, scanner, writer};
+use crate::{compress_pool, disk, scanner, writer};
 
 /// Chunks in flight between the compress stage and the writer: enough to
 /// keep the socket busy while the pool works, few enough to bound memory.
 const CHUNK_WINDOW: u32 = 8;
 /// Batches in flight between the scanner and the compress stage.
 const BATCH_WINDOW: u32 = 16;
+/// Disk chunks (1 MiB each) in flight between the blockio actor and the writer.
+const DISK_WINDOW: u32 = 16;
+
+/// Opens the disks' dirty logs for a live migration (every disk needs one).
+fn disk_logs(args: &SendArgs) -> anyhow::Result<Vec<DirtyLog>> {
+    if args.dirty_log.is_none() {
+        return Ok(Vec::new());
+    }
+    args.disk
+        .iter()
+        .map(|d| {
+            let Some(path) = &d.dirty_log else {
+                bail!(
+                    "disk {:?} has no dirty log: a live migration (--dirty-log) needs --disk {},dirty-log=PATH",
+                    d.name,
+                    d.path.display()
+                );
+            };
+            // The log's own length bounds the chunks it covers; the blockio
+            // actor checks it against the disk's capacity.
+            let len = std::fs::metadata(path)
+                .with_context(|| format!("disk {:?}: cannot open its dirty log {}", d.name, path.display()))?
+                .len();
+            DirtyLog::open(path, len * 8)
+                .with_context(|| format!("disk {:?}: cannot open its dirty log", d.name))
+        })
+        .collect()
+}
 
 /// One round of pre-copy, as `--stats-json` reports it.
 #[derive(Debug, Clone, Serialize)]
@@ -89,6 +119,15 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         Some(path) => Some(DirtyLog::open(path, total / PAGE_SIZE as u64)?),
         None => None,
     };
+    let disk_logs = disk_logs(&args)?;
+    for (i, d) in args.disk.iter().enumerate() {
+        if args.disk[..i].iter().any(|o| o.name == d.name) {
+            bail!(
+                "two --disk options are both named {:?} (use PATH,name=DEV)",
+                d.name
+            );
+        }
+    }
     let mut guest = match &args.guest_control {
         Some(uri) => Some(Guest::connect(uri)?),
         None => None,
@@ -101,6 +140,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         &blocks,
         device_state,
         log.as_ref(),
+        &disk_logs,
         guest.as_mut(),
         &mut sup,
         &mut report,
@@ -111,6 +151,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         // Nothing sent this time is known to have arrived.
         sup.kill_all();
         if let Some(log) = &log {
+            log.mark_all();
+        }
+        for log in &disk_logs {
             log.mark_all();
         }
         if let Some(g) = guest.as_mut().filter(|g| g.is_stopped()) {
@@ -144,6 +187,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         }
     );
     match report.return_path {
+        Some(ReturnPath::Ferry) if !args.disk.is_empty() => {
+            eprintln!("ferry: destination verified: RAM and disk digests match")
+        }
         Some(ReturnPath::Ferry) => eprintln!("ferry: destination verified: RAM digests match"),
         Some(ReturnPath::Silent) => eprintln!(
             "ferry: the destination has no return path (a QEMU -incoming?): completion is not verified"
@@ -198,8 +244,10 @@ fn write_stats(
 struct Rounds<'a> {
     args: &'a SendArgs,
     log: Option<&'a DirtyLog>,
+    disk_logs: &'a [DirtyLog],
     guest: Option<&'a mut Guest>,
     scan: IpcSender<scanner::Command>,
+    disk: Option<IpcSender<disk::Command>>,
     start: Instant,
     round: u32,
     round_start: Instant,
@@ -217,7 +265,16 @@ impl Rounds<'_> {
                 all,
                 last,
             })
-            .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))
+            .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
+        if let Some(d) = &self.disk {
+            d.send(disk::Command::Round {
+                round: self.round,
+                all,
+                last,
+            })
+            .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}"))?;
+        }
+        Ok(())
     }
 
     /// A round was written: decide on the next one, or on the switchover.
@@ -229,7 +286,8 @@ impl Rounds<'_> {
         let sent = bytes - self.prev_bytes;
         self.prev_bytes = bytes;
         let bandwidth = sent as f64 / duration;
-        let dirty = log.count() * PAGE_SIZE as u64;
+        let dirty = log.count() * PAGE_SIZE as u64
+            + self.disk_logs.iter().map(DirtyLog::count).sum::<u64>() * disk::CHUNK;
         let expected_ms = if dirty == 0 {
             0.0
         } else {
@@ -304,6 +362,7 @@ fn drive(
     blocks: &[BlockFile],
     device_state: Option<Vec<u8>>,
     log: Option<&DirtyLog>,
+    disk_logs: &[DirtyLog],
     guest: Option<&mut Guest>,
     sup: &mut Supervisor,
     report: &mut Report,
@@ -317,6 +376,29 @@ fn drive(
     let (credit_tx, credit_rx) = ipc::channel::<u32>()?;
     let (scan_credit_tx, scan_credit_rx) = ipc::channel::<u32>()?;
     let (_cmd_tx, cmd_rx) = ipc::channel::<writer::Command>()?;
+    let has_disks = !args.disk.is_empty();
+    let (disk_chunk_tx, disk_chunk_rx) = ipc::channel::<DiskChunk>()?;
+    let (disk_credit_tx, disk_credit_rx) = ipc::channel::<u32>()?;
+    let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<disk::Command>()?;
+    // Shared chunk buffers between the blockio actor and the writer, removed
+    // when the run ends.
+    let slots = if has_disks {
+        let dir = ["/dev/shm".into(), std::env::temp_dir()]
+            .into_iter()
+            .find(|d: &std::path::PathBuf| d.is_dir())
+            .unwrap_or_else(std::env::temp_dir);
+        let f = tempfile::Builder::new()
+            .prefix("ferry-disk-slots-")
+            .tempfile_in(dir)
+            .context("cannot create the disk chunk buffers")?;
+        f.as_file()
+            .set_len(u64::from(DISK_WINDOW) * disk::CHUNK)
+            .context("cannot size the disk chunk buffers")?;
+        Some(f)
+    } else {
+        None
+    };
+    let slots_path = slots.as_ref().map(|f| f.path().to_owned());
     sup.spawn(
         ActorKind::Writer,
         writer::Init {
@@ -331,8 +413,25 @@ fn drive(
             chunks: chunk_rx,
             credits: credit_tx,
             commands: cmd_rx,
+            disks: args.disk.iter().map(|d| d.name.clone()).collect(),
+            disk_chunks: has_disks.then_some(disk_chunk_rx),
+            disk_credits: has_disks.then_some(disk_credit_tx),
+            disk_slots: slots_path.clone().map(|p| (p, DISK_WINDOW)),
         },
     )?;
+    if has_disks {
+        sup.spawn(
+            ActorKind::Blockio,
+            disk::Init {
+                disks: args.disk.iter().map(disk::DiskInit::from_spec).collect(),
+                mailbox: disk_cmd_rx,
+                chunks: disk_chunk_tx,
+                credits: disk_credit_rx,
+                window: DISK_WINDOW,
+                slots: slots_path.clone().unwrap_or_default(),
+            },
+        )?;
+    }
     sup.spawn(
         ActorKind::Compress,
         compress_pool::Init {
@@ -364,8 +463,10 @@ fn drive(
     let mut rounds = Rounds {
         args,
         log,
+        disk_logs,
         guest,
         scan: scan_tx,
+        disk: has_disks.then_some(disk_cmd_tx),
         start,
         round: 0,
         round_start: Instant::now(),
@@ -378,6 +479,8 @@ fn drive(
     let total: u64 = blocks.iter().map(|b| b.length).sum();
     let bar = progress_bar(show_progress, total);
     let mut scanned = 0u64;
+    let mut source_disks: Option<Vec<BlockDigest>> = None;
+    let mut ack_disks: Option<Vec<BlockDigest>> = None;
     loop {
         let Some(ev) = sup.next_event(Duration::from_millis(100))? else {
             if args.timeout > 0
@@ -403,6 +506,7 @@ fn drive(
                 ));
             }
             Event::RoundScanned { pages, .. } => scanned = pages,
+            Event::DiskDigests { disks } => source_disks = Some(disks),
             Event::RoundSent { bytes, .. } if rounds.stopped_at.is_none() => {
                 report.bytes = bytes;
                 rounds.round_sent(bytes, scanned, report)?;
@@ -423,6 +527,20 @@ fn drive(
                 }
                 if let Some(ack) = ack {
                     verify(blocks, &ack.digests)?;
+                    if has_disks {
+                        ack_disks = Some(ack.disks);
+                    }
+                }
+                if let Some(d) = &rounds.disk {
+                    // Digest the source disks only for a destination that
+                    // reported its own.
+                    let cmd = if ack_disks.is_some() {
+                        disk::Command::Digest
+                    } else {
+                        disk::Command::Stop
+                    };
+                    d.send(cmd)
+                        .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}"))?;
                 }
                 report.bytes = bytes;
                 report.counts = counts;
@@ -433,6 +551,21 @@ fn drive(
         }
     }
     bar.finish_and_clear();
+    if let Some(theirs) = ack_disks {
+        // The blockio actor digests the source disks after the last pass.
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while source_disks.is_none() {
+            if Instant::now() > deadline {
+                bail!("the blockio actor did not report the source disks' digests");
+            }
+            if let Some(ev) = sup.next_event(Duration::from_millis(100))? {
+                if let Event::DiskDigests { disks } = ev.event {
+                    source_disks = Some(disks);
+                }
+            }
+        }
+        verify_disks(source_disks.as_deref().unwrap_or_default(), &theirs)?;
+    }
     sup.wait_all(Duration::from_secs(10))?;
     if let Some(g) = rounds.guest {
         g.migrated()?;
@@ -473,6 +606,29 @@ fn progress_bar(show: bool, total: u64) -> ProgressBar {
         .progress_chars("=> "),
     );
     bar
+}
+
+/// Compares the destination's disk digests with the source's.
+fn verify_disks(ours: &[BlockDigest], theirs: &[BlockDigest]) -> anyhow::Result<()> {
+    for o in ours {
+        match theirs.iter().find(|d| d.name == o.name) {
+            None => bail!("the destination did not report disk {:?}", o.name),
+            Some(d) if d.length != o.length => bail!(
+                "disk {:?} is {} bytes on the destination but {} here",
+                o.name,
+                d.length,
+                o.length
+            ),
+            Some(d) if d.xxh3 != o.xxh3 => bail!(
+                "disk {:?} differs on the destination (digest {} there, {} here)",
+                o.name,
+                d.xxh3,
+                o.xxh3
+            ),
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Compares the destination's digests with the source RAM.
