@@ -62,7 +62,8 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         size >> 20,
         src.display()
     );
-    write_image(&src, size)?;
+    pattern::write_image(&src, size, Pattern::Mixed, 1)
+        .with_context(|| format!("cannot write {}", src.display()))?;
 
     let exe = std::env::current_exe()?;
     let mut receiver = Reaped(
@@ -137,23 +138,6 @@ impl Drop for Reaped {
             let _ = self.0.wait();
         }
     }
-}
-
-fn write_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    // Mapping for writing needs a file open for reading too.
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    file.set_len(size)?;
-    // SAFETY: the file was just created by us and nothing else maps it.
-    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
-    pattern::fill(&mut map, Pattern::Mixed, 1);
-    map.flush()?;
-    Ok(())
 }
 
 fn same_contents(a: &Path, b: &Path) -> anyhow::Result<bool> {

@@ -141,6 +141,28 @@ pub fn fill(buf: &mut [u8], pattern: Pattern, seed: u64) {
     }
 }
 
+/// Creates (or truncates) `path` at `size` bytes and fills it with `pattern`:
+/// the guest RAM image of the demo and the benchmarks.
+pub fn write_image(
+    path: &std::path::Path,
+    size: u64,
+    pattern: Pattern,
+    seed: u64,
+) -> std::io::Result<()> {
+    // Mapping for writing needs the file open for reading too.
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .open(path)?;
+    file.set_len(size)?;
+    // SAFETY: the file was just created here and nothing else maps it yet.
+    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
+    fill(&mut map, pattern, seed);
+    map.flush()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

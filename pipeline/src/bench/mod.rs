@@ -121,7 +121,8 @@ fn run_static(a: StaticArgs) -> anyhow::Result<()> {
         size >> 20,
         ram.display()
     );
-    write_image(&ram, size)?;
+    pattern::write_image(&ram, size, Pattern::Mixed, 1)
+        .with_context(|| format!("cannot write {}", ram.display()))?;
     let mut rows = Vec::new();
     if !a.no_qemu {
         rows.push(qemu_run(&a, &ram, size, None, dir.path())?);
@@ -170,21 +171,6 @@ fn run_static(a: StaticArgs) -> anyhow::Result<()> {
             size as f64 / 1e9 / f
         );
     }
-    Ok(())
-}
-
-fn write_image(path: &Path, size: u64) -> anyhow::Result<()> {
-    let file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)?;
-    file.set_len(size)?;
-    // SAFETY: the file was just created by us and nothing else maps it yet.
-    let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
-    pattern::fill(&mut map, Pattern::Mixed, 1);
-    map.flush()?;
     Ok(())
 }
 
