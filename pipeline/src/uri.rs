@@ -130,7 +130,13 @@ impl<T> Stall<T> {
         let quiet = self.last_progress.elapsed() >= Duration::from_secs(self.secs) / 2;
         let stalled = match e.kind() {
             io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => true,
-            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => quiet,
+            // What the kernel reports when it gives up on the connection
+            // depends on why: a reset, or the route that went away with a link.
+            io::ErrorKind::BrokenPipe
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::NetworkUnreachable
+            | io::ErrorKind::HostUnreachable => quiet,
             _ => false,
         };
         if !stalled {
