@@ -121,10 +121,13 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         size as f64 / 1e6 / secs,
         dst.display()
     );
-    eprintln!(
-        "ferry demo: statistics in {}",
-        dir.join("send-stats.json").display()
-    );
+    // A temporary directory is gone when the demo returns: name it only if kept.
+    if args.dir.is_some() {
+        eprintln!(
+            "ferry demo: statistics in {}",
+            dir.join("send-stats.json").display()
+        );
+    }
     Ok(())
 }
 
