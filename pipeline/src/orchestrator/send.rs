@@ -254,6 +254,10 @@ struct Rounds<'a> {
     prev_bytes: u64,
     dirty_high: u32,
     stopped_at: Option<Instant>,
+    /// The source RAM's digests, computed while the last round is on the wire:
+    /// the guest is stopped, so they cannot change any more.
+    digests: Option<std::thread::JoinHandle<Result<Vec<String>, ram::Error>>>,
+    blocks: &'a [BlockFile],
 }
 
 impl Rounds<'_> {
@@ -314,6 +318,13 @@ impl Rounds<'_> {
             report.expected_downtime_ms = Some(expected_ms);
             guest.stop()?;
             self.stopped_at = Some(Instant::now());
+            let blocks = self.blocks.to_vec();
+            self.digests = Some(std::thread::spawn(move || {
+                blocks
+                    .iter()
+                    .map(|b| ram::map_readonly(&b.path).map(|m| ram::digest(&m)))
+                    .collect()
+            }));
             return self.send_round(false, true);
         }
         if self.round >= self.args.max_iterations {
@@ -473,6 +484,8 @@ fn drive(
         prev_bytes: 0,
         dirty_high: 0,
         stopped_at: None,
+        digests: None,
+        blocks,
     };
     rounds.send_round(true, !live)?;
 
@@ -526,7 +539,16 @@ fn drive(
                     report.downtime = Some(t.elapsed());
                 }
                 if let Some(ack) = ack {
-                    verify(blocks, &ack.digests)?;
+                    let ours = match rounds.digests.take() {
+                        Some(h) => h
+                            .join()
+                            .map_err(|_| anyhow!("the digest thread panicked"))??,
+                        None => blocks
+                            .iter()
+                            .map(|b| ram::map_readonly(&b.path).map(|m| ram::digest(&m)))
+                            .collect::<Result<_, _>>()?,
+                    };
+                    verify(blocks, &ours, &ack.digests)?;
                     if has_disks {
                         ack_disks = Some(ack.disks);
                     }
@@ -631,14 +653,12 @@ fn verify_disks(ours: &[BlockDigest], theirs: &[BlockDigest]) -> anyhow::Result<
     Ok(())
 }
 
-/// Compares the destination's digests with the source RAM.
-fn verify(blocks: &[BlockFile], theirs: &[BlockDigest]) -> anyhow::Result<()> {
-    for b in blocks {
-        let map = ram::map_readonly(&b.path)?;
-        let ours = ram::digest(&map);
+/// Compares the destination's digests with the source RAM's (`ours`, one per block).
+fn verify(blocks: &[BlockFile], ours: &[String], theirs: &[BlockDigest]) -> anyhow::Result<()> {
+    for (b, ours) in blocks.iter().zip(ours) {
         match theirs.iter().find(|d| d.name == b.name) {
             None => bail!("the destination did not report block {:?}", b.name),
-            Some(d) if d.xxh3 != ours || d.length != b.length => bail!(
+            Some(d) if d.xxh3 != *ours || d.length != b.length => bail!(
                 "RAM block {:?} differs on the destination (digest {} there, {} here)",
                 b.name,
                 d.xxh3,
