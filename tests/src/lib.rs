@@ -6,6 +6,7 @@
 //! - [`qmp`]: the QMP JSON-lines client underneath.
 //! - [`ram`]: deterministic mixed RAM images (zero, fill, text, random pages).
 //! - [`ferry`]: find or build the workspace's `ferry` binary and run it with a timeout.
+//! - [`guest_control`]: a test client of the guest's control socket.
 //! - [`proc`]: ferry processes in the background, their actors, and killing them.
 //! - [`error`]: the harness's error type: a message naming the failed step.
 //! - [`netns`]: two hosts (network namespaces, shaped veth), guests, tmpfs mounts; root only.
@@ -16,6 +17,7 @@
 
 pub mod error;
 pub mod ferry;
+pub mod guest_control;
 pub mod netns;
 pub mod proc;
 pub mod qemu;

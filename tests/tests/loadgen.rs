@@ -4,20 +4,20 @@
 //! requests, and a clean exit on SIGTERM.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::run_ferry;
+use ferry_tests::guest_control::GuestControl as Control;
 use ferry_tests::proc::{self, Background};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
 const PAGE: usize = 4096;
 const MIB: f64 = (1 << 20) as f64;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running `ferry loadgen` in its own temporary directory.
 struct Guest {
@@ -109,64 +109,6 @@ impl Guest {
         self.proc
             .wait(Duration::from_secs(10))
             .expect("ferry loadgen exits on SIGTERM")
-    }
-}
-
-/// A client of the control socket.
-struct Control {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Control {
-    fn connect(sock: &Path) -> Control {
-        let s = UnixStream::connect(sock)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
-        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        Control {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
-        }
-    }
-
-    /// Sends `bytes` (a newline is added) and returns the reply line as JSON.
-    fn raw(&mut self, bytes: &[u8]) -> Value {
-        self.writer.write_all(bytes).unwrap();
-        self.writer.write_all(b"\n").unwrap();
-        let mut line = String::new();
-        let n = self
-            .reader
-            .read_line(&mut line)
-            .expect("a reply within the timeout");
-        assert!(n > 0, "the control socket closed instead of replying");
-        serde_json::from_str(&line).unwrap_or_else(|e| panic!("reply {line:?} is not JSON: {e}"))
-    }
-
-    /// Runs `command`; returns its `return` value.
-    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Value {
-        let mut request = json!({ "execute": command });
-        if let Some(a) = arguments {
-            request["arguments"] = a;
-        }
-        let reply = self.raw(request.to_string().as_bytes());
-        match reply.get("return") {
-            Some(r) => r.clone(),
-            None => panic!("{command} failed: {reply}"),
-        }
-    }
-
-    fn status(&mut self) -> Value {
-        self.execute("query-status", None)
-    }
-
-    fn pages_written(&mut self) -> u64 {
-        self.status()["pages-written"]
-            .as_u64()
-            .expect("pages-written")
-    }
-
-    fn rate_mib(&mut self) -> f64 {
-        self.status()["dirty-rate"].as_f64().expect("dirty-rate") / MIB
     }
 }
 

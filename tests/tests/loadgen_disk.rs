@@ -4,20 +4,18 @@
 //! throttle, and bad flag combinations.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::run_ferry;
+use ferry_tests::guest_control::GuestControl as Control;
 use ferry_tests::proc::{self, Background};
-use serde_json::{json, Value};
+use serde_json::json;
 use tempfile::TempDir;
 
 const CHUNK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
-const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A running `ferry loadgen` with a disk, in its own temporary directory.
 struct Guest {
@@ -115,61 +113,6 @@ impl Guest {
         self.proc
             .wait(Duration::from_secs(10))
             .expect("ferry loadgen exits on SIGTERM")
-    }
-}
-
-/// A client of the control socket (no greeting; one reply line per request).
-struct Control {
-    reader: BufReader<UnixStream>,
-    writer: UnixStream,
-}
-
-impl Control {
-    fn connect(sock: &Path) -> Control {
-        let s = UnixStream::connect(sock)
-            .unwrap_or_else(|e| panic!("connecting to {}: {e}", sock.display()));
-        s.set_read_timeout(Some(REPLY_TIMEOUT)).unwrap();
-        Control {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
-        }
-    }
-
-    /// Runs `command`; returns its "return" value (panics on an error).
-    fn execute(&mut self, command: &str, arguments: Option<Value>) -> Value {
-        let mut request = json!({ "execute": command });
-        if let Some(a) = arguments {
-            request["arguments"] = a;
-        }
-        let mut line = request.to_string();
-        line.push('\n');
-        self.writer.write_all(line.as_bytes()).unwrap();
-        let mut reply = String::new();
-        let n = self
-            .reader
-            .read_line(&mut reply)
-            .unwrap_or_else(|e| panic!("no reply to {command}: {e}"));
-        assert!(n > 0, "the control socket closed on {command}");
-        let reply: Value = serde_json::from_str(&reply)
-            .unwrap_or_else(|e| panic!("reply to {command} is not JSON ({e}): {reply}"));
-        match reply.get("return") {
-            Some(r) => r.clone(),
-            None => panic!("{command} failed: {reply}"),
-        }
-    }
-
-    fn status(&mut self) -> Value {
-        self.execute("query-status", None)
-    }
-
-    fn disk_bytes(&mut self) -> u64 {
-        self.status()["disk-bytes-written"]
-            .as_u64()
-            .expect("disk-bytes-written")
-    }
-
-    fn disk_rate_mib(&mut self) -> f64 {
-        self.status()["disk-rate"].as_f64().expect("disk-rate") / MIB
     }
 }
 
