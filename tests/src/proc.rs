@@ -49,6 +49,28 @@ impl Background {
         fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
+    /// Waits until its stderr contains `needle`; fails if it exits first or
+    /// the time runs out.
+    pub fn wait_stderr(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        while !self.stderr().contains(needle) {
+            if !alive(self.pid()) {
+                bail!(
+                    "ferry exited before printing {needle:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "ferry did not print {needle:?} within {timeout:?}:\n{}",
+                    self.stderr()
+                );
+            }
+            thread::sleep(Duration::from_millis(10));
+        }
+        Ok(())
+    }
+
     /// Waits for `ferry receive` to say where it listens; returns that URI.
     pub fn wait_listening(&mut self, timeout: Duration) -> Result<String> {
         let deadline = Instant::now() + timeout;

@@ -6,11 +6,11 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::guest_control::GuestControl as Control;
-use ferry_tests::proc::{self, Background};
+use ferry_tests::proc::Background;
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -57,20 +57,8 @@ impl Guest {
         args.extend(extra.iter().map(|s| s.to_string()));
         let proc =
             Background::spawn(&args, &d.join("loadgen.err")).expect("starting ferry loadgen");
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !proc.stderr().contains("ferry loadgen: ready:") {
-            assert!(
-                proc::alive(proc.pid()),
-                "ferry loadgen exited before it was ready:\n{}",
-                proc.stderr()
-            );
-            assert!(
-                Instant::now() < deadline,
-                "ferry loadgen not ready within 60 s:\n{}",
-                proc.stderr()
-            );
-            thread::sleep(Duration::from_millis(10));
-        }
+        proc.wait_stderr("ferry loadgen: ready:", Duration::from_secs(60))
+            .unwrap_or_else(|e| panic!("ferry loadgen not ready: {e}"));
         Guest {
             proc,
             disk,
