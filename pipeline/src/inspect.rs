@@ -194,7 +194,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     if p.compressed_bytes > 0 {
         p.compressed_ratio = (p.compressed * PAGE_SIZE as u64) as f64 / p.compressed_bytes as f64;
     }
-    if let Some(image) = &ram {
+    if let Some(image) = &mut ram {
         image.sync()?;
     }
     if let Some(path) = &opts.extract_device_state {

@@ -236,16 +236,19 @@ struct Parsed {
 
 impl Parsed {
     /// Writes the RAM back to its files and computes the digests.
-    fn finish(self) -> Result<Loaded, Error> {
+    fn finish(mut self) -> Result<Loaded, Error> {
         self.image.sync().map_err(Error::Save)?;
         let digests = self
             .image
             .files()
-            .map(|(info, path)| {
+            .map_err(Error::Save)?
+            .map(|block| {
+                let xxh3 =
+                    ram::digest_file(block.path, block.data_ranges()).map_err(Error::Digest)?;
                 Ok(BlockDigest {
-                    name: info.idstr.clone(),
-                    length: info.length,
-                    xxh3: ram::digest_file(path).map_err(Error::Digest)?,
+                    name: block.info.idstr.clone(),
+                    length: block.info.length,
+                    xxh3,
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;

@@ -33,6 +33,10 @@ pub enum Command {
         all: bool,
         /// Whether the stream ends after this round.
         last: bool,
+        /// After the last round, digest the RAM for the destination's
+        /// acknowledgement. The scanner has read every page through its own
+        /// mapping by then, so hashing it costs no page faults.
+        digest: bool,
     },
     /// Exit.
     Stop,
@@ -117,7 +121,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             .map_err(|e| Error::Mailbox(ipc_error(e)))?
         {
             Command::Stop => return Ok(()),
-            Command::Round { round, all, last } => {
+            Command::Round {
+                round,
+                all,
+                last,
+                digest,
+            } => {
                 let mut pages = 0u64;
                 if all {
                     // Round 0 sends everything: what was dirtied before it is moot,
@@ -161,6 +170,13 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                     event: Event::RoundScanned { round, pages },
                 });
                 if last {
+                    if digest {
+                        let digests = maps.iter().map(|m| ram::digest(m)).collect();
+                        let _ = events.send(ActorEvent {
+                            actor: ActorKind::Scanner,
+                            event: Event::RamDigests { digests },
+                        });
+                    }
                     return Ok(());
                 }
             }

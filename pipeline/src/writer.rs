@@ -413,11 +413,22 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     // Tell the peer the stream is over; it can still answer on the return path.
     let _ = w.f.transport_mut().shutdown_write();
     let counts = w.counts;
+    let mut transport = w.f.into_transport().map_err(|source| Error::Write {
+        uri: to.to_string(),
+        source,
+    })?;
+    // Every page is on the wire: unmapping the RAM now, beside the wait for
+    // the acknowledgement, overlaps the teardown of its page tables with the
+    // destination's digest instead of adding it to the end of the migration.
+    std::thread::spawn(move || drop(maps));
     let (ack, return_path) = match replies {
         _ if is_file => {
-            w.f.close().map_err(|source| Error::Write {
+            transport.close().map_err(|e| Error::Write {
                 uri: to.to_string(),
-                source,
+                source: qemu_file::Error::Io {
+                    offset: bytes,
+                    source: std::sync::Arc::new(e),
+                },
             })?;
             (None, ReturnPath::None)
         }

@@ -525,15 +525,33 @@ fn check_round_trip(case: &Case) -> Result<(), TestCaseError> {
     let (events, image, result) = parse_and_load(enc.bytes.clone(), device_sizes(case), dir.path());
     prop_assert!(result.is_ok(), "{result:?}");
     prop_assert_eq!(&events, &enc.events);
-    let image = image.expect("the START section announced the blocks");
+    let mut image = image.expect("the START section announced the blocks");
     image.sync().unwrap();
-    let files: Vec<_> = image.files().collect();
+    let files: Vec<_> = image.files().unwrap().collect();
     prop_assert_eq!(files.len(), case.blocks.len());
-    for (i, (info, path)) in files.into_iter().enumerate() {
+    for (i, block) in files.into_iter().enumerate() {
+        let info = block.info;
         prop_assert_eq!(&info.idstr, &case.blocks[i].0);
-        prop_assert_eq!(path, dir.path().join(block_file_name(&info.idstr)));
-        let got = std::fs::read(path).unwrap();
+        prop_assert_eq!(block.path, dir.path().join(block_file_name(&info.idstr)));
+        let got = std::fs::read(block.path).unwrap();
         prop_assert!(got == enc.ram[i], "RAM of block {:?} differs", info.idstr);
+        // Every page that holds data lies in a reported range.
+        let ranges = block.data_ranges();
+        prop_assert!(
+            ranges.windows(2).all(|w| w[0].end <= w[1].start),
+            "not ascending"
+        );
+        for (page, bytes) in got.chunks(PAGE_SIZE).enumerate() {
+            let at = (page * PAGE_SIZE) as u64;
+            if bytes.iter().any(|&b| b != 0) {
+                prop_assert!(
+                    ranges.iter().any(|r| r.contains(&at)),
+                    "page {} holds data outside {:?}",
+                    page,
+                    ranges
+                );
+            }
+        }
     }
     Ok(())
 }

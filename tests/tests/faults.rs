@@ -452,7 +452,7 @@ kill_rows! {
 /// A migration whose receiver cannot write `dest`: the receiver fails saying
 /// `needle` (or, with `signal`, its reader dies of that signal), the sender
 /// fails, the guest runs on. Returns nothing; prints the row.
-fn unwritable_row(fault: &str, dir: &Path, dest: &Path, needle: &str, signal: Option<i32>) {
+fn unwritable_row(fault: &str, dir: &Path, dest: &Path, needle: &str) {
     let g = Guest::start(dir, "guest", None, "64M", "4M", &[]).expect("starting the guest");
     let (mut r, uri) = receiver(dir, dest, "tcp:127.0.0.1:0", None);
     let mut s = sender(dir, "send", &g, &uri, &["--max-bandwidth", "64M"], None);
@@ -464,12 +464,8 @@ fn unwritable_row(fault: &str, dir: &Path, dest: &Path, needle: &str, signal: Op
         rerr.contains(needle),
         "the receiver says {needle:?}: {rerr}"
     );
-    if let Some(sig) = signal {
-        assert!(
-            rerr.contains("reader") && rerr.contains(&format!("signal {sig}")),
-            "{rerr}"
-        );
-    }
+    // An error the reader reports, never a signal that kills it.
+    assert!(!rerr.contains("signal"), "killed by a signal: {rerr}");
     assert!(!r.stderr().contains("ferry: received"), "{}", r.stderr());
     assert!(!e.send.success(), "the sender succeeded: {}", s.stderr());
     assert!(
@@ -505,7 +501,6 @@ fn receiver_ram_file_read_only() {
         dir.path(),
         &dest,
         "Read-only file system",
-        None,
     );
 }
 
@@ -520,15 +515,15 @@ fn receiver_ram_file_is_a_directory() {
         dir.path(),
         &dest,
         "is not a regular file",
-        None,
     );
 }
 
 #[test]
 fn receiver_ram_file_on_a_full_tmpfs() {
     // 64 MiB of guest RAM (~40 MB of non-zero pages) into an 8 MiB tmpfs: the
-    // file is created sparse, and the reader's writes into its mapping hit
-    // SIGBUS once the tmpfs is full.
+    // file is created sparse, and once the tmpfs is full the reader's writes
+    // fail with ENOSPC, named with the file (pages go in with pwrite, so
+    // this is an error, not a SIGBUS).
     let dir = tempdir();
     let mnt = dir.path().join("small");
     fs::create_dir(&mnt).unwrap();
@@ -538,8 +533,7 @@ fn receiver_ram_file_on_a_full_tmpfs() {
         "receiver RAM file on a full tmpfs (8 MiB for 64 MiB)",
         dir.path(),
         &dest,
-        "signal 7",
-        Some(7),
+        "No space left on device",
     );
 }
 

@@ -71,6 +71,8 @@ struct Outcome {
     iterations: u64,
     sent: u64,
     throttle: u64,
+    /// CPU seconds of the compress process.
+    compress_cpu: f64,
 }
 
 /// Runs every scenario and prints the table.
@@ -118,13 +120,25 @@ pub fn run(a: LiveArgs) -> anyhow::Result<()> {
         }
     );
     let ideal = a.size as f64 / a.bandwidth as f64;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     for r in rows.iter().filter(|r| r.name.starts_with("dirty 0 ")) {
+        // Compression is bound by the CPU, not the link, when the compress
+        // process alone needs more CPU time than the link needs wall time.
+        let cpu_bound = r.compress_cpu / cores as f64 > ideal;
         println!(
-            "{}: total {:.2} s = {:.2}x size/bandwidth ({:.2} s; target <= 1.2x)",
+            "{}: total {:.2} s = {:.2}x size/bandwidth ({:.2} s; target <= 1.2x){}",
             r.name,
             r.total_s,
             r.total_s / ideal,
-            ideal
+            ideal,
+            if cpu_bound {
+                format!(
+                    "; CPU-bound: compressing took {:.1} CPU-s on {cores} cores",
+                    r.compress_cpu
+                )
+            } else {
+                String::new()
+            }
         );
     }
     println!("plots in {}", a.out.display());
@@ -256,5 +270,8 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
         iterations: v["iterations"].as_u64().unwrap_or(0),
         sent: v["ram"]["transferred"].as_u64().unwrap_or(0),
         throttle: v["throttle-percent"].as_u64().unwrap_or(0),
+        compress_cpu: v["processes"]["compress"]["cpu-seconds"]
+            .as_f64()
+            .unwrap_or(0.0),
     })
 }

@@ -254,10 +254,6 @@ struct Rounds<'a> {
     prev_bytes: u64,
     dirty_high: u32,
     stopped_at: Option<Instant>,
-    /// The source RAM's digests, computed while the last round is on the wire:
-    /// the guest is stopped, so they cannot change any more.
-    digests: Option<std::thread::JoinHandle<Result<Vec<String>, ram::Error>>>,
-    blocks: &'a [BlockFile],
 }
 
 impl Rounds<'_> {
@@ -268,6 +264,8 @@ impl Rounds<'_> {
                 round: self.round,
                 all,
                 last,
+                // Only a socket can lead to a ferry that acknowledges.
+                digest: last && !matches!(self.args.to, Uri::File(_)),
             })
             .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
         if let Some(d) = &self.disk {
@@ -318,13 +316,6 @@ impl Rounds<'_> {
             report.expected_downtime_ms = Some(expected_ms);
             guest.stop()?;
             self.stopped_at = Some(Instant::now());
-            let blocks = self.blocks.to_vec();
-            self.digests = Some(std::thread::spawn(move || {
-                blocks
-                    .iter()
-                    .map(|b| ram::map_readonly(&b.path).map(|m| ram::digest(&m)))
-                    .collect()
-            }));
             return self.send_round(false, true);
         }
         if self.round >= self.args.max_iterations {
@@ -484,8 +475,6 @@ fn drive(
         prev_bytes: 0,
         dirty_high: 0,
         stopped_at: None,
-        digests: None,
-        blocks,
     };
     rounds.send_round(true, !live)?;
 
@@ -493,6 +482,8 @@ fn drive(
     let bar = progress_bar(show_progress, total);
     let mut scanned = 0u64;
     let mut source_disks: Option<Vec<BlockDigest>> = None;
+    let mut source_ram: Option<Vec<String>> = None;
+    let mut ack_ram: Option<Vec<BlockDigest>> = None;
     let mut ack_disks: Option<Vec<BlockDigest>> = None;
     loop {
         let Some(ev) = sup.next_event(Duration::from_millis(100))? else {
@@ -520,6 +511,7 @@ fn drive(
             }
             Event::RoundScanned { pages, .. } => scanned = pages,
             Event::DiskDigests { disks } => source_disks = Some(disks),
+            Event::RamDigests { digests } => source_ram = Some(digests),
             Event::RoundSent { bytes, .. } if rounds.stopped_at.is_none() => {
                 report.bytes = bytes;
                 rounds.round_sent(bytes, scanned, report)?;
@@ -539,16 +531,7 @@ fn drive(
                     report.downtime = Some(t.elapsed());
                 }
                 if let Some(ack) = ack {
-                    let ours = match rounds.digests.take() {
-                        Some(h) => h
-                            .join()
-                            .map_err(|_| anyhow!("the digest thread panicked"))??,
-                        None => blocks
-                            .iter()
-                            .map(|b| ram::map_readonly(&b.path).map(|m| ram::digest(&m)))
-                            .collect::<Result<_, _>>()?,
-                    };
-                    verify(blocks, &ours, &ack.digests)?;
+                    ack_ram = Some(ack.digests);
                     if has_disks {
                         ack_disks = Some(ack.disks);
                     }
@@ -573,19 +556,28 @@ fn drive(
         }
     }
     bar.finish_and_clear();
-    if let Some(theirs) = ack_disks {
-        // The blockio actor digests the source disks after the last pass.
-        let deadline = Instant::now() + Duration::from_secs(300);
-        while source_disks.is_none() {
-            if Instant::now() > deadline {
-                bail!("the blockio actor did not report the source disks' digests");
-            }
-            if let Some(ev) = sup.next_event(Duration::from_millis(100))? {
-                if let Event::DiskDigests { disks } = ev.event {
-                    source_disks = Some(disks);
-                }
+    // The scanner digests the source RAM after the last round, the blockio
+    // actor the source disks after the last pass: both while it was on the
+    // wire, so there is usually nothing left to wait for.
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while (ack_ram.is_some() && source_ram.is_none())
+        || (ack_disks.is_some() && source_disks.is_none())
+    {
+        if Instant::now() > deadline {
+            bail!("the source's digests did not arrive within 300 s");
+        }
+        if let Some(ev) = sup.next_event(Duration::from_millis(100))? {
+            match ev.event {
+                Event::RamDigests { digests } => source_ram = Some(digests),
+                Event::DiskDigests { disks } => source_disks = Some(disks),
+                _ => {}
             }
         }
+    }
+    if let Some(theirs) = ack_ram {
+        verify(blocks, source_ram.as_deref().unwrap_or_default(), &theirs)?;
+    }
+    if let Some(theirs) = ack_disks {
         verify_disks(source_disks.as_deref().unwrap_or_default(), &theirs)?;
     }
     sup.wait_all(Duration::from_secs(10))?;
@@ -655,6 +647,13 @@ fn verify_disks(ours: &[BlockDigest], theirs: &[BlockDigest]) -> anyhow::Result<
 
 /// Compares the destination's digests with the source RAM's (`ours`, one per block).
 fn verify(blocks: &[BlockFile], ours: &[String], theirs: &[BlockDigest]) -> anyhow::Result<()> {
+    if ours.len() != blocks.len() {
+        bail!(
+            "the scanner digested {} RAM blocks, not {}",
+            ours.len(),
+            blocks.len()
+        );
+    }
     for (b, ours) in blocks.iter().zip(ours) {
         match theirs.iter().find(|d| d.name == b.name) {
             None => bail!("the destination did not report block {:?}", b.name),

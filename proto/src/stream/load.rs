@@ -1,8 +1,11 @@
 //! Applying RAM records to guest memory backed by files.
 //!
-//! Each RAM block is a file of the block's length mapped shared, so what the
-//! loader writes is what a VMM (or `cmp`) sees. Files are created sparse: a
-//! block the stream announces costs disk and memory only for pages it sends.
+//! Each RAM block is a file of the block's length, so what the loader writes
+//! is what a VMM (or `cmp`) sees. Files are created sparse: a block the stream
+//! announces costs disk and memory only for pages it sends. Pages go in with
+//! pwrite, neighbours gathered into one call: on tmpfs that skips the page
+//! fault and the zeroing a store through a mapping costs per new page, and a
+//! full file system is an error (ENOSPC) instead of a SIGBUS.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -73,6 +76,33 @@ pub enum Error {
     /// A page record arrived before the block list.
     #[error("RAM page arrived before the block list")]
     NoBlocks,
+    /// A page lies past the end of its block (the parser checks this; a
+    /// caller that skips the parser gets this instead of a longer file).
+    #[error("page at {offset:#x} lies past the end of RAM block {idstr:?}")]
+    PastEnd {
+        /// The block.
+        idstr: String,
+        /// Offset of the page in the block.
+        offset: u64,
+    },
+    /// Reading a page back from a RAM file failed.
+    #[error("cannot read RAM file {path}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
+    /// Writing pages to a RAM file failed.
+    #[error("cannot write RAM file {path}")]
+    Write {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        #[source]
+        source: io::Error,
+    },
     /// Writing the mapping back failed.
     #[error("RAM file {path} cannot be synced")]
     Sync {
@@ -90,7 +120,11 @@ pub type Result<T> = std::result::Result<T, Error>;
 struct Block {
     info: RamBlockInfo,
     path: PathBuf,
+    file: File,
     map: MmapMut,
+    /// Pages go in with pwrite and come back with pread; off for files that
+    /// refuse write(2) (hugetlbfs), which are used through the mapping.
+    pwrite: bool,
     /// The file was created here, so every page not yet written reads zero.
     fresh: bool,
     /// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
@@ -120,10 +154,66 @@ impl Block {
     }
 }
 
+/// A block of a [`RamImage`], read back after loading.
+#[derive(Debug)]
+pub struct LoadedBlock<'a> {
+    /// What the stream announced.
+    pub info: &'a RamBlockInfo,
+    /// The file behind it.
+    pub path: &'a Path,
+    written: Option<&'a std::collections::HashMap<u64, [u64; 8]>>,
+}
+
+impl LoadedBlock<'_> {
+    /// The byte ranges of the file that may hold data, ascending: for a file
+    /// this load created, the runs of pages the stream wrote (every other
+    /// page is a hole that reads zero); for a file that existed before, all
+    /// of it.
+    pub fn data_ranges(&self) -> Vec<std::ops::Range<u64>> {
+        let Some(written) = self.written else {
+            return std::iter::once(0..self.info.length).collect();
+        };
+        let page = PAGE_SIZE as u64;
+        let mut regions: Vec<_> = written.iter().collect();
+        regions.sort_unstable_by_key(|(region, _)| **region);
+        let mut ranges: Vec<std::ops::Range<u64>> = Vec::new();
+        for (region, bits) in regions {
+            for (word, &w) in bits.iter().enumerate() {
+                let mut w = w;
+                while w != 0 {
+                    let at =
+                        (region * 512 + word as u64 * 64 + u64::from(w.trailing_zeros())) * page;
+                    match ranges.last_mut() {
+                        Some(r) if r.end == at => r.end += page,
+                        _ => ranges.push(at..at + page),
+                    }
+                    w &= w - 1;
+                }
+            }
+        }
+        ranges
+    }
+}
+
+/// Most bytes gathered for one pwrite.
+const RUN_BYTES: usize = 32 * PAGE_SIZE;
+
+/// Whole pages waiting to be written to consecutive offsets of one block:
+/// a stream often sends neighbouring pages one after another.
+#[derive(Default)]
+struct Run {
+    block: usize,
+    start: u64,
+    bytes: Vec<u8>,
+}
+
 /// Guest RAM as a set of shared file mappings, one per RAM block.
 pub struct RamImage {
     blocks: Vec<Block>,
     inflater: Decompress,
+    /// Written before anything else touches the mappings, so the stream's
+    /// order is kept.
+    run: Run,
 }
 
 impl std::fmt::Debug for RamImage {
@@ -177,19 +267,12 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
     Ok(Block {
         info: info.clone(),
         path: path.to_owned(),
+        file,
         map,
+        pwrite: true,
         fresh: !exists,
         written: Default::default(),
     })
-}
-
-/// The page at `offset` of block `block`. The parser has checked the bounds.
-fn page(blocks: &mut [Block], block: usize, offset: u64) -> Result<&mut [u8; PAGE_SIZE]> {
-    let b = blocks.get_mut(block).ok_or(Error::NoBlocks)?;
-    b.mark_written(offset);
-    let start = offset as usize;
-    let slice = &mut b.map[start..start + PAGE_SIZE];
-    Ok(slice.try_into().expect("slice is one page long"))
 }
 
 impl RamImage {
@@ -225,6 +308,7 @@ impl RamImage {
         Ok(Self {
             blocks,
             inflater: compress::decompressor(),
+            run: Run::default(),
         })
     }
 
@@ -249,13 +333,14 @@ impl RamImage {
         Ok(Self {
             blocks,
             inflater: compress::decompressor(),
+            run: Run::default(),
         })
     }
 
     /// Applies one record; `offset` is its place in the stream, for errors.
     pub fn apply(&mut self, record: &RamRecord<'_>, offset: u64) -> Result<()> {
         match *record {
-            RamRecord::MemSize(_) | RamRecord::Eos => {}
+            RamRecord::MemSize(_) | RamRecord::Eos => Ok(()),
             RamRecord::Zero {
                 block,
                 offset: at,
@@ -263,48 +348,161 @@ impl RamImage {
             } => {
                 let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
                 // A zero page never written in a new file is already zero:
-                // reading it would only allocate it.
+                // writing it would only allocate it.
                 if fill == 0 && b.untouched(at) {
                     return Ok(());
                 }
-                let page = page(&mut self.blocks, block, at)?;
-                if fill != 0 || !crate::stream::encode::is_zero(page) {
-                    page.fill(fill);
+                let mut page = [fill; PAGE_SIZE];
+                if fill == 0 {
+                    self.read_page(block, at, &mut page)?;
+                    if crate::stream::encode::is_zero(&page) {
+                        return Ok(());
+                    }
+                    page.fill(0);
                 }
+                self.write_page(block, at, &page)
             }
             RamRecord::Page {
                 block,
                 offset: at,
                 data,
-            } => page(&mut self.blocks, block, at)?.copy_from_slice(data),
+            } => self.write_page(block, at, data),
             RamRecord::Compressed {
                 block,
                 offset: at,
                 data,
             } => {
-                let page = page(&mut self.blocks, block, at)?;
-                compress::inflate_page(&mut self.inflater, data, page)
+                let mut page = [0; PAGE_SIZE];
+                compress::inflate_page(&mut self.inflater, data, &mut page)
                     .map_err(|source| Error::Inflate { offset, source })?;
+                self.write_page(block, at, &page)
             }
             RamRecord::Xbzrle {
                 block,
                 offset: at,
                 data,
             } => {
-                xbzrle::decode(data, page(&mut self.blocks, block, at)?)
+                let mut page = [0; PAGE_SIZE];
+                self.read_page(block, at, &mut page)?;
+                xbzrle::decode(data, &mut page)
                     .map_err(|source| Error::Xbzrle { offset, source })?;
+                self.write_page(block, at, &page)
             }
         }
+    }
+
+    /// The block and the byte offset of a whole page inside it.
+    fn locate(&self, block: usize, at: u64) -> Result<&Block> {
+        let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
+        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.map.len() as u64 {
+            return Err(Error::PastEnd {
+                idstr: b.info.idstr.clone(),
+                offset: at,
+            });
+        }
+        Ok(b)
+    }
+
+    /// Reads the page at `at` as it stands, pending writes included. A hole
+    /// reads zero without being allocated.
+    fn read_page(&mut self, block: usize, at: u64, page: &mut [u8; PAGE_SIZE]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.write_run()?;
+        let b = self.locate(block, at)?;
+        if !b.pwrite {
+            page.copy_from_slice(&b.map[at as usize..at as usize + PAGE_SIZE]);
+            return Ok(());
+        }
+        b.file
+            .read_exact_at(page, at)
+            .map_err(|source| Error::Read {
+                path: b.path.clone(),
+                source,
+            })
+    }
+
+    /// Writes a whole page, gathered with its neighbours into one pwrite.
+    fn write_page(&mut self, block: usize, at: u64, data: &[u8]) -> Result<()> {
+        if data.len() != PAGE_SIZE {
+            return Err(Error::PastEnd {
+                idstr: self.locate(block, at)?.info.idstr.clone(),
+                offset: at,
+            });
+        }
+        let b = self.locate(block, at)?;
+        if !b.pwrite {
+            self.blocks[block].mark_written(at);
+            let start = at as usize;
+            self.blocks[block].map[start..start + PAGE_SIZE].copy_from_slice(data);
+            return Ok(());
+        }
+        let run = &self.run;
+        if !run.bytes.is_empty()
+            && (run.block != block
+                || run.start + run.bytes.len() as u64 != at
+                || run.bytes.len() == RUN_BYTES)
+        {
+            self.write_run()?;
+        }
+        if self.run.bytes.is_empty() {
+            self.run.block = block;
+            self.run.start = at;
+        }
+        self.run.bytes.extend_from_slice(data);
+        self.blocks[block].mark_written(at);
         Ok(())
     }
 
-    /// The blocks and the files behind them.
-    pub fn files(&self) -> impl Iterator<Item = (&RamBlockInfo, &Path)> {
-        self.blocks.iter().map(|b| (&b.info, b.path.as_path()))
+    /// Writes the gathered run to its file.
+    fn write_run(&mut self) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        if self.run.bytes.is_empty() {
+            return Ok(());
+        }
+        let Run {
+            block,
+            start,
+            ref bytes,
+        } = self.run;
+        let b = &mut self.blocks[block];
+        match b.file.write_all_at(bytes, start) {
+            Ok(()) => {}
+            // hugetlbfs has no write(2): from here on, through the mapping.
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
+                ) =>
+            {
+                b.pwrite = false;
+                let start = start as usize;
+                b.map[start..start + bytes.len()].copy_from_slice(bytes);
+            }
+            Err(source) => {
+                return Err(Error::Write {
+                    path: b.path.clone(),
+                    source,
+                })
+            }
+        }
+        self.run.bytes.clear();
+        Ok(())
     }
 
-    /// Writes the mappings back to their files.
-    pub fn sync(&self) -> Result<()> {
+    /// The loaded blocks, for reading back: every page applied so far is
+    /// written first.
+    pub fn files(&mut self) -> Result<impl Iterator<Item = LoadedBlock<'_>>> {
+        self.write_run()?;
+        Ok(self.blocks.iter().map(|b| LoadedBlock {
+            info: &b.info,
+            path: &b.path,
+            written: b.fresh.then_some(&b.written),
+        }))
+    }
+
+    /// Writes every page applied so far to the files.
+    pub fn sync(&mut self) -> Result<()> {
+        self.write_run()?;
         for b in &self.blocks {
             b.map.flush().map_err(|source| Error::Sync {
                 path: b.path.clone(),
@@ -312,5 +510,13 @@ impl RamImage {
             })?;
         }
         Ok(())
+    }
+}
+
+impl Drop for RamImage {
+    fn drop(&mut self) {
+        // A caller that never syncs (an extraction that stops early) still
+        // finds every applied page in the files.
+        let _ = self.write_run();
     }
 }
