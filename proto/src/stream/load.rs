@@ -76,10 +76,10 @@ pub enum Error {
     /// A page record arrived before the block list.
     #[error("RAM page arrived before the block list")]
     NoBlocks,
-    /// A page lies past the end of its block (the parser checks this; a
-    /// caller that skips the parser gets this instead of a longer file).
-    #[error("page at {offset:#x} lies past the end of RAM block {idstr:?}")]
-    PastEnd {
+    /// A page that is not a whole, aligned page inside its block (the parser
+    /// checks this; a caller that skips it gets this instead of a longer file).
+    #[error("page at {offset:#x} is not a whole page inside RAM block {idstr:?}")]
+    BadPage {
         /// The block.
         idstr: String,
         /// Offset of the page in the block.
@@ -207,12 +207,11 @@ struct Run {
     bytes: Vec<u8>,
 }
 
-/// Guest RAM as a set of shared file mappings, one per RAM block.
+/// Guest RAM as a set of files, one per RAM block.
 pub struct RamImage {
     blocks: Vec<Block>,
     inflater: Decompress,
-    /// Written before anything else touches the mappings, so the stream's
-    /// order is kept.
+    /// Written before any page is read back, so the stream's order is kept.
     run: Run,
 }
 
@@ -391,11 +390,11 @@ impl RamImage {
         }
     }
 
-    /// The block and the byte offset of a whole page inside it.
+    /// The block, if `at` is the offset of a whole page inside it.
     fn locate(&self, block: usize, at: u64) -> Result<&Block> {
         let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
         if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.map.len() as u64 {
-            return Err(Error::PastEnd {
+            return Err(Error::BadPage {
                 idstr: b.info.idstr.clone(),
                 offset: at,
             });
@@ -424,7 +423,7 @@ impl RamImage {
     /// Writes a whole page, gathered with its neighbours into one pwrite.
     fn write_page(&mut self, block: usize, at: u64, data: &[u8]) -> Result<()> {
         if data.len() != PAGE_SIZE {
-            return Err(Error::PastEnd {
+            return Err(Error::BadPage {
                 idstr: self.locate(block, at)?.info.idstr.clone(),
                 offset: at,
             });
