@@ -33,11 +33,11 @@ pub enum Command {
         all: bool,
         /// Whether the stream ends after this round.
         last: bool,
-        /// After the last round, digest the RAM for the destination's
-        /// acknowledgement. The scanner has read every page through its own
-        /// mapping by then, so hashing it costs no page faults.
-        digest: bool,
     },
+    /// After the last round: digest the RAM for a destination that will
+    /// acknowledge, then exit. The scanner has read every page through its
+    /// own mapping by then, so hashing costs no page faults.
+    Digest,
     /// Exit.
     Stop,
 }
@@ -121,12 +121,15 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             .map_err(|e| Error::Mailbox(ipc_error(e)))?
         {
             Command::Stop => return Ok(()),
-            Command::Round {
-                round,
-                all,
-                last,
-                digest,
-            } => {
+            Command::Digest => {
+                let digests = maps.iter().map(|m| ram::digest(m)).collect();
+                let _ = events.send(ActorEvent {
+                    actor: ActorKind::Scanner,
+                    event: Event::RamDigests { digests },
+                });
+                return Ok(());
+            }
+            Command::Round { round, all, last } => {
                 let mut pages = 0u64;
                 if all {
                     // Round 0 sends everything: what was dirtied before it is moot,
@@ -169,16 +172,6 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                     actor: ActorKind::Scanner,
                     event: Event::RoundScanned { round, pages },
                 });
-                if last {
-                    if digest {
-                        let digests = maps.iter().map(|m| ram::digest(m)).collect();
-                        let _ = events.send(ActorEvent {
-                            actor: ActorKind::Scanner,
-                            event: Event::RamDigests { digests },
-                        });
-                    }
-                    return Ok(());
-                }
             }
         }
     }

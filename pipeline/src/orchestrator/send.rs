@@ -264,8 +264,6 @@ impl Rounds<'_> {
                 round: self.round,
                 all,
                 last,
-                // Only a socket can lead to a ferry that acknowledges.
-                digest: last && !matches!(self.args.to, Uri::File(_)),
             })
             .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
         if let Some(d) = &self.disk {
@@ -483,6 +481,7 @@ fn drive(
     let mut scanned = 0u64;
     let mut source_disks: Option<Vec<BlockDigest>> = None;
     let mut source_ram: Option<Vec<String>> = None;
+    let mut digesting = false;
     let mut ack_ram: Option<Vec<BlockDigest>> = None;
     let mut ack_disks: Option<Vec<BlockDigest>> = None;
     loop {
@@ -520,6 +519,13 @@ fn drive(
                 if let Some(t) = rounds.stopped_at {
                     report.downtime = Some(t.elapsed());
                 }
+                // A ferry destination has the whole stream and will send its
+                // digests: take ours while it computes them.
+                rounds
+                    .scan
+                    .send(scanner::Command::Digest)
+                    .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
+                digesting = true;
             }
             Event::Finished {
                 bytes,
@@ -529,6 +535,20 @@ fn drive(
             } => {
                 if let (Some(t), None) = (rounds.stopped_at, report.downtime) {
                     report.downtime = Some(t.elapsed());
+                }
+                if !digesting {
+                    // Without an acknowledgement to check the scanner just
+                    // exits (an acknowledgement without a hello is odd, but
+                    // is checked all the same).
+                    let cmd = if ack.is_some() {
+                        scanner::Command::Digest
+                    } else {
+                        scanner::Command::Stop
+                    };
+                    rounds
+                        .scan
+                        .send(cmd)
+                        .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
                 }
                 if let Some(ack) = ack {
                     ack_ram = Some(ack.digests);
@@ -556,9 +576,9 @@ fn drive(
         }
     }
     bar.finish_and_clear();
-    // The scanner digests the source RAM after the last round, the blockio
-    // actor the source disks after the last pass: both while it was on the
-    // wire, so there is usually nothing left to wait for.
+    // The scanner digests the source RAM once the destination has the whole
+    // stream, the blockio actor the source disks after the last pass: both
+    // while the destination computes its own.
     let deadline = Instant::now() + Duration::from_secs(300);
     while (ack_ram.is_some() && source_ram.is_none())
         || (ack_disks.is_some() && source_disks.is_none())
