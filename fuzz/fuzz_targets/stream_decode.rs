@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use ferry_proto::qemu_file::QemuFileReader;
-use ferry_proto::stream::load::RamImage;
+use ferry_guest::load::RamImage;
 use ferry_proto::stream::parse::{Item, Limits, Parser, RamRecord};
 use ferry_proto::stream::vmdesc;
 use ferry_proto::transport::MemTransport;

@@ -31,15 +31,15 @@ enum Command {
     Receive(ferry::orchestrator::ReceiveArgs),
     /// Migrate a built-in 1 GiB guest between two local ferry processes and
     /// check the copy: the quickest way to see ferry work.
-    Demo(ferry::demo::DemoArgs),
+    Demo(ferry::tools::demo::DemoArgs),
     /// Run a benchmark scenario and print its figures.
-    Bench(ferry::bench::BenchArgs),
+    Bench(ferry::tools::bench::BenchArgs),
     /// Run a synthetic guest: a RAM file dirtied at a set rate, its dirty log
     /// and a QMP-style control socket (stop, cont, set-throttle, query-status).
     ///
     /// The guest every live-migration test and benchmark runs against. Runs
     /// until SIGTERM or SIGINT, then exits 0 and removes its socket.
-    Loadgen(ferry::loadgen::LoadgenArgs),
+    Loadgen(ferry::tools::loadgen::LoadgenArgs),
     /// Run one actor process (used by ferry itself).
     #[command(name = "__actor", hide = true)]
     Actor {
@@ -77,7 +77,7 @@ fn main() -> ExitCode {
         .init();
     let cli = Cli::parse();
     if let Command::Actor { kind, server } = cli.command {
-        return ExitCode::from(ferry::run_actor(&kind, server) as u8);
+        return ExitCode::from(ferry::actors::run(&kind, server) as u8);
     }
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -100,9 +100,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Send(args) => ferry::orchestrator::send::run(args),
         Command::Receive(args) => ferry::orchestrator::receive::run(args),
-        Command::Demo(args) => ferry::demo::run(args),
-        Command::Bench(args) => ferry::bench::run(args),
-        Command::Loadgen(args) => ferry::loadgen::run(args),
+        Command::Demo(args) => ferry::tools::demo::run(args),
+        Command::Bench(args) => ferry::tools::bench::run(args),
+        Command::Loadgen(args) => ferry::tools::loadgen::run(args),
         Command::Actor { .. } => unreachable!("handled before"),
         Command::Inspect {
             stream,
@@ -110,7 +110,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             extract_ram,
             extract_device_state,
         } => {
-            let report = ferry::inspect::run(&ferry::inspect::Options {
+            let report = ferry::tools::inspect::run(&ferry::tools::inspect::Options {
                 stream,
                 extract_ram,
                 extract_device_state,
@@ -120,7 +120,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 serde_json::to_writer_pretty(&mut out, &report)?;
                 writeln!(out)?;
             } else {
-                ferry::inspect::print_table(&report, &mut out)?;
+                ferry::tools::inspect::print_table(&report, &mut out)?;
             }
             Ok(())
         }

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use crate::blockio::Driver;
+use crate::actors::blockio::queue::Driver;
 
 /// `--ram PATH[,name=BLOCK]`: a RAM block backed by a file.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -3,11 +3,11 @@
 //! - [`transport`]: byte pipes under a QEMUFile (tcp, unix, file, fd, memory).
 //! - [`qemu_file`]: QEMU's buffered migration stream, for writing and reading.
 //! - [`compress`]: one guest page to one zlib stream and back, within QEMU's bounds.
-//! - [`control`]: messages between ferry's processes and across the return path.
-//! - [`stream`]: the QEMU 7.2 wire format: encoder, parser, RAM loader, vmdesc.
+//! - [`stream`]: the QEMU 7.2 wire format: encoder, parser, vmdesc, device state.
+//! - [`return_path`]: what a ferry receiver answers on the migration connection.
 
 pub mod compress;
-pub mod control;
 pub mod qemu_file;
+pub mod return_path;
 pub mod stream;
 pub mod transport;

@@ -87,7 +87,7 @@ fn qemu_loads_ram_device_state_and_a_block_section_from_ferry() {
         .iter()
         .map(|b| {
             let name = b["idstr"].as_str().expect("idstr").to_owned();
-            let file = blocks_dir.join(ferry_proto::stream::load::block_file_name(&name));
+            let file = blocks_dir.join(ferry_guest::load::block_file_name(&name));
             (name, fs::read(file).expect("an extracted block"))
         })
         .collect();

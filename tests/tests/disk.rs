@@ -481,7 +481,7 @@ fn qemu_loads_a_disk_sent_by_ferry_send() {
     let mut send: Vec<String> = vec!["send".into()];
     for b in report["ram_blocks"].as_array().expect("ram_blocks") {
         let name = b["idstr"].as_str().expect("idstr");
-        let file = blocks_dir.join(ferry_proto::stream::load::block_file_name(name));
+        let file = blocks_dir.join(ferry_guest::load::block_file_name(name));
         send.extend(["--ram".into(), format!("{},name={name}", file.display())]);
     }
     let stream = d.join("ferry.mig");

@@ -161,7 +161,7 @@ fn pc_machine_loads_every_ram_block_and_device_state() {
     let blocks: Vec<(String, Vec<u8>)> = names
         .iter()
         .map(|n| {
-            let file = extracted.join(ferry_proto::stream::load::block_file_name(n));
+            let file = extracted.join(ferry_guest::load::block_file_name(n));
             (
                 n.clone(),
                 fs::read(&file).expect("reading an extracted block"),

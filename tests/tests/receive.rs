@@ -20,8 +20,8 @@ use std::sync::mpsc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use ferry_proto::control::{Ack, HELLO};
 use ferry_proto::qemu_file::{QemuFileReader, QemuFileWriter};
+use ferry_proto::return_path::{Ack, HELLO};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::image::{self, PageCounts};
 use ferry_proto::stream::parse::{Item, Parser, RamRecord};

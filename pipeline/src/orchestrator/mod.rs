@@ -11,9 +11,9 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use crate::channel::tls;
+use crate::channel::uri::Uri;
 use crate::options::{parse_rate, DiskSpec, RamSpec};
-use crate::tls;
-use crate::uri::Uri;
 
 /// Worker threads by default: one per core.
 pub fn default_workers() -> usize {

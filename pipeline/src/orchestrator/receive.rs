@@ -8,16 +8,17 @@
 
 use std::time::{Duration, Instant};
 
-use ferry_proto::control::{ActorKind, BlockDigest, Event, PageCounts, Usage};
+use crate::supervisor::messages::{ActorKind, Event, PageCounts, Usage};
+use ferry_proto::return_path::BlockDigest;
 use serde_json::{json, Value};
 
 use anyhow::{bail, Context};
 
 use super::{stats, ReceiveArgs};
-use crate::process::{self, Supervisor};
-use crate::receiver;
-use crate::tls;
-use crate::uri::Uri;
+use crate::actors::reader;
+use crate::channel::tls;
+use crate::channel::uri::Uri;
+use crate::supervisor::{self, Supervisor};
 
 /// How long one wait for an event lasts; also how soon a dead reader is noticed.
 const POLL: Duration = Duration::from_millis(100);
@@ -42,7 +43,7 @@ struct Outcome {
 /// Runs `ferry receive`.
 pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     let started = Instant::now();
-    process::start_memory_sampler();
+    supervisor::start_memory_sampler();
     let mut outcome = Outcome::default();
     let mut sup = Supervisor::new()?;
     let result = supervise(&mut sup, &args, &mut outcome);
@@ -87,7 +88,7 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
         // Fail on unreadable files before spawning anything.
         tls::Server::new(files).context("cannot set up TLS")?;
     }
-    let init = receiver::Init::new(
+    let init = reader::Init::new(
         &args.listen,
         &args.ram,
         args.decompress_workers,

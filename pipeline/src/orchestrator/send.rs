@@ -5,10 +5,9 @@
 use std::io::IsTerminal;
 use std::time::{Duration, Instant};
 
+use crate::supervisor::messages::{ActorKind, Chunk, DiskChunk, Event, PageCounts, Work};
 use anyhow::{anyhow, bail, Context};
-use ferry_proto::control::{
-    ActorKind, BlockDigest, Chunk, DiskChunk, Event, PageCounts, ReturnPath, Work,
-};
+use ferry_proto::return_path::{BlockDigest, ReturnPath};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -18,11 +17,11 @@ use serde_json::json;
 
 use super::guest::Guest;
 use super::{stats, SendArgs};
-use crate::dirty_log::DirtyLog;
-use crate::process::Supervisor;
-use crate::ram::{self, BlockFile};
-use crate::uri::Uri;
-use crate::{compress_pool, disk, scanner, writer};
+use crate::actors::{blockio, compress, scanner, writer};
+use crate::channel::uri::Uri;
+use crate::supervisor::Supervisor;
+use ferry_guest::dirty_log::DirtyLog;
+use ferry_guest::ram::{self, BlockFile};
 
 /// Chunks in flight between the compress stage and the writer: enough to
 /// keep the socket busy while the pool works, few enough to bound memory.
@@ -102,8 +101,8 @@ struct Report {
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let start = Instant::now();
-    crate::process::start_memory_sampler();
-    let blocks = ram::source_blocks(&args.ram)?;
+    crate::supervisor::start_memory_sampler();
+    let blocks = ram::source_blocks(args.ram.iter().map(|s| (s.name.as_str(), s.path.as_path())))?;
     let total: u64 = blocks.iter().map(|b| b.length).sum();
     let device_state = match &args.device_state {
         Some(path) => {
@@ -247,7 +246,7 @@ struct Rounds<'a> {
     disk_logs: &'a [DirtyLog],
     guest: Option<&'a mut Guest>,
     scan: IpcSender<scanner::Command>,
-    disk: Option<IpcSender<disk::Command>>,
+    disk: Option<IpcSender<blockio::Command>>,
     start: Instant,
     round: u32,
     round_start: Instant,
@@ -267,7 +266,7 @@ impl Rounds<'_> {
             })
             .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
         if let Some(d) = &self.disk {
-            d.send(disk::Command::Round {
+            d.send(blockio::Command::Round {
                 round: self.round,
                 all,
                 last,
@@ -287,7 +286,7 @@ impl Rounds<'_> {
         self.prev_bytes = bytes;
         let bandwidth = sent as f64 / duration;
         let dirty = log.count() * PAGE_SIZE as u64
-            + self.disk_logs.iter().map(DirtyLog::count).sum::<u64>() * disk::CHUNK;
+            + self.disk_logs.iter().map(DirtyLog::count).sum::<u64>() * blockio::CHUNK;
         let expected_ms = if dirty == 0 {
             0.0
         } else {
@@ -379,7 +378,7 @@ fn drive(
     let has_disks = !args.disk.is_empty();
     let (disk_chunk_tx, disk_chunk_rx) = ipc::channel::<DiskChunk>()?;
     let (disk_credit_tx, disk_credit_rx) = ipc::channel::<u32>()?;
-    let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<disk::Command>()?;
+    let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<blockio::Command>()?;
     // Shared chunk buffers between the blockio actor and the writer, removed
     // when the run ends.
     let slots = if has_disks {
@@ -392,7 +391,7 @@ fn drive(
             .tempfile_in(dir)
             .context("cannot create the disk chunk buffers")?;
         f.as_file()
-            .set_len(u64::from(DISK_WINDOW) * disk::CHUNK)
+            .set_len(u64::from(DISK_WINDOW) * blockio::CHUNK)
             .context("cannot size the disk chunk buffers")?;
         Some(f)
     } else {
@@ -422,8 +421,8 @@ fn drive(
     if has_disks {
         sup.spawn(
             ActorKind::Blockio,
-            disk::Init {
-                disks: args.disk.iter().map(disk::DiskInit::from_spec).collect(),
+            blockio::Init {
+                disks: args.disk.iter().map(blockio::DiskInit::from_spec).collect(),
                 mailbox: disk_cmd_rx,
                 chunks: disk_chunk_tx,
                 credits: disk_credit_rx,
@@ -434,7 +433,7 @@ fn drive(
     }
     sup.spawn(
         ActorKind::Compress,
-        compress_pool::Init {
+        compress::Init {
             blocks: blocks.to_vec(),
             level: args.compress.then_some(args.compress_level),
             workers: args.compress_workers,
@@ -560,9 +559,9 @@ fn drive(
                     // Digest the source disks only for a destination that
                     // reported its own.
                     let cmd = if ack_disks.is_some() {
-                        disk::Command::Digest
+                        blockio::Command::Digest
                     } else {
-                        disk::Command::Stop
+                        blockio::Command::Stop
                     };
                     d.send(cmd)
                         .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}"))?;

@@ -2,13 +2,13 @@
 
 use std::path::Path;
 
-use ferry_proto::control::{ActorKind, PageCounts, Usage};
+use crate::supervisor::messages::{ActorKind, PageCounts, Usage};
 use serde_json::{json, Map, Value};
 
 /// CPU seconds and peak RSS of each process, the orchestrator included.
 pub fn processes(actors: &[(ActorKind, Usage)]) -> Value {
     let mut m = Map::new();
-    let me = crate::process::usage();
+    let me = crate::supervisor::usage();
     for (name, u) in
         std::iter::once(("orchestrator", &me)).chain(actors.iter().map(|(k, u)| (k.name(), u)))
     {

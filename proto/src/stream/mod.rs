@@ -4,7 +4,6 @@
 //! - [`image`]: a whole stream from unchanging RAM, in one pass.
 //! - [`integrity`]: ferry's checkpoint section (`ferry send --integrity`).
 //! - [`parse`]: streams QEMU 7.2 (or ferry) wrote, read trusting nothing.
-//! - [`load`]: parsed RAM records applied to file-backed memory.
 //! - [`device_state`]: the opaque non-RAM sections, kept byte for byte.
 //! - [`vmdesc`]: sizes of device sections from the trailer QEMU appends.
 //! - [`xbzrle`]: QEMU's delta-encoded pages.
@@ -13,7 +12,6 @@ pub mod device_state;
 pub mod encode;
 pub mod image;
 pub mod integrity;
-pub mod load;
 pub mod parse;
 pub mod vmdesc;
 pub mod xbzrle;

@@ -5,10 +5,10 @@
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 
+use ferry_guest::load::{self, block_file_name, RamImage};
 use ferry_proto::compress;
 use ferry_proto::qemu_file::{self, QemuFileReader, QemuFileWriter};
 use ferry_proto::stream::encode::{self, PageEncoding, RamWriter};
-use ferry_proto::stream::load::{self, block_file_name, RamImage};
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
 use ferry_proto::transport::MemTransport;

@@ -4,7 +4,7 @@
 //! It maps guest RAM read-only and reads it page by page; the other pages
 //! travel onwards as indices, never as bytes.
 
-use ferry_proto::control::{ActorEvent, ActorKind, Event, PageBatch, Work};
+use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageBatch, Work};
 use ferry_proto::qemu_file::QemuFileWriter;
 use ferry_proto::stream::encode::{uniform_fill, RamWriter};
 use ferry_proto::stream::PAGE_SIZE;
@@ -14,9 +14,9 @@ use std::path::PathBuf;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
-use crate::dirty_log::{self, DirtyLog};
-use crate::process::ipc_error;
-use crate::ram::{self, BlockFile};
+use crate::supervisor::ipc_error;
+use ferry_guest::dirty_log::{self, DirtyLog};
+use ferry_guest::ram::{self, BlockFile};
 
 /// Pages per batch: 1 MiB, big enough to amortise a message, small enough to
 /// keep every stage busy.

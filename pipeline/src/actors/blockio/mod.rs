@@ -1,4 +1,4 @@
-//! Disks in a migration, on top of the block-IO actor ([`crate::blockio`]).
+//! Disks in a migration, on top of the block-IO actor ([`crate::actors::blockio::queue`]).
 //!
 //! - Source: the `blockio` actor process ([`run`]) owns one [`BlockIo`] per
 //!   disk. For each round the orchestrator asks for, it reads the chunks to
@@ -11,20 +11,25 @@
 //!   the receiver's own [`BlockIo`] per disk, several writes in flight (never
 //!   two to the same chunk), flushes, and digests each disk for the Ack.
 
+pub mod queue;
+
 use std::collections::VecDeque;
 use std::io;
 use std::path::PathBuf;
 
+use crate::supervisor::messages::{ActorEvent, ActorKind, DiskChunk, Event};
 use crossbeam_channel::{bounded, Receiver};
-use ferry_proto::control::{ActorEvent, ActorKind, BlockDigest, DiskChunk, Event};
+use ferry_proto::return_path::BlockDigest;
 use ferry_proto::stream::encode::is_zero;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
-use crate::blockio::{self, BlockIo, Buffer, DeviceConfig, Driver, Mailbox, Request, ZeroFlags};
-use crate::dirty_log::{self, DirtyLog};
+use crate::actors::blockio::queue::{
+    BlockIo, Buffer, DeviceConfig, Driver, Mailbox, Request, ZeroFlags,
+};
 use crate::options::DiskSpec;
-use crate::process::ipc_error;
+use crate::supervisor::ipc_error;
+use ferry_guest::dirty_log::{self, DirtyLog};
 
 /// The disk-migration chunk (QEMU's BLK_MIG_BLOCK_SIZE).
 pub const CHUNK: u64 = 1 << 20;
@@ -78,7 +83,7 @@ pub enum Error {
         path: PathBuf,
         /// Why.
         #[source]
-        source: Box<blockio::Error>,
+        source: Box<queue::Error>,
     },
     /// A request failed.
     #[error("disk {name:?}: I/O error")]
@@ -87,7 +92,7 @@ pub enum Error {
         name: String,
         /// Why.
         #[source]
-        source: Box<blockio::Error>,
+        source: Box<queue::Error>,
     },
     /// The disk's actor stopped answering.
     #[error("disk {0:?}: the block-IO actor stopped")]
@@ -172,7 +177,7 @@ impl std::fmt::Debug for Disk {
     }
 }
 
-type Pending<T> = Receiver<Result<T, blockio::Error>>;
+type Pending<T> = Receiver<Result<T, queue::Error>>;
 
 impl Disk {
     /// Opens `d` with its driver.
@@ -207,7 +212,7 @@ impl Disk {
         CHUNK.min(self.capacity - i * CHUNK) as usize
     }
 
-    fn io(&self, source: blockio::Error) -> Error {
+    fn io(&self, source: queue::Error) -> Error {
         Error::Io {
             name: self.name.clone(),
             source: Box::new(source),

@@ -1,6 +1,7 @@
 //! Migration URIs in QEMU's forms: `tcp:HOST:PORT`, `unix:PATH`, `file:PATH`,
 //! and opening them, with TLS on the two socket forms if asked.
 
+use super::stall::{set_user_timeout, Stall};
 use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use ferry_proto::transport::{FileTransport, TcpTransport, Transport, UnixTransport};
 
-use crate::tls::{self, Socket};
+use crate::channel::tls::{self, Socket};
 
 /// Where a migration stream goes or comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -112,100 +113,6 @@ fn with_return_path<T: Transport + 'static>(mut t: T) -> Connection {
     }
 }
 
-/// A transport whose peer made no progress for the stall timeout: the
-/// socket's timeout error, said in words a user can act on.
-struct Stall<T> {
-    inner: T,
-    secs: u64,
-    /// When bytes last moved. A connection the kernel gave up on
-    /// (TCP_USER_TIMEOUT) may surface as a broken pipe on the next write: if
-    /// nothing moved for the stall timeout, that too is the stall.
-    last_progress: std::time::Instant,
-}
-
-impl<T> Stall<T> {
-    fn map(&self, e: io::Error) -> io::Error {
-        // The kernel's own give-up comes a little after the last write that
-        // still fit in the socket buffer, so half the timeout counts.
-        let quiet = self.last_progress.elapsed() >= Duration::from_secs(self.secs) / 2;
-        let stalled = match e.kind() {
-            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => true,
-            // What the kernel reports when it gives up on the connection
-            // depends on why: a reset, or the route that went away with a link.
-            io::ErrorKind::BrokenPipe
-            | io::ErrorKind::ConnectionReset
-            | io::ErrorKind::ConnectionAborted
-            | io::ErrorKind::NetworkUnreachable
-            | io::ErrorKind::HostUnreachable => quiet,
-            _ => false,
-        };
-        if !stalled {
-            return e;
-        }
-        io::Error::new(
-            io::ErrorKind::TimedOut,
-            format!(
-                "the connection stalled: no progress for {} s (--stall-timeout)",
-                self.secs
-            ),
-        )
-    }
-}
-
-impl<T: Transport> Transport for Stall<T> {
-    fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> io::Result<usize> {
-        let r = self.inner.writev(bufs).map_err(|e| self.map(e));
-        if matches!(r, Ok(n) if n > 0) {
-            self.last_progress = std::time::Instant::now();
-        }
-        r
-    }
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let r = self.inner.read(buf).map_err(|e| self.map(e));
-        if matches!(r, Ok(n) if n > 0) {
-            self.last_progress = std::time::Instant::now();
-        }
-        r
-    }
-    fn shutdown(&mut self) -> io::Result<()> {
-        self.inner.shutdown()
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        self.inner.shutdown_write()
-    }
-    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
-        self.inner.return_path()
-    }
-    fn close(&mut self) -> io::Result<()> {
-        self.inner.close()
-    }
-}
-
-/// Bounds how long sent data may stay unacknowledged (TCP_USER_TIMEOUT).
-/// SO_SNDTIMEO alone restarts with every write that copies a few bytes into
-/// a socket buffer with room left, so a dead link took two or three stall
-/// timeouts to notice; with this the connection fails after one.
-fn set_user_timeout(s: &TcpStream, stall: Option<Duration>) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let Some(d) = stall else { return Ok(()) };
-    let ms = libc::c_uint::try_from(d.as_millis()).unwrap_or(libc::c_uint::MAX);
-    // SAFETY: setsockopt reads exactly size_of::<c_uint>() bytes from a valid
-    // c_uint on our stack, for a socket we own.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_USER_TIMEOUT,
-            (&ms as *const libc::c_uint).cast(),
-            std::mem::size_of::<libc::c_uint>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// A socket's channel, with timeouts reported as stalls.
 fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection {
     stalling_conn(with_return_path(t), stall)
@@ -213,11 +120,7 @@ fn stalling<T: Transport + 'static>(t: T, stall: Option<Duration>) -> Connection
 
 fn stalling_conn(mut conn: Connection, stall: Option<Duration>) -> Connection {
     if let Some(d) = stall {
-        conn.transport = Box::new(Stall {
-            last_progress: std::time::Instant::now(),
-            inner: conn.transport,
-            secs: d.as_secs(),
-        });
+        conn.transport = Box::new(Stall::new(conn.transport, d));
     }
     conn
 }

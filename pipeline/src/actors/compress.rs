@@ -9,7 +9,7 @@
 
 use std::cell::RefCell;
 
-use ferry_proto::control::{ActorEvent, Chunk, PageBatch, PageCounts, Work};
+use crate::supervisor::messages::{ActorEvent, Chunk, PageBatch, PageCounts, Work};
 use ferry_proto::qemu_file::QemuFileWriter;
 use ferry_proto::stream::encode::{PageEncoding, RamWriter};
 use ferry_proto::stream::PAGE_SIZE;
@@ -21,8 +21,8 @@ use memmap2::Mmap;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::process::ipc_error;
-use crate::ram::{self, BlockFile};
+use crate::supervisor::ipc_error;
+use ferry_guest::ram::{self, BlockFile};
 
 /// Configuration of the compress stage.
 #[derive(Debug, Serialize, Deserialize)]

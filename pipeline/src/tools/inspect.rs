@@ -5,9 +5,9 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use ferry_guest::load::{self, RamImage};
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::device_state::DeviceState;
-use ferry_proto::stream::load::{self, RamImage};
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
 use ferry_proto::stream::{vmdesc, RamBlockInfo, SectionKind, PAGE_SIZE};
 use ferry_proto::transport::{FileTransport, ReadTransport, Transport};

@@ -23,8 +23,8 @@ use std::path::Path;
 
 use ferry_proto::stream::{BLOCK_CHUNK_SIZE, PAGE_SIZE};
 
-use crate::dirty_log::DirtyLog;
-use crate::pattern::{self, Pattern, XorShift};
+use crate::tools::pattern::{self, Pattern, XorShift};
+use ferry_guest::dirty_log::DirtyLog;
 
 use super::writers::{Pacer, Vcpus, MAX_BATCH};
 use super::Error;

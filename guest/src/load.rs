@@ -14,9 +14,9 @@ use std::path::{Path, PathBuf};
 use flate2::Decompress;
 use memmap2::MmapMut;
 
-use super::parse::RamRecord;
-use super::{xbzrle, RamBlockInfo, PAGE_SIZE};
-use crate::compress;
+use ferry_proto::compress;
+use ferry_proto::stream::parse::RamRecord;
+use ferry_proto::stream::{xbzrle, RamBlockInfo, PAGE_SIZE};
 
 /// Errors of loading RAM.
 #[derive(Debug, thiserror::Error)]
@@ -354,7 +354,7 @@ impl RamImage {
                 let mut page = [fill; PAGE_SIZE];
                 if fill == 0 {
                     self.read_page(block, at, &mut page)?;
-                    if crate::stream::encode::is_zero(&page) {
+                    if ferry_proto::stream::encode::is_zero(&page) {
                         return Ok(());
                     }
                     page.fill(0);

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use crate::options::parse_rate;
-use crate::pattern::{self, Pattern};
+use crate::tools::pattern::{self, Pattern};
 
 /// `ferry demo`
 #[derive(Debug, Clone, Args)]

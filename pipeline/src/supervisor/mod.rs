@@ -7,12 +7,14 @@
 //! orchestrator. A child dies with its parent (PR_SET_PDEATHSIG), so no actor
 //! outlives a killed orchestrator.
 
+pub mod messages;
+
 use std::io;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_proto::control::{ActorEvent, ActorKind, Event, Usage};
+use crate::supervisor::messages::{ActorEvent, ActorKind, Event, Usage};
 use ipc_channel::ipc::{self, IpcOneShotServer, IpcReceiver, IpcSender};
 use ipc_channel::TryRecvError;
 use serde::de::DeserializeOwned;

@@ -818,7 +818,7 @@ mod tests {
     }
 
     fn chain(e: &dyn std::error::Error) -> String {
-        crate::process::error_chain(e)
+        crate::supervisor::error_chain(e)
     }
 
     #[test]

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use ferry_proto::stream::PAGE_SIZE;
 
-use crate::dirty_log::DirtyLog;
-use crate::pattern::XorShift;
+use crate::tools::pattern::XorShift;
+use ferry_guest::dirty_log::DirtyLog;
 
 /// How often a writer wakes to write the pages that came due.
 const SLICE: Duration = Duration::from_millis(2);

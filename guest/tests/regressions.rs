@@ -4,9 +4,9 @@
 use std::collections::HashMap;
 use std::io::{self, IoSlice};
 
+use ferry_guest::load::{self, RamImage};
 use ferry_proto::qemu_file::{QemuFileReader, QemuFileWriter};
 use ferry_proto::stream::encode::{self, RamWriter};
-use ferry_proto::stream::load::{self, RamImage};
 use ferry_proto::stream::parse::{Item, Parser, RamRecord};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
 use ferry_proto::transport::{MemTransport, Transport};

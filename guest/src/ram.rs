@@ -8,8 +8,6 @@ use ferry_proto::stream::{RamBlockInfo, PAGE_SIZE};
 use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
 
-use crate::options::RamSpec;
-
 /// A RAM block of the source: its name, file and length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockFile {
@@ -61,33 +59,36 @@ pub enum Error {
     DuplicateName(String),
 }
 
-/// Checks the `--ram` files of the source and describes them.
-pub fn source_blocks(specs: &[RamSpec]) -> Result<Vec<BlockFile>, Error> {
+/// Checks the source's RAM files, given as (block name, file) pairs, and
+/// describes them.
+pub fn source_blocks<'a>(
+    specs: impl IntoIterator<Item = (&'a str, &'a Path)>,
+) -> Result<Vec<BlockFile>, Error> {
     let mut out: Vec<BlockFile> = Vec::new();
-    for s in specs {
-        let file = File::open(&s.path).map_err(|source| Error::Open {
-            path: s.path.clone(),
+    for (name, path) in specs {
+        let file = File::open(path).map_err(|source| Error::Open {
+            path: path.to_owned(),
             source,
         })?;
         let length = file
             .metadata()
             .map_err(|source| Error::Open {
-                path: s.path.clone(),
+                path: path.to_owned(),
                 source,
             })?
             .len();
         if length == 0 || length % PAGE_SIZE as u64 != 0 {
             return Err(Error::BadSize {
-                path: s.path.clone(),
+                path: path.to_owned(),
                 length,
             });
         }
-        if out.iter().any(|b| b.name == s.name) {
-            return Err(Error::DuplicateName(s.name.clone()));
+        if out.iter().any(|b| b.name == name) {
+            return Err(Error::DuplicateName(name.to_owned()));
         }
         out.push(BlockFile {
-            name: s.name.clone(),
-            path: s.path.clone(),
+            name: name.to_owned(),
+            path: path.to_owned(),
             length,
         });
     }

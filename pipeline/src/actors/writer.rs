@@ -8,19 +8,18 @@
 //! acknowledgement.
 //!
 //! With TLS the connection is a TLS session in both directions (see
-//! [`crate::tls`]); with `--integrity` the writer seals the stream with
-//! checkpoints (see [`crate::integrity`]) after the configuration, after
+//! [`crate::channel::tls`]); with `--integrity` the writer seals the stream with
+//! checkpoints (see [`crate::channel::integrity`]) after the configuration, after
 //! every chunk (closing the RAM section part around it) and before EOF.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
+use crate::supervisor::messages::{ActorEvent, ActorKind, Chunk, DiskChunk, Event, PageCounts};
 use crossbeam_channel::{select, Receiver};
-use ferry_proto::control::{
-    self, Ack, ActorEvent, ActorKind, Chunk, DiskChunk, Event, PageCounts, ReturnPath,
-};
 use ferry_proto::qemu_file::{self, QemuFileWriter};
+use ferry_proto::return_path::{Ack, ReturnPath};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::encode::{self, RamWriter};
 use ferry_proto::stream::{
@@ -31,10 +30,10 @@ use ferry_proto::transport::Transport;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use serde::{Deserialize, Serialize};
 
-use crate::integrity::{Sealer, WriteTap};
-use crate::ram::{self, BlockFile};
-use crate::tls;
-use crate::uri::{self, Uri};
+use crate::channel::integrity::{Sealer, WriteTap};
+use crate::channel::tls;
+use crate::channel::uri::{self, Uri};
+use ferry_guest::ram::{self, BlockFile};
 
 /// QEMU's rate-limit window.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -179,7 +178,7 @@ pub enum Error {
     },
     /// The shared disk chunk buffers cannot be mapped.
     #[error("cannot map the disk chunk buffers")]
-    Slots(#[source] Box<crate::disk::Error>),
+    Slots(#[source] Box<crate::actors::blockio::Error>),
     /// A disk chunk names a disk that does not exist.
     #[error("disk chunk for disk {0}, which does not exist")]
     BadDisk(u32),
@@ -229,7 +228,7 @@ fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>
         let reply = match (&mut r).take(1 << 20).read_line(&mut line) {
             Err(e) if tls && e.kind() == io::ErrorKind::InvalidData => Reply::Failed(e),
             Ok(0) | Err(_) => Reply::Closed,
-            Ok(_) if line.as_bytes() == control::HELLO => Reply::Hello,
+            Ok(_) if line.as_bytes() == ferry_proto::return_path::HELLO => Reply::Hello,
             Ok(_) => match serde_json::from_str::<Ack>(line.trim_end()) {
                 Ok(ack) => Reply::Ack(ack),
                 Err(_) => Reply::Garbage(line.chars().take(200).collect()),
@@ -347,7 +346,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let slots = init
         .disk_slots
         .as_ref()
-        .map(|(path, window)| crate::disk::map_slots_readonly(path, *window))
+        .map(|(path, window)| crate::actors::blockio::map_slots_readonly(path, *window))
         .transpose()
         .map_err(|e| Error::Slots(Box::new(e)))?;
     let (mail_tx, mail) = crossbeam_channel::bounded(64);

@@ -44,9 +44,9 @@ use clap::Args;
 use ferry_proto::stream::PAGE_SIZE;
 use memmap2::MmapMut;
 
-use crate::dirty_log::{self, DirtyLog};
 use crate::options::parse_rate;
-use crate::pattern::{self, Pattern, XorShift};
+use crate::tools::pattern::{self, Pattern, XorShift};
+use ferry_guest::dirty_log::{self, DirtyLog};
 
 use disk::{Disk, DiskWriter, CHUNK};
 use meter::Meters;

@@ -5,10 +5,10 @@ use std::hint::black_box;
 use std::io::Cursor;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use ferry_guest::load::RamImage;
 use ferry_proto::compress;
 use ferry_proto::qemu_file::{QemuFileReader, QemuFileWriter};
 use ferry_proto::stream::encode::{self, RamWriter};
-use ferry_proto::stream::load::RamImage;
 use ferry_proto::stream::parse::{Item, Parser, RamRecord};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
 use ferry_proto::transport::{MemTransport, ReadTransport};

@@ -14,7 +14,7 @@
 //! ## The return path
 //!
 //! When the connection has a way back (tcp, unix), the reader writes on it
-//! only once the peer has finished: [`control::HELLO`] as soon as the stream
+//! only once the peer has finished: [`ferry_proto::return_path::HELLO`] as soon as the stream
 //! reached its end of input, then, after the RAM is synced and digested, one
 //! JSON line, an [`Ack`] with the digests of the loaded blocks. A stream that
 //! fails gets HELLO (if not said yet) and `Ack { ok: false, error }`. A ferry
@@ -29,7 +29,7 @@
 //!
 //! A stream whose first section is a `ferry-integrity` checkpoint (`ferry
 //! send --integrity`) is verified checkpoint by checkpoint (see
-//! [`crate::integrity`]); a mismatch fails the load.
+//! [`crate::channel::integrity`]); a mismatch fails the load.
 //!
 //! Nothing is written earlier, on purpose: a QEMU 7.2 source never reads its
 //! migration socket, and closing a tcp socket that holds unread bytes makes
@@ -44,11 +44,12 @@ use std::io::{self, IoSlice};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageCounts};
+use ferry_guest::load::{self, RamImage};
 use ferry_proto::compress;
-use ferry_proto::control::{self, Ack, ActorEvent, ActorKind, BlockDigest, Event, PageCounts};
 use ferry_proto::qemu_file::QemuFileReader;
+use ferry_proto::return_path::{Ack, BlockDigest};
 use ferry_proto::stream::integrity as checkpoint;
-use ferry_proto::stream::load::{self, RamImage};
 use ferry_proto::stream::parse::{self, BlockRecord, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
 use ferry_proto::transport::Transport;
@@ -56,13 +57,13 @@ use ipc_channel::ipc::IpcSender;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
-use crate::disk::{self, DiskInit, Sinks};
-use crate::integrity::{self, ReadTap};
+use crate::actors::blockio::{self, DiskInit, Sinks};
+use crate::channel::integrity::{self, ReadTap};
+use crate::channel::tls;
+use crate::channel::uri::{self, Uri};
 use crate::options::{DiskSpec, RamSpec};
-use crate::process::error_chain;
-use crate::ram;
-use crate::tls;
-use crate::uri::{self, Uri};
+use crate::supervisor::error_chain;
+use ferry_guest::ram;
 
 /// How often the reader reports progress.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -217,7 +218,7 @@ pub enum Error {
     Save(#[source] load::Error),
     /// A destination disk failed, or the stream does not fit it.
     #[error(transparent)]
-    Disk(disk::Error),
+    Disk(blockio::Error),
     /// A loaded RAM file cannot be read back for its digest.
     #[error("cannot compute the digest of the loaded RAM")]
     Digest(#[source] ram::Error),
@@ -388,7 +389,7 @@ impl Answer {
     fn hello(&mut self) {
         if !self.said_hello {
             self.said_hello = true;
-            self.write(control::HELLO);
+            self.write(ferry_proto::return_path::HELLO);
         }
     }
 
@@ -405,7 +406,7 @@ impl Answer {
         let mut bytes = if self.said_hello {
             Vec::new()
         } else {
-            control::HELLO.to_vec()
+            ferry_proto::return_path::HELLO.to_vec()
         };
         self.said_hello = true;
         match serde_json::to_writer(&mut bytes, ack) {

@@ -20,7 +20,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::options::parse_rate;
-use crate::pattern::{self, Pattern};
+use crate::tools::pattern::{self, Pattern};
 
 /// `ferry bench`
 #[derive(Debug, Clone, Args)]
