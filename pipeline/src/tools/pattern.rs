@@ -166,9 +166,10 @@ fn write_image(path: &Path, size: u64, pattern: Pattern, seed: u64) -> std::io::
         .truncate(true)
         .open(path)?;
     file.set_len(size)?;
-    // SAFETY: the demo and the benchmarks write their image in a directory of
-    // their own before any process they start maps it, so no one else maps or
-    // truncates the file while this mapping lives.
+    // SAFETY: the demo and the benchmarks (the only callers) write their image
+    // in their own temporary directory, or the demo's --dir, before they start
+    // any process that maps it: nothing of ferry's maps or truncates the file
+    // while this mapping lives.
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
     fill(&mut map, pattern, seed);
     map.flush()
