@@ -4,14 +4,17 @@
 use std::fs::File;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
 
+use tempfile::TempDir;
+
 use crate::options::parse_rate;
-use crate::tools::pattern::{self, Pattern};
+use crate::tools::bench::{wait_for, Killed};
+use crate::tools::pattern;
 
 /// `ferry demo`
 #[derive(Debug, Clone, Args)]
@@ -34,39 +37,15 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     if size == 0 {
         bail!("--size must be at least one page");
     }
-    let tmp;
-    let dir = match &args.dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
-            d.clone()
-        }
-        None => {
-            // Guest RAM lives in tmpfs on a real host too; a disk would time the disk.
-            let base = Path::new("/dev/shm");
-            tmp = if base.is_dir() {
-                tempfile::Builder::new()
-                    .prefix("ferry-demo-")
-                    .tempdir_in(base)?
-            } else {
-                tempfile::Builder::new().prefix("ferry-demo-").tempdir()?
-            };
-            tmp.path().to_owned()
-        }
-    };
+    let (dir, _tmp) = work_dir(&args)?;
     let src = dir.join("source.ram");
     let dst = dir.join("destination.ram");
     let sock = dir.join("migrate.sock");
     let _ = std::fs::remove_file(&dst);
-    eprintln!(
-        "ferry demo: writing {} MiB of mixed guest RAM to {}",
-        size >> 20,
-        src.display()
-    );
-    pattern::write_image(&src, size, Pattern::Mixed, 1)
-        .with_context(|| format!("cannot write {}", src.display()))?;
+    pattern::write_guest_ram(&src, size, "ferry demo")?;
 
     let exe = std::env::current_exe()?;
-    let mut receiver = Reaped(
+    let mut receiver = Killed(
         Command::new(&exe)
             .args(["receive", "--listen"])
             .arg(format!("unix:{}", sock.display()))
@@ -77,35 +56,14 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
             .spawn()
             .context("cannot start ferry receive")?,
     );
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !sock.exists() {
-        if let Some(status) = receiver.0.try_wait()? {
-            bail!("ferry receive exited early ({status})");
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "ferry receive did not listen on {} within 10 s",
-                sock.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(
+        &sock,
+        &mut receiver.0,
+        "ferry receive",
+        Duration::from_secs(10),
+    )?;
     let start = Instant::now();
-    let mut send = Command::new(&exe);
-    send.arg("send")
-        .arg("--ram")
-        .arg(format!("{},name=ram", src.display()))
-        .arg("--to")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--stats-json")
-        .arg(dir.join("send-stats.json"));
-    if args.compress {
-        send.arg("--compress");
-    }
-    let status = send.status().context("cannot start ferry send")?;
-    if !status.success() {
-        bail!("ferry send failed ({status})");
-    }
+    send(&exe, &src, &sock, &dir, args.compress)?;
     let rstatus = receiver.0.wait()?;
     if !rstatus.success() {
         bail!("ferry receive failed ({rstatus})");
@@ -131,16 +89,43 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills and reaps the child if the demo fails before it ends.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
+/// The directory the demo works in: `--dir`, or a temporary one (returned too,
+/// to be removed when dropped).
+fn work_dir(args: &DemoArgs) -> anyhow::Result<(PathBuf, Option<TempDir>)> {
+    if let Some(d) = &args.dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+        return Ok((d.clone(), None));
     }
+    // Guest RAM lives in tmpfs on a real host too; a disk would time the disk.
+    let base = Path::new("/dev/shm");
+    let tmp = if base.is_dir() {
+        tempfile::Builder::new()
+            .prefix("ferry-demo-")
+            .tempdir_in(base)?
+    } else {
+        tempfile::Builder::new().prefix("ferry-demo-").tempdir()?
+    };
+    Ok((tmp.path().to_owned(), Some(tmp)))
+}
+
+/// Runs `ferry send` from `src` to the receiver on `sock`.
+fn send(exe: &Path, src: &Path, sock: &Path, dir: &Path, compress: bool) -> anyhow::Result<()> {
+    let mut send = Command::new(exe);
+    send.arg("send")
+        .arg("--ram")
+        .arg(format!("{},name=ram", src.display()))
+        .arg("--to")
+        .arg(format!("unix:{}", sock.display()))
+        .arg("--stats-json")
+        .arg(dir.join("send-stats.json"));
+    if compress {
+        send.arg("--compress");
+    }
+    let status = send.status().context("cannot start ferry send")?;
+    if !status.success() {
+        bail!("ferry send failed ({status})");
+    }
+    Ok(())
 }
 
 fn same_contents(a: &Path, b: &Path) -> anyhow::Result<bool> {

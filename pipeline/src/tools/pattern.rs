@@ -4,6 +4,9 @@
 //! repeated byte, much text-like data (code, heap, page cache) that zlib
 //! shrinks about 3x, and some incompressible data (compressed files, crypto).
 
+use std::path::Path;
+
+use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
 use ferry_proto::stream::PAGE_SIZE;
@@ -141,14 +144,20 @@ pub fn fill(buf: &mut [u8], pattern: Pattern, seed: u64) {
     }
 }
 
-/// Creates (or truncates) `path` at `size` bytes and fills it with `pattern`:
-/// the guest RAM image of the demo and the benchmarks.
-pub fn write_image(
-    path: &std::path::Path,
-    size: u64,
-    pattern: Pattern,
-    seed: u64,
-) -> std::io::Result<()> {
+/// Writes the guest RAM image that the demo and the benchmarks migrate (mixed
+/// pages, seed 1), saying so on stderr first: a few GiB take seconds.
+pub fn write_guest_ram(path: &Path, size: u64, tool: &str) -> anyhow::Result<()> {
+    eprintln!(
+        "{tool}: writing {} MiB of mixed guest RAM to {}",
+        size >> 20,
+        path.display()
+    );
+    write_image(path, size, Pattern::Mixed, 1)
+        .with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Creates (or truncates) `path` at `size` bytes and fills it with `pattern`.
+fn write_image(path: &Path, size: u64, pattern: Pattern, seed: u64) -> std::io::Result<()> {
     // Mapping for writing needs the file open for reading too.
     let file = std::fs::OpenOptions::new()
         .read(true)
@@ -157,7 +166,10 @@ pub fn write_image(
         .truncate(true)
         .open(path)?;
     file.set_len(size)?;
-    // SAFETY: the file was just created here and nothing else maps it yet.
+    // SAFETY: the demo and the benchmarks (the only callers) write their image
+    // in their own temporary directory, or the demo's --dir, before they start
+    // any process that maps it: nothing of ferry's maps or truncates the file
+    // while this mapping lives.
     let mut map = unsafe { memmap2::MmapMut::map_mut(&file) }?;
     fill(&mut map, pattern, seed);
     map.flush()

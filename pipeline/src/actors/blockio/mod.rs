@@ -322,31 +322,14 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .iter()
         .map(|d| Disk::open(d, true))
         .collect::<Result<Vec<_>, _>>()?;
-    let logs = init
-        .disks
-        .iter()
-        .zip(&disks)
-        .map(|(d, disk)| {
-            d.dirty_log
-                .as_ref()
-                .map(|p| DirtyLog::open(p, disk.chunks()))
-                .transpose()
-                .map_err(|source| Error::DirtyLog {
-                    name: d.name.clone(),
-                    source,
-                })
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let window = init.window.max(1);
-    let mut slots = map_slots(&init.slots, window)?;
-    let mut sent = 0u64;
-    let mut credits = window;
+    let logs = open_dirty_logs(&init.disks, &disks)?;
+    let mut out = ChunkSender::new(&init)?;
     loop {
         let cmd = init
             .mailbox
             .recv()
             .map_err(|e| Error::Mailbox(ipc_error(e)))?;
-        let (round, all, last) = match cmd {
+        match cmd {
             Command::Stop => break,
             Command::Digest => {
                 // The guest is stopped: this is what the destination must have.
@@ -360,57 +343,105 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 });
                 break;
             }
-            Command::Round { round, all, last } => (round, all, last),
-        };
+            Command::Round { round, all, last } => {
+                out.round(&disks, &logs, round, all)?;
+                out.end_round(round, last)?;
+            }
+        }
+    }
+    for d in disks {
+        d.close()?;
+    }
+    Ok(())
+}
+
+/// The dirty log of each disk that has one, in the order of `disks`.
+fn open_dirty_logs(inits: &[DiskInit], disks: &[Disk]) -> Result<Vec<Option<DirtyLog>>, Error> {
+    inits
+        .iter()
+        .zip(disks)
+        .map(|(d, disk)| {
+            d.dirty_log
+                .as_ref()
+                .map(|p| DirtyLog::open(p, disk.chunks()))
+                .transpose()
+                .map_err(|source| Error::DirtyLog {
+                    name: d.name.clone(),
+                    source,
+                })
+        })
+        .collect()
+}
+
+/// The chunks of `disk` that round `round` sends: all of them, or those taken
+/// from its dirty log.
+fn round_chunks(
+    disk: &Disk,
+    log: Option<&DirtyLog>,
+    round: u32,
+    all: bool,
+) -> Result<Vec<u64>, Error> {
+    match (all, log) {
+        (true, log) => {
+            // What was dirtied before the bulk phase is moot; what is
+            // dirtied from here on goes in the next round.
+            if let Some(log) = log {
+                log.clear();
+            }
+            Ok((0..disk.chunks()).collect())
+        }
+        (false, Some(log)) => {
+            let mut v = Vec::new();
+            log.take_range(0, disk.chunks(), &mut v);
+            Ok(v.into_iter().map(u64::from).collect())
+        }
+        (false, None) => Err(Error::NoDirtyLog {
+            round,
+            name: disk.name.clone(),
+        }),
+    }
+}
+
+/// Hands chunks to the writer through the shared slots, `window` at a time.
+struct ChunkSender<'a> {
+    chunks: &'a IpcSender<DiskChunk>,
+    credits: &'a IpcReceiver<u32>,
+    slots: memmap2::MmapMut,
+    window: u32,
+    /// Chunks sent so far.
+    sent: u64,
+    /// Chunks that may be sent before waiting for a credit.
+    available: u32,
+}
+
+impl<'a> ChunkSender<'a> {
+    fn new(init: &'a Init) -> Result<Self, Error> {
+        let window = init.window.max(1);
+        Ok(Self {
+            chunks: &init.chunks,
+            credits: &init.credits,
+            slots: map_slots(&init.slots, window)?,
+            window,
+            sent: 0,
+            available: window,
+        })
+    }
+
+    /// Reads and sends the chunks of one round, disk after disk.
+    fn round(
+        &mut self,
+        disks: &[Disk],
+        logs: &[Option<DirtyLog>],
+        round: u32,
+        all: bool,
+    ) -> Result<(), Error> {
         let started = std::time::Instant::now();
         let mut bytes = 0u64;
-        for (k, (disk, log)) in disks.iter().zip(&logs).enumerate() {
-            let list: Vec<u64> = match (all, log) {
-                (true, log) => {
-                    // What was dirtied before the bulk phase is moot; what is
-                    // dirtied from here on goes in the next round.
-                    if let Some(log) = log {
-                        log.clear();
-                    }
-                    (0..disk.chunks()).collect()
-                }
-                (false, Some(log)) => {
-                    let mut v = Vec::new();
-                    log.take_range(0, disk.chunks(), &mut v);
-                    v.into_iter().map(u64::from).collect()
-                }
-                (false, None) => {
-                    return Err(Error::NoDirtyLog {
-                        round,
-                        name: disk.name.clone(),
-                    })
-                }
-            };
+        for (k, (disk, log)) in disks.iter().zip(logs).enumerate() {
+            let list = round_chunks(disk, log.as_ref(), round, all)?;
             disk.read_chunks(list, |i, buf| {
-                while credits == 0 {
-                    credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
-                }
-                credits -= 1;
                 bytes += buf.len() as u64;
-                // At most `window` chunks lack their credit, and the writer
-                // credits in order: the slot of chunk n - window is free.
-                let slot = (sent % u64::from(window)) as usize;
-                sent += 1;
-                let slot = if is_zero(&buf) {
-                    None
-                } else {
-                    let at = slot * CHUNK as usize;
-                    slots[at..at + buf.len()].copy_from_slice(&buf);
-                    Some(slot as u32)
-                };
-                init.chunks
-                    .send(DiskChunk::Data {
-                        disk: k as u32,
-                        offset: i * CHUNK,
-                        len: buf.len() as u32,
-                        slot,
-                    })
-                    .map_err(|e| Error::Send(ipc_error(e)))
+                self.send(k as u32, i, &buf)
             })?;
         }
         let secs = started.elapsed().as_secs_f64();
@@ -421,14 +452,41 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             mb_per_s = bytes as f64 / 1e6 / secs.max(1e-9),
             "disk round read"
         );
-        init.chunks
+        Ok(())
+    }
+
+    /// Sends chunk `i` of disk `disk` once the writer has credited a slot.
+    fn send(&mut self, disk: u32, i: u64, buf: &[u8]) -> Result<(), Error> {
+        while self.available == 0 {
+            self.available += self.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
+        }
+        self.available -= 1;
+        // At most `window` chunks lack their credit, and the writer
+        // credits in order: the slot of chunk n - window is free.
+        let slot = (self.sent % u64::from(self.window)) as usize;
+        self.sent += 1;
+        let slot = if is_zero(buf) {
+            None
+        } else {
+            let at = slot * CHUNK as usize;
+            self.slots[at..at + buf.len()].copy_from_slice(buf);
+            Some(slot as u32)
+        };
+        self.chunks
+            .send(DiskChunk::Data {
+                disk,
+                offset: i * CHUNK,
+                len: buf.len() as u32,
+                slot,
+            })
+            .map_err(|e| Error::Send(ipc_error(e)))
+    }
+
+    fn end_round(&self, round: u32, last: bool) -> Result<(), Error> {
+        self.chunks
             .send(DiskChunk::RoundEnd { round, last })
-            .map_err(|e| Error::Send(ipc_error(e)))?;
+            .map_err(|e| Error::Send(ipc_error(e)))
     }
-    for d in disks {
-        d.close()?;
-    }
-    Ok(())
 }
 
 fn open_slots(

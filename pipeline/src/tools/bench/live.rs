@@ -2,14 +2,15 @@
 //! in the spirit of QEMU's guestperf.
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
 use serde_json::Value;
 
 use super::plot::{self, Series};
+use super::{wait_for, Killed};
 use crate::options::parse_rate;
 
 /// `ferry bench live`
@@ -38,30 +39,6 @@ pub struct LiveArgs {
     dir: PathBuf,
 }
 
-/// Kills and reaps a helper process when the scenario ends.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_for(path: &Path, child: &mut Child, what: &str) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        if let Some(st) = child.try_wait()? {
-            bail!("{what} exited early ({st})");
-        }
-        if Instant::now() > deadline {
-            bail!("{what} did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Ok(())
-}
-
 struct Outcome {
     name: String,
     converged: bool,
@@ -73,6 +50,25 @@ struct Outcome {
     throttle: u64,
     /// CPU seconds of the compress process.
     compress_cpu: f64,
+}
+
+impl Outcome {
+    /// The figures of `ferry send`'s statistics `v` (absent ones as 0).
+    fn from_stats(name: String, converged: bool, v: &Value) -> Self {
+        Self {
+            name,
+            converged,
+            total_s: v["total-time"].as_f64().unwrap_or(0.0) / 1000.0,
+            downtime_ms: v["downtime"].as_u64(),
+            expected_ms: v["expected-downtime"].as_u64(),
+            iterations: v["iterations"].as_u64().unwrap_or(0),
+            sent: v["ram"]["transferred"].as_u64().unwrap_or(0),
+            throttle: v["throttle-percent"].as_u64().unwrap_or(0),
+            compress_cpu: v["processes"]["compress"]["cpu-seconds"]
+                .as_f64()
+                .unwrap_or(0.0),
+        }
+    }
 }
 
 /// Runs every scenario and prints the table.
@@ -159,7 +155,7 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
     let d = dir.path();
     let exe = std::env::current_exe()?;
     let ctl = d.join("guest.sock");
-    let mut guest = Killed(
+    let _guest = start(
         Command::new(&exe)
             .arg("loadgen")
             .arg("--ram")
@@ -171,25 +167,21 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
             .arg("--control")
             .arg(format!("unix:{}", ctl.display()))
             .arg("--dirty-rate")
-            .arg(rate.to_string())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start ferry loadgen")?,
-    );
-    wait_for(&ctl, &mut guest.0, "ferry loadgen")?;
+            .arg(rate.to_string()),
+        &ctl,
+        "ferry loadgen",
+    )?;
     let sock = d.join("migrate.sock");
-    let mut receiver = Killed(
+    let _receiver = start(
         Command::new(&exe)
             .arg("receive")
             .arg("--listen")
             .arg(format!("unix:{}", sock.display()))
             .arg("--ram")
-            .arg(format!("{},name=ram", d.join("dst.ram").display()))
-            .stderr(Stdio::null())
-            .spawn()
-            .context("cannot start ferry receive")?,
-    );
-    wait_for(&sock, &mut receiver.0, "ferry receive")?;
+            .arg(format!("{},name=ram", d.join("dst.ram").display())),
+        &sock,
+        "ferry receive",
+    )?;
     let stats = d.join("send.json");
     let mut send = Command::new(&exe);
     send.arg("send")
@@ -220,6 +212,25 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
     let status = send.status().context("cannot run ferry send")?;
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&stats)?)?;
     let converged = status.success() && v["status"] == "completed";
+    plot_scenario(a, &name, converged, &v)?;
+    Ok(Outcome::from_stats(name, converged, &v))
+}
+
+/// Starts a helper ferry process (its stderr silenced: the figures are the
+/// output) and waits until it has created `ready`, its socket.
+fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
+    let child = cmd
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("cannot start {what}"))?;
+    let mut child = Killed(child);
+    wait_for(ready, &mut child.0, what, Duration::from_secs(60))?;
+    Ok(child)
+}
+
+/// Plots the remaining dirty memory and the throttle of one scenario against
+/// time, from `ferry send`'s statistics `v`, in the output directory.
+fn plot_scenario(a: &LiveArgs, name: &str, converged: bool, v: &Value) -> anyhow::Result<()> {
     let rounds = v["rounds"].as_array().cloned().unwrap_or_default();
     let total_mib = (a.size >> 20) as f64;
     let setup = v["setup-time"].as_f64().unwrap_or(0.0) / 1000.0;
@@ -260,18 +271,5 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
             colour: "firebrick",
         },
     );
-    std::fs::write(&file, svg).with_context(|| format!("cannot write {}", file.display()))?;
-    Ok(Outcome {
-        name,
-        converged,
-        total_s: v["total-time"].as_f64().unwrap_or(0.0) / 1000.0,
-        downtime_ms: v["downtime"].as_u64(),
-        expected_ms: v["expected-downtime"].as_u64(),
-        iterations: v["iterations"].as_u64().unwrap_or(0),
-        sent: v["ram"]["transferred"].as_u64().unwrap_or(0),
-        throttle: v["throttle-percent"].as_u64().unwrap_or(0),
-        compress_cpu: v["processes"]["compress"]["cpu-seconds"]
-            .as_f64()
-            .unwrap_or(0.0),
-    })
+    std::fs::write(&file, svg).with_context(|| format!("cannot write {}", file.display()))
 }

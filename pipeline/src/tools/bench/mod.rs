@@ -20,7 +20,7 @@ use clap::{Args, Subcommand};
 use serde_json::{json, Value};
 
 use crate::options::parse_rate;
-use crate::tools::pattern::{self, Pattern};
+use crate::tools::pattern;
 
 /// `ferry bench`
 #[derive(Debug, Clone, Args)]
@@ -116,13 +116,7 @@ fn run_static(a: StaticArgs) -> anyhow::Result<()> {
         .prefix("ferry-bench-")
         .tempdir_in(&a.dir)?;
     let ram = dir.path().join("guest.ram");
-    eprintln!(
-        "bench static: {} MiB of mixed RAM in {}",
-        size >> 20,
-        ram.display()
-    );
-    pattern::write_image(&ram, size, Pattern::Mixed, 1)
-        .with_context(|| format!("cannot write {}", ram.display()))?;
+    pattern::write_guest_ram(&ram, size, "bench static")?;
     let mut rows = Vec::new();
     if !a.no_qemu {
         rows.push(qemu_run(&a, &ram, size, None, dir.path())?);
@@ -174,14 +168,41 @@ fn run_static(a: StaticArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Kills the QEMU process when the measurement ends, however it ends.
-struct Killed(Child);
+/// A helper process (QEMU, `ferry receive`, `ferry loadgen`) of a benchmark or
+/// the demo: killed and reaped when the run ends, however it ends, so a failed
+/// run leaves no process behind. Killing one that has already been waited for
+/// is a no-op.
+pub(crate) struct Killed(pub(crate) Child);
 
 impl Drop for Killed {
     fn drop(&mut self) {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// Waits until `child` creates `path` (its socket: it is ready), failing if it
+/// exits first or takes longer than `timeout`.
+pub(crate) fn wait_for(
+    path: &Path,
+    child: &mut Child,
+    what: &str,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !path.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited early ({status})");
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "{what} did not create {} within {timeout:?}",
+                path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
 }
 
 fn qemu_run(
@@ -207,13 +228,7 @@ fn qemu_run(
         .spawn()
         .with_context(|| format!("cannot start {}", a.qemu.display()))?;
     let mut child = Killed(child);
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !sock.exists() {
-        if child.0.try_wait()?.is_some() || Instant::now() > deadline {
-            bail!("QEMU did not start");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_for(&sock, &mut child.0, "QEMU", Duration::from_secs(20))?;
     let mut q = qmp::Qmp::connect(&sock)?;
     q.execute("migrate-set-parameters", json!({"max-bandwidth": 0}))?;
     if let Some(threads) = compress {

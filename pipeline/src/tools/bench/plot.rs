@@ -24,6 +24,16 @@ fn max_of(points: &[(f64, f64)], f: impl Fn(&(f64, f64)) -> f64) -> f64 {
     points.iter().map(f).fold(0.0, f64::max)
 }
 
+/// Horizontal position of `x` on an axis that ends at `xmax`.
+fn px(x: f64, xmax: f64) -> f64 {
+    L + x / xmax * (W - L - R)
+}
+
+/// Vertical position of `y` on an axis that ends at `m`.
+fn py(y: f64, m: f64) -> f64 {
+    H - B - y / m * (H - T - B)
+}
+
 /// An SVG with `left` on the left axis and `right` on the right axis.
 pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String {
     let xmax = max_of(&left.points, |p| p.0)
@@ -31,8 +41,6 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
         .max(1e-3);
     let lmax = max_of(&left.points, |p| p.1).max(1.0) * 1.1;
     let rmax = max_of(&right.points, |p| p.1).max(1.0) * 1.1;
-    let px = |x: f64| L + x / xmax * (W - L - R);
-    let py = |y: f64, m: f64| H - B - y / m * (H - T - B);
     let mut s = String::new();
     let _ = writeln!(
         s,
@@ -45,6 +53,16 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
         W / 2.0,
         esc(title)
     );
+    axes(&mut s, x_label, xmax, lmax, rmax);
+    for (series, m, x) in [(left, lmax, 14.0), (right, rmax, W - 14.0)] {
+        line(&mut s, series, xmax, m, x);
+    }
+    s.push_str("</svg>\n");
+    s
+}
+
+/// The axes with five ticks each and the x label.
+fn axes(s: &mut String, x_label: &str, xmax: f64, lmax: f64, rmax: f64) {
     let _ = writeln!(
         s,
         r#"<path d="M{L},{T} V{} H{}" fill="none" stroke="black"/><path d="M{},{T} V{}" fill="none" stroke="black"/>"#,
@@ -70,7 +88,7 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
             y + 4.0,
             f * rmax
         );
-        let x = px(f * xmax);
+        let x = px(f * xmax, xmax);
         let _ = writeln!(
             s,
             r#"<text x="{x}" y="{}" text-anchor="middle">{:.1}</text>"#,
@@ -85,31 +103,33 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
         H - 10.0,
         esc(x_label)
     );
-    for (series, m, x) in [(left, lmax, 14.0), (right, rmax, W - 14.0)] {
-        let path: Vec<String> = series
-            .points
-            .iter()
-            .map(|&(a, b)| format!("{:.1},{:.1}", px(a), py(b, m)))
-            .collect();
-        if !path.is_empty() {
-            let _ = writeln!(
-                s,
-                r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
-                path.join(" "),
-                series.colour
-            );
-        }
+}
+
+/// One series as a line scaled to `m`, and its label turned along the axis at
+/// `label_x`.
+fn line(s: &mut String, series: &Series, xmax: f64, m: f64, label_x: f64) {
+    let path: Vec<String> = series
+        .points
+        .iter()
+        .map(|&(a, b)| format!("{:.1},{:.1}", px(a, xmax), py(b, m)))
+        .collect();
+    if !path.is_empty() {
         let _ = writeln!(
             s,
-            r#"<text x="{x}" y="{}" fill="{}" text-anchor="middle" transform="rotate(-90 {x} {})">{}</text>"#,
-            H / 2.0,
-            series.colour,
-            H / 2.0,
-            esc(&series.label)
+            r#"<polyline points="{}" fill="none" stroke="{}" stroke-width="2"/>"#,
+            path.join(" "),
+            series.colour
         );
     }
-    s.push_str("</svg>\n");
-    s
+    let x = label_x;
+    let _ = writeln!(
+        s,
+        r#"<text x="{x}" y="{}" fill="{}" text-anchor="middle" transform="rotate(-90 {x} {})">{}</text>"#,
+        H / 2.0,
+        series.colour,
+        H / 2.0,
+        esc(&series.label)
+    );
 }
 
 fn esc(s: &str) -> String {

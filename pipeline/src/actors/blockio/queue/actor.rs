@@ -807,70 +807,13 @@ impl Actor {
         } = f;
         if let Some(off) = bounce_off {
             if c.ret == 0 && req.op == Op::Read {
-                let region = self
-                    .bounce_region
-                    .as_ref()
-                    .expect("bounce space implies a pool");
-                let mut at = 0;
-                for b in &mut req.bufs {
-                    let n = b.len();
-                    // SAFETY: [off + at, off + at + n) lies in this request's bounce
-                    // range, which the device has finished writing (its completion
-                    // is being handled); the destination is a live Buffer we own.
-                    unsafe {
-                        std::ptr::copy_nonoverlapping(
-                            region.addr().add(off + at),
-                            b.as_mut_ptr(),
-                            n,
-                        )
-                    };
-                    at += n;
-                }
+                self.copy_from_bounce(off, &mut req.bufs);
             }
             self.bounce.free(off);
             self.bounce_freed = true;
         }
-        if c.ret < 0
-            && req.op == Op::WriteZeroes
-            && req.zero_fill.is_none()
-            && -c.ret == libc::ENOTSUP
-            && !req.flags.contains(ReqFlags::NO_FALLBACK)
-        {
-            self.stats.zero_fallbacks += 1;
-            self.start_zero_fill(req);
-            return;
-        }
-        if c.ret == -libc::ENOTSUP && req.op == Op::Discard {
-            // Discard is advisory; QEMU's bdrv_co_pdiscard treats ENOTSUP as done.
-            // (libblkio's io_uring driver punches holes with FALLOC_FL_NO_HIDE_STALE,
-            // which regular file systems refuse.)
-            self.stats.discards_unsupported += 1;
-            req.reply.succeed(req.bufs);
-            return;
-        }
         if c.ret < 0 {
-            self.stats.errors += 1;
-            let detail = if c.error_msg.is_null() {
-                None
-            } else {
-                // SAFETY: libblkio sets error_msg to null or to a `&'static CStr`
-                // (Completion::for_failed_req takes one), so it is a valid
-                // NUL-terminated string that lives for the whole program.
-                Some(
-                    unsafe { CStr::from_ptr(c.error_msg) }
-                        .to_string_lossy()
-                        .into_owned(),
-                )
-            };
-            req.reply.fail(Error::Io {
-                device: self.device.clone(),
-                op: req.op,
-                offset: req.offset,
-                len: req.len,
-                detail,
-                source: io::Error::from_raw_os_error(-c.ret),
-            });
-            return;
+            return self.failed(req, &c);
         }
         if let Some(z) = req.zero_fill.as_mut() {
             z.next += z.chunk;
@@ -888,6 +831,66 @@ impl Actor {
             Op::Flush => self.stats.flushes += 1,
         }
         req.reply.succeed(req.bufs);
+    }
+
+    /// Copies a completed read out of its bounce range at `off` into `bufs`.
+    fn copy_from_bounce(&self, off: usize, bufs: &mut [Buffer]) {
+        let region = self
+            .bounce_region
+            .as_ref()
+            .expect("bounce space implies a pool");
+        let mut at = 0;
+        for b in bufs {
+            let n = b.len();
+            // SAFETY: [off + at, off + at + n) lies in this request's bounce
+            // range, which the device has finished writing (its completion
+            // is being handled); the destination is a live Buffer we own.
+            unsafe {
+                std::ptr::copy_nonoverlapping(region.addr().add(off + at), b.as_mut_ptr(), n)
+            };
+            at += n;
+        }
+    }
+
+    /// A request the device failed (`c.ret < 0`): falls back where QEMU's block
+    /// layer does, otherwise answers with the device's error.
+    fn failed(&mut self, req: Prepared, c: &Completion) {
+        if req.op == Op::WriteZeroes
+            && req.zero_fill.is_none()
+            && -c.ret == libc::ENOTSUP
+            && !req.flags.contains(ReqFlags::NO_FALLBACK)
+        {
+            self.stats.zero_fallbacks += 1;
+            return self.start_zero_fill(req);
+        }
+        if c.ret == -libc::ENOTSUP && req.op == Op::Discard {
+            // Discard is advisory; QEMU's bdrv_co_pdiscard treats ENOTSUP as done.
+            // (libblkio's io_uring driver punches holes with FALLOC_FL_NO_HIDE_STALE,
+            // which regular file systems refuse.)
+            self.stats.discards_unsupported += 1;
+            return req.reply.succeed(req.bufs);
+        }
+        self.stats.errors += 1;
+        let detail = if c.error_msg.is_null() {
+            None
+        } else {
+            // SAFETY: libblkio sets error_msg to null or to a `&'static CStr`
+            // (Completion::for_failed_req takes one), so it is a valid
+            // NUL-terminated string that lives for the whole program.
+            Some(
+                unsafe { CStr::from_ptr(c.error_msg) }
+                    .to_string_lossy()
+                    .into_owned(),
+            )
+        };
+        req.reply.fail(Error::Io {
+            device: self.device.clone(),
+            op: req.op,
+            offset: req.offset,
+            len: req.len,
+            detail,
+            source: io::Error::from_raw_os_error(-c.ret),
+        });
     }
 
     /// Starts writing zeroes for a write-zeroes the device refused.

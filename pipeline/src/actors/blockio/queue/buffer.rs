@@ -34,6 +34,7 @@ pub(crate) fn page_size() -> usize {
 /// A shared mapping of a memfd: memory libblkio can register as a mem region
 /// (vhost-user passes the fd to the server, which maps the same pages and, like
 /// any virtio device, writes only into the buffers of read requests in flight).
+#[derive(Debug)]
 pub(crate) struct MappedRegion {
     addr: NonNull<u8>,
     len: usize,
@@ -46,15 +47,6 @@ pub(crate) struct MappedRegion {
 unsafe impl Send for MappedRegion {}
 // SAFETY: as above; `&MappedRegion` only exposes the address and length.
 unsafe impl Sync for MappedRegion {}
-
-impl fmt::Debug for MappedRegion {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MappedRegion")
-            .field("addr", &self.addr)
-            .field("len", &self.len)
-            .finish()
-    }
-}
 
 impl MappedRegion {
     /// Maps `len` bytes (> 0, rounded up to a page) of a new memfd, zero-filled.

@@ -253,12 +253,33 @@ impl Setup<'_> {
         u64::try_from(v).map_err(|_| self.limit(name, v as u64, "must not be negative"))
     }
 
-    /// Reads and validates the limits, following QEMU's `blkio_refresh_limits`
-    /// (request-alignment a power of two below INT_MAX, optimal-io-size and
-    /// max-transfer multiples, positive buf-alignment, optimal-buf-alignment and
-    /// max-segments), plus what the actor relies on: page-aligned buffers suffice,
-    /// the capacity is a whole number of aligned blocks.
-    fn limits(&self, b: &Blkio, config: &DeviceConfig) -> Result<Limits, Error> {
+    /// An int property that must be at least 1, as u64.
+    fn get_positive(&self, b: &Blkio, name: &'static str) -> Result<u64, Error> {
+        let v = self.get_i32(b, name)?;
+        if v < 1 {
+            return Err(self.limit(name, v as u64, "must be positive"));
+        }
+        Ok(v as u64)
+    }
+
+    /// Checks that an alignment is one a page-aligned buffer always meets.
+    fn within_page(&self, name: &'static str, v: u64) -> Result<u64, Error> {
+        if !v.is_power_of_two() || v > page_size() as u64 {
+            return Err(self.limit(
+                name,
+                v,
+                format!(
+                    "must be a power of 2 no larger than the page size ({})",
+                    page_size()
+                ),
+            ));
+        }
+        Ok(v)
+    }
+
+    /// `request-alignment`, `optimal-io-size` and `max-transfer`, checked as
+    /// QEMU's `blkio_refresh_limits` does.
+    fn request_limits(&self, b: &Blkio) -> Result<(u64, u64, u64), Error> {
         let request_alignment = self.get_i32(b, "request-alignment")?;
         if request_alignment < 1
             || request_alignment >= i64::from(i32::MAX)
@@ -289,36 +310,20 @@ impl Setup<'_> {
                 format!("must be a multiple of {ra} and {optimal_io_size} (if non-zero)"),
             ));
         }
+        Ok((ra, optimal_io_size, max_transfer))
+    }
 
-        let buf_alignment = self.get_i32(b, "buf-alignment")?;
-        if buf_alignment < 1 {
-            return Err(self.limit("buf-alignment", buf_alignment as u64, "must be positive"));
-        }
-        let buf_alignment = buf_alignment as u64;
-        if buf_alignment > page_size() as u64 || !buf_alignment.is_power_of_two() {
-            return Err(self.limit(
-                "buf-alignment",
-                buf_alignment,
-                format!(
-                    "must be a power of 2 no larger than the page size ({})",
-                    page_size()
-                ),
-            ));
-        }
-
-        let optimal_buf_alignment = self.get_i32(b, "optimal-buf-alignment")?;
-        if optimal_buf_alignment < 1 {
-            return Err(self.limit(
-                "optimal-buf-alignment",
-                optimal_buf_alignment as u64,
-                "must be positive",
-            ));
-        }
-
-        let max_segments = self.get_i32(b, "max-segments")?;
-        if max_segments < 1 {
-            return Err(self.limit("max-segments", max_segments as u64, "must be positive"));
-        }
+    /// Reads and validates the limits, following QEMU's `blkio_refresh_limits`
+    /// (request-alignment a power of two below INT_MAX, optimal-io-size and
+    /// max-transfer multiples, positive buf-alignment, optimal-buf-alignment and
+    /// max-segments), plus what the actor relies on: page-aligned buffers suffice,
+    /// the capacity is a whole number of aligned blocks.
+    fn limits(&self, b: &Blkio, config: &DeviceConfig) -> Result<Limits, Error> {
+        let (ra, optimal_io_size, max_transfer) = self.request_limits(b)?;
+        let buf_alignment =
+            self.within_page("buf-alignment", self.get_positive(b, "buf-alignment")?)?;
+        let optimal_buf_alignment = self.get_positive(b, "optimal-buf-alignment")?;
+        let max_segments = self.get_positive(b, "max-segments")?;
 
         let max_segment_len = self.get_count(b, "max-segment-len")?;
         if max_segment_len != 0 && (max_segment_len < buf_alignment || max_segment_len % ra != 0) {
@@ -329,17 +334,10 @@ impl Setup<'_> {
             ));
         }
 
-        let mem_region_alignment = self.get_u64(b, "mem-region-alignment")?;
-        if !mem_region_alignment.is_power_of_two() || mem_region_alignment > page_size() as u64 {
-            return Err(self.limit(
-                "mem-region-alignment",
-                mem_region_alignment,
-                format!(
-                    "must be a power of 2 no larger than the page size ({})",
-                    page_size()
-                ),
-            ));
-        }
+        let mem_region_alignment = self.within_page(
+            "mem-region-alignment",
+            self.get_u64(b, "mem-region-alignment")?,
+        )?;
 
         let capacity = self.get_u64(b, "capacity")?;
         if capacity % ra != 0 {
@@ -364,8 +362,8 @@ impl Setup<'_> {
             max_transfer,
             max_request,
             buf_alignment,
-            optimal_buf_alignment: optimal_buf_alignment as u64,
-            max_segments: max_segments as u64,
+            optimal_buf_alignment,
+            max_segments,
             max_segment_len,
             max_write_zeroes_len: self.get_u64(b, "max-write-zeroes-len")?,
             max_discard_len: self.get_u64(b, "max-discard-len")?,
