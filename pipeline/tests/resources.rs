@@ -6,13 +6,13 @@
 use std::fs;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use ferry_proto::qemu_file::QemuFileWriter;
 use ferry_proto::stream::encode::{self, RamWriter};
-use ferry_proto::stream::{RamBlockInfo, SectionKind, RAM_IDSTR, RAM_VERSION};
+use ferry_proto::stream::RamBlockInfo;
 use ferry_proto::transport::MemTransport;
 
 /// How long orphans may take to notice that their orchestrator is gone.
@@ -155,52 +155,73 @@ fn noise_ram(dir: &Path, size: usize) -> PathBuf {
     path
 }
 
-/// `ferry send` of `ram` to `sock`, which never reads: it runs until killed.
-fn send_forever(dir: &Path, ram: &Path, sock: &Path) -> std::process::Child {
-    let err = fs::File::create(dir.join("send.err")).expect("creating send.err");
-    ferry()
-        .arg("send")
-        .arg("--ram")
-        .arg(ram)
-        .arg("--to")
-        .arg(format!("unix:{}", sock.display()))
-        .args(["--no-progress", "--stall-timeout", "0"])
-        .stderr(err)
-        .spawn()
-        .expect("starting ferry send")
+/// A source RAM and a destination that never reads, with this process as
+/// the subreaper; one at a time.
+struct Scene {
+    _one: MutexGuard<'static, ()>,
+    dir: tempfile::TempDir,
+    ram: PathBuf,
+    sock: PathBuf,
+}
+
+impl Scene {
+    fn new(ram_size: usize) -> Self {
+        let one = serial();
+        become_subreaper();
+        let dir = tempfile::tempdir().unwrap();
+        let ram = noise_ram(dir.path(), ram_size);
+        let sock = sink(dir.path());
+        Self {
+            _one: one,
+            dir,
+            ram,
+            sock,
+        }
+    }
+
+    /// `ferry send` to the socket that never reads: it runs until killed.
+    fn send(&self) -> Child {
+        let err = fs::File::create(self.dir.path().join("send.err")).expect("creating send.err");
+        ferry()
+            .arg("send")
+            .arg("--ram")
+            .arg(&self.ram)
+            .arg("--to")
+            .arg(format!("unix:{}", self.sock.display()))
+            .args(["--no-progress", "--stall-timeout", "0"])
+            .stderr(err)
+            .spawn()
+            .expect("starting ferry send")
+    }
+
+    /// Waits until `send` has `n` actor processes, `running` ones (exec'd as
+    /// actors) or any (some possibly between fork and exec).
+    fn wait_for_actors(&self, send: &mut Child, n: usize, running: bool) -> Vec<Proc> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let c = children_of(send.id());
+            if c.len() >= n && (!running || c.iter().all(|p| p.cmdline.contains("__actor"))) {
+                return c;
+            }
+            assert!(
+                Instant::now() < deadline && send.try_wait().unwrap().is_none(),
+                "ferry send did not start {n} actors (it has {c:?}): {}",
+                fs::read_to_string(self.dir.path().join("send.err")).unwrap_or_default()
+            );
+            if running {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
 }
 
 #[test]
 fn no_actor_outlives_a_killed_orchestrator_under_a_subreaper() {
-    let _one = serial();
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let ram = noise_ram(dir.path(), 64 << 20);
-    let sock = sink(dir.path());
-    let mut send = send_forever(dir.path(), &ram, &sock);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    // Writer, compress and scanner, all started: the writer is blocked on a
-    // peer that never reads, the others on their credits.
-    let actors = loop {
-        let c = children_of(send.id());
-        if c.len() >= 3 && c.iter().all(|p| p.cmdline.contains("__actor")) {
-            break c;
-        }
-        let err = || fs::read_to_string(dir.path().join("send.err")).unwrap_or_default();
-        assert!(
-            send.try_wait().unwrap().is_none(),
-            "ferry send ended before it started its actors: {}",
-            err()
-        );
-        assert!(
-            Instant::now() < deadline,
-            "ferry send did not start its actors within 30 s: {actors:?}: {}",
-            err(),
-            actors = children_of(send.id())
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    // Let the actors settle into their blocked calls.
+    let scene = Scene::new(64 << 20);
+    let mut send = scene.send();
+    // Writer, compress and scanner: the writer blocks on a peer that never
+    // reads, the others on their credits.
+    let actors = scene.wait_for_actors(&mut send, 3, true);
     std::thread::sleep(Duration::from_millis(300));
     assert!(
         send.try_wait().unwrap().is_none(),
@@ -219,23 +240,12 @@ fn no_actor_outlives_a_killed_orchestrator_under_a_subreaper() {
 
 #[test]
 fn no_actor_outlives_an_orchestrator_killed_while_it_starts_them() {
-    let _one = serial();
-    become_subreaper();
-    let dir = tempfile::tempdir().unwrap();
-    let ram = noise_ram(dir.path(), 16 << 20);
-    let sock = sink(dir.path());
+    let scene = Scene::new(16 << 20);
     // Kill right after the first, second and third actor process appears: an
     // actor may be between fork and exec, or not yet connected back.
     for (run, started) in [1, 2, 3].into_iter().cycle().take(9).enumerate() {
-        let mut send = send_forever(dir.path(), &ram, &sock);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while children_of(send.id()).len() < started {
-            assert!(
-                Instant::now() < deadline && send.try_wait().unwrap().is_none(),
-                "run {run}: ferry send did not start {started} actors: {}",
-                fs::read_to_string(dir.path().join("send.err")).unwrap_or_default()
-            );
-        }
+        let mut send = scene.send();
+        scene.wait_for_actors(&mut send, started, false);
         send.kill().unwrap();
         send.wait().unwrap();
         let left = surviving_orphans();
@@ -248,25 +258,17 @@ fn no_actor_outlives_an_orchestrator_killed_while_it_starts_them() {
 
 /// A complete stream whose RAM section announces `blocks` and carries no
 /// page: a destination that accepts it creates each file at its block's size.
-fn stream_announcing(blocks: &[(&str, u64)]) -> Vec<u8> {
-    let blocks: Vec<_> = blocks
-        .iter()
-        .map(|&(idstr, length)| RamBlockInfo {
-            idstr: idstr.into(),
-            length,
-        })
-        .collect();
+fn stream_announcing(idstr: &str, length: u64) -> Vec<u8> {
+    let block = RamBlockInfo {
+        idstr: idstr.into(),
+        length,
+    };
     let mut f = QemuFileWriter::new(MemTransport::new());
     let mut ram = RamWriter::new();
     encode::put_file_header(&mut f);
     encode::put_configuration(&mut f, "none");
-    encode::put_section_start(&mut f, SectionKind::Start, 2, RAM_IDSTR, 0, RAM_VERSION).unwrap();
-    ram.put_mem_size(&mut f, &blocks).unwrap();
-    ram.put_eos(&mut f);
-    encode::put_footer(&mut f, 2);
-    encode::put_section_part(&mut f, SectionKind::End, 2);
-    ram.put_eos(&mut f);
-    encode::put_footer(&mut f, 2);
+    ram.put_setup_section(&mut f, 2, &[block]).unwrap();
+    ram.put_end_section(&mut f, 2);
     encode::put_eof(&mut f);
     f.into_transport().unwrap().take()
 }
@@ -292,7 +294,7 @@ fn receive(dir: &Path, stream: &[u8], extra: &[&str]) -> (Output, PathBuf) {
 #[test]
 fn ram_up_to_max_ram_size_is_received() {
     let dir = tempfile::tempdir().unwrap();
-    let stream = stream_announcing(&[("pc.ram", 2 << 20)]);
+    let stream = stream_announcing("pc.ram", 2 << 20);
     let (out, ram) = receive(dir.path(), &stream, &["--max-ram-size", "2M"]);
     assert!(
         out.status.success(),
@@ -305,7 +307,7 @@ fn ram_up_to_max_ram_size_is_received() {
 #[test]
 fn a_block_over_max_ram_size_fails_before_its_file_is_created() {
     let dir = tempfile::tempdir().unwrap();
-    let stream = stream_announcing(&[("pc.ram", 2 << 20)]);
+    let stream = stream_announcing("pc.ram", 2 << 20);
     let (out, ram) = receive(dir.path(), &stream, &["--max-ram-size", "1M"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -337,7 +339,7 @@ fn mem_total() -> u64 {
 fn by_default_ram_larger_than_the_host_fails_before_its_file_is_created() {
     let dir = tempfile::tempdir().unwrap();
     let host = mem_total();
-    let stream = stream_announcing(&[("pc.ram", host + (1 << 30))]);
+    let stream = stream_announcing("pc.ram", host + (1 << 30));
     let (out, ram) = receive(dir.path(), &stream, &[]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "RAM above the host's loaded: {err}");

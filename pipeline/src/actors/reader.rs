@@ -773,7 +773,7 @@ mod tests {
     use ferry_proto::qemu_file::QemuFileWriter;
     use ferry_proto::stream::device_state::DeviceState;
     use ferry_proto::stream::encode::{self, RamWriter};
-    use ferry_proto::stream::{image, ram_flag, xbzrle, RAM_IDSTR, RAM_VERSION};
+    use ferry_proto::stream::{image, ram_flag, xbzrle};
     use ferry_proto::transport::MemTransport;
     use xxhash_rust::xxh3::xxh3_64_with_seed;
 
@@ -805,10 +805,7 @@ mod tests {
     ) {
         encode::put_file_header(f);
         encode::put_configuration(f, "none");
-        encode::put_section_start(f, SectionKind::Start, 2, RAM_IDSTR, 0, RAM_VERSION).unwrap();
-        ram.put_mem_size(f, blocks).unwrap();
-        ram.put_eos(f);
-        encode::put_footer(f, 2);
+        ram.put_setup_section(f, 2, blocks).unwrap();
     }
 
     fn finish(f: QemuFileWriter<'_, MemTransport>) -> Vec<u8> {
@@ -853,9 +850,7 @@ mod tests {
         f.put_buffer(&delta);
         ram.put_eos(&mut f);
         encode::put_footer(&mut f, 2);
-        encode::put_section_part(&mut f, SectionKind::End, 2);
-        ram.put_eos(&mut f);
-        encode::put_footer(&mut f, 2);
+        ram.put_end_section(&mut f, 2);
         encode::put_eof(&mut f);
         let loaded = load_bytes(finish(f), &[("b".into(), path.clone())], 2).unwrap();
 

@@ -1069,21 +1069,19 @@ mod tests {
     use crate::stream::encode::{self, RamWriter};
     use crate::transport::MemTransport;
 
-    /// A stream up to and including the MEM_SIZE record of `blocks`.
+    /// A stream that opens the RAM section with `blocks` (name, length).
     fn announcing(blocks: &[(&str, u64)]) -> Vec<u8> {
-        let blocks: Vec<_> = blocks
-            .iter()
-            .map(|&(idstr, length)| RamBlockInfo {
-                idstr: idstr.into(),
-                length,
-            })
-            .collect();
+        let infos = blocks.iter().map(|&(idstr, length)| RamBlockInfo {
+            idstr: idstr.into(),
+            length,
+        });
         let mut f = QemuFileWriter::new(MemTransport::new());
         encode::put_file_header(&mut f);
         encode::put_configuration(&mut f, "none");
-        encode::put_section_start(&mut f, SectionKind::Start, 2, RAM_IDSTR, 0, RAM_VERSION)
+        let infos: Vec<_> = infos.collect();
+        RamWriter::new()
+            .put_setup_section(&mut f, 2, &infos)
             .unwrap();
-        RamWriter::new().put_mem_size(&mut f, &blocks).unwrap();
         f.into_transport().unwrap().take()
     }
 
