@@ -905,6 +905,9 @@ impl<T: Transport> Core<T> {
             let idstr = self.f.get_counted_string()?;
             let length = self.f.get_be64()?;
             sum = sum.saturating_add(length);
+            if length == 0 || sum > total {
+                break;
+            }
             if sum > self.limits.max_ram_size {
                 return Err(Error::RamTooLarge {
                     offset,
@@ -913,9 +916,6 @@ impl<T: Transport> Core<T> {
                     total: sum,
                     limit: self.limits.max_ram_size,
                 });
-            }
-            if length == 0 || sum > total {
-                break;
             }
             blocks.push(RamBlockInfo { idstr, length });
         }
@@ -1135,7 +1135,7 @@ mod tests {
     }
 
     #[test]
-    fn a_block_too_large_for_a_u64_total_is_refused_not_wrapped() {
+    fn the_limit_counts_all_blocks_not_each_alone() {
         let stream = announcing(&[("a", 1 << 62), ("b", 1 << 62)]);
         let e = block_list(stream, ram_limit(1 << 62)).unwrap_err();
         assert!(
