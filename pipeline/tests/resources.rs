@@ -347,3 +347,74 @@ fn by_default_ram_larger_than_the_host_fails_before_its_file_is_created() {
     assert!(err.contains(&limit), "the error says {limit:?}: {err}");
     assert!(!ram.exists(), "the RAM file was created: {err}");
 }
+
+/// How long the fake guest below takes to answer `stop`.
+const STOP_TAKES: Duration = Duration::from_millis(400);
+
+/// A guest control socket that answers every command, `stop` only after
+/// [`STOP_TAKES`] (a VMM parking its vCPUs), and never dirties memory.
+fn slow_stopping_guest(path: &Path) {
+    use std::io::{BufRead, BufReader, Write};
+    let listener = UnixListener::bind(path).expect("binding the guest socket");
+    std::thread::spawn(move || {
+        let Ok((conn, _)) = listener.accept() else {
+            return;
+        };
+        let mut out = conn.try_clone().unwrap();
+        for line in BufReader::new(conn).lines() {
+            let Ok(line) = line else { return };
+            let reply = if line.contains("\"stop\"") {
+                std::thread::sleep(STOP_TAKES);
+                r#"{"return":{}}"#
+            } else if line.contains("query-status") {
+                r#"{"return":{"status":"running","running":true}}"#
+            } else {
+                r#"{"return":{}}"#
+            };
+            if writeln!(out, "{reply}").is_err() {
+                return;
+            }
+        }
+    });
+}
+
+#[test]
+fn downtime_counts_from_when_stop_is_sent() {
+    let _one = serial();
+    let dir = tempfile::tempdir().unwrap();
+    let ram = noise_ram(dir.path(), 1 << 20);
+    let log = dir.path().join("dirty.log");
+    fs::write(&log, [0u8; 32]).unwrap(); // 256 pages, none dirty
+    let ctl = dir.path().join("guest.sock");
+    slow_stopping_guest(&ctl);
+    let stats = dir.path().join("send.json");
+    let out = ferry()
+        .arg("send")
+        .arg("--ram")
+        .arg(&ram)
+        .arg("--to")
+        .arg(format!("file:{}", dir.path().join("stream").display()))
+        .arg("--dirty-log")
+        .arg(&log)
+        .arg("--guest-control")
+        .arg(format!("unix:{}", ctl.display()))
+        .arg("--stats-json")
+        .arg(&stats)
+        .arg("--no-progress")
+        .output()
+        .expect("running ferry send");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "ferry send failed: {err}");
+    let st: serde_json::Value = serde_json::from_str(&fs::read_to_string(&stats).unwrap()).unwrap();
+    let downtime = st["downtime"]
+        .as_u64()
+        .expect("a live run reports its downtime");
+    assert!(
+        downtime >= STOP_TAKES.as_millis() as u64,
+        "the guest paused as stop was sent, {STOP_TAKES:?} before it answered, yet the downtime is {downtime} ms: {st}"
+    );
+    assert_eq!(
+        st["ram"]["remaining"], 0,
+        "nothing was dirty at the end: {st}"
+    );
+}

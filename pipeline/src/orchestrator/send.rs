@@ -854,3 +854,53 @@ fn verify(blocks: &[BlockFile], ours: &[String], theirs: &[BlockDigest]) -> anyh
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    fn source(pages: u64, log: Option<DirtyLog>) -> Source {
+        Source {
+            blocks: Vec::new(),
+            total: pages * PAGE,
+            device_state: None,
+            log,
+            disk_logs: Vec::new(),
+            guest: None,
+        }
+    }
+
+    #[test]
+    fn live_remaining_is_what_the_dirty_log_still_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DirtyLog::create(&dir.path().join("log"), 200).unwrap();
+        let mut src = source(200, Some(log));
+        let counts = PageCounts::default();
+        assert_eq!(src.ram_remaining(true, &counts), 0);
+        for p in [0, 64, 199] {
+            src.log.as_ref().unwrap().mark(p);
+        }
+        assert_eq!(src.ram_remaining(true, &counts), 3 * PAGE);
+        // A failure puts every page back: all of it remains.
+        src.recover();
+        assert_eq!(src.ram_remaining(false, &counts), 200 * PAGE);
+    }
+
+    #[test]
+    fn single_pass_remaining_is_the_ram_no_record_covered() {
+        let src = source(16, None);
+        let mut counts = PageCounts {
+            zero: 5,
+            raw: 7,
+            compressed: 3,
+            compressed_bytes: 1000,
+        };
+        assert_eq!(src.ram_remaining(true, &counts), PAGE);
+        counts.raw += 1;
+        assert_eq!(src.ram_remaining(true, &counts), 0);
+        // Nothing sent by a failed run is known to have arrived.
+        assert_eq!(src.ram_remaining(false, &counts), 16 * PAGE);
+    }
+}
