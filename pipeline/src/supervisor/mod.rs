@@ -76,6 +76,9 @@ pub enum Error {
     /// The ipc machinery failed.
     #[error("ipc channel failed")]
     Ipc(#[source] io::Error),
+    /// The pipe that ends the actors with the orchestrator cannot be made.
+    #[error("cannot create the pipe that ties the actors' lives to this process")]
+    DeathPipe(#[source] io::Error),
     /// An actor reported an error.
     #[error("{actor} failed: {message}")]
     Failed {
@@ -148,7 +151,7 @@ impl Supervisor {
         let tmp = std::env::temp_dir();
         tempfile::tempfile_in(&tmp).map_err(|source| Error::TempDir { path: tmp, source })?;
         let (events_tx, events_rx) = ipc::channel().map_err(Error::Ipc)?;
-        let (death_pipe, alive) = death_pipe().map_err(Error::Ipc)?;
+        let (death_pipe, alive) = death_pipe().map_err(Error::DeathPipe)?;
         Ok(Self {
             actors: Vec::new(),
             events_tx,
