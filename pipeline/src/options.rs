@@ -80,6 +80,9 @@ pub enum ParseError {
         "{0:?}: expected bytes per second, optionally with a K, M, G or T suffix (0 = unlimited)"
     )]
     Rate(String),
+    /// A size is malformed.
+    #[error("{0:?}: expected a size in bytes, optionally with a K, M, G or T suffix")]
+    Size(String),
 }
 
 impl FromStr for RamSpec {
@@ -117,7 +120,32 @@ fn stem(path: &Path) -> Option<String> {
 /// Parses a rate in bytes per second: `0`, `1000`, `512K`, `512M`, `1G`, `1T`
 /// (binary multiples, as QEMU's size suffixes).
 pub fn parse_rate(s: &str) -> Result<u64, ParseError> {
-    let bad = || ParseError::Rate(s.to_owned());
+    bytes(s).ok_or_else(|| ParseError::Rate(s.to_owned()))
+}
+
+/// Parses a size in bytes, with the suffixes of [`parse_rate`].
+pub fn parse_size(s: &str) -> Result<u64, ParseError> {
+    bytes(s).ok_or_else(|| ParseError::Size(s.to_owned()))
+}
+
+/// The host's physical memory in bytes (the most guest RAM it can take).
+pub fn host_memory() -> u64 {
+    // SAFETY: sysconf takes a name and touches no memory of ours.
+    let (pages, page_size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    match (u64::try_from(pages), u64::try_from(page_size)) {
+        (Ok(pages), Ok(size)) if pages > 0 && size > 0 => pages.saturating_mul(size),
+        // Unknown: no limit beyond what the files themselves allow.
+        _ => u64::MAX,
+    }
+}
+
+/// A count of bytes with an optional binary suffix, or None.
+fn bytes(s: &str) -> Option<u64> {
     let t = s.trim();
     let (digits, mult) = match t.char_indices().last() {
         Some((i, c)) if c.is_ascii_alphabetic() => {
@@ -127,17 +155,23 @@ pub fn parse_rate(s: &str) -> Result<u64, ParseError> {
                 'M' => 1 << 20,
                 'G' => 1 << 30,
                 'T' => 1 << 40,
-                _ => return Err(bad()),
+                _ => return None,
             };
             (&t[..i], m)
         }
         _ => (t, 1),
     };
-    let n: f64 = digits.parse().map_err(|_| bad())?;
-    if !n.is_finite() || n < 0.0 || n * mult as f64 > u64::MAX as f64 {
-        return Err(bad());
+    if mult == 1 {
+        // Exact, even above 2^53 (a default of u64::MAX reads back).
+        if let Ok(n) = digits.parse::<u64>() {
+            return Some(n);
+        }
     }
-    Ok((n * mult as f64) as u64)
+    let n: f64 = digits.parse().ok()?;
+    if !n.is_finite() || n < 0.0 || n * mult as f64 > u64::MAX as f64 {
+        return None;
+    }
+    Some((n * mult as f64) as u64)
 }
 
 #[cfg(test)]
@@ -191,5 +225,14 @@ mod tests {
         for bad in ["", "M", "-1", "1Q", "abc", "1e400"] {
             assert!(parse_rate(bad).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn sizes_read_back_exactly() {
+        assert_eq!(parse_size("4G"), Ok(4 << 30));
+        assert_eq!(parse_size(&u64::MAX.to_string()), Ok(u64::MAX));
+        assert_eq!(parse_size("18446744073709551615"), Ok(u64::MAX));
+        assert!(matches!(parse_size("4X"), Err(ParseError::Size(_))));
+        assert!(host_memory() > 1 << 20, "a host has more than 1 MiB");
     }
 }

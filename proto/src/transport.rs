@@ -105,39 +105,47 @@ fn read_retrying<R: Read + ?Sized>(r: &mut R, buf: &mut [u8]) -> io::Result<usiz
     }
 }
 
-/// A TCP connection; its return path is a second handle on the same socket.
+/// A stream socket (TCP or unix); its return path is a second handle on the
+/// same socket.
 #[derive(Debug)]
-pub struct TcpTransport(pub TcpStream);
+pub struct SocketTransport<S>(pub S);
 
-impl Transport for TcpTransport {
-    fn writev(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
-        write_all_vectored(&mut self.0, bufs)
-    }
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        read_retrying(&mut self.0, buf)
-    }
-    fn shutdown(&mut self) -> io::Result<()> {
-        self.0.shutdown(Shutdown::Both)
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        self.0.shutdown(Shutdown::Write)
-    }
-    fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
-        self.0.set_nonblocking(!blocking)
-    }
-    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
-        self.0
-            .try_clone()
-            .ok()
-            .map(|s| Box::new(TcpTransport(s)) as _)
-    }
+/// A TCP connection.
+pub type TcpTransport = SocketTransport<TcpStream>;
+
+/// A unix stream socket.
+pub type UnixTransport = SocketTransport<UnixStream>;
+
+/// The calls of a stream socket that a transport needs beyond reading and
+/// writing; std has them on each socket type but in no trait.
+pub trait Socket: Read + Write + Send + Sized + 'static {
+    /// See [`TcpStream::shutdown`].
+    fn shutdown(&self, how: Shutdown) -> io::Result<()>;
+    /// See [`TcpStream::set_nonblocking`].
+    fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()>;
+    /// See [`TcpStream::try_clone`].
+    fn try_clone(&self) -> io::Result<Self>;
 }
 
-/// A unix stream socket; its return path is a second handle on the same socket.
-#[derive(Debug)]
-pub struct UnixTransport(pub UnixStream);
+macro_rules! socket {
+    ($t:ty) => {
+        impl Socket for $t {
+            fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+                <$t>::shutdown(self, how)
+            }
+            fn set_nonblocking(&self, nonblocking: bool) -> io::Result<()> {
+                <$t>::set_nonblocking(self, nonblocking)
+            }
+            fn try_clone(&self) -> io::Result<Self> {
+                <$t>::try_clone(self)
+            }
+        }
+    };
+}
+socket!(TcpStream);
+socket!(UnixStream);
 
-impl Transport for UnixTransport {
+impl<S: Socket> Transport for SocketTransport<S> {
     fn writev(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         write_all_vectored(&mut self.0, bufs)
     }
@@ -157,7 +165,7 @@ impl Transport for UnixTransport {
         self.0
             .try_clone()
             .ok()
-            .map(|s| Box::new(UnixTransport(s)) as _)
+            .map(|s| Box::new(SocketTransport(s)) as _)
     }
 }
 
@@ -304,8 +312,8 @@ mod tests {
     #[test]
     fn unix_socket_has_a_return_path() {
         let (a, b) = UnixStream::pair().unwrap();
-        let mut ta = UnixTransport(a);
-        let mut tb = UnixTransport(b);
+        let mut ta = SocketTransport(a);
+        let mut tb = SocketTransport(b);
         let mut back = tb.return_path().expect("sockets have a return path");
         ta.writev(&[IoSlice::new(b"ping")]).unwrap();
         let mut buf = [0u8; 4];

@@ -58,7 +58,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::actors::blockio::{self, DiskInit, Sinks};
-use crate::channel::integrity::{self, ReadTap};
+use crate::channel::integrity::{self, ReadTap, Verifier};
 use crate::channel::tls;
 use crate::channel::uri::{self, Uri};
 use crate::options::{DiskSpec, RamSpec};
@@ -87,6 +87,8 @@ pub struct Init {
     /// Destination disks for the "block" section.
     #[serde(default)]
     pub disks: Vec<DiskInit>,
+    /// Most RAM the stream may announce, in bytes.
+    pub max_ram_size: u64,
 }
 
 impl Init {
@@ -108,7 +110,14 @@ impl Init {
                 .collect(),
             decompress_workers,
             disks: Vec::new(),
+            max_ram_size: u64::MAX,
         }
+    }
+
+    /// Refusing a stream whose RAM adds up to more than `bytes`.
+    pub fn with_max_ram_size(mut self, bytes: u64) -> Self {
+        self.max_ram_size = bytes;
+        self
     }
 
     /// With these destination disks.
@@ -171,6 +180,9 @@ pub enum Error {
     /// The stream is malformed or ended early.
     #[error("cannot read the migration stream")]
     Stream(#[source] parse::Error),
+    /// The stream announces more RAM than this destination takes.
+    #[error("the stream's RAM does not fit this destination (ferry receive --max-ram-size)")]
+    RamTooLarge(#[source] parse::Error),
     /// The stream is not what the sender wrote (`--integrity` checkpoints).
     #[error("the migration stream is corrupt")]
     Integrity(#[source] integrity::Error),
@@ -222,6 +234,15 @@ pub enum Error {
     /// A loaded RAM file cannot be read back for its digest.
     #[error("cannot compute the digest of the loaded RAM")]
     Digest(#[source] ram::Error),
+}
+
+/// A parse error as the reader reports it: a stream too large for this
+/// destination says which limit it hit.
+fn stream_error(e: parse::Error) -> Error {
+    match e {
+        parse::Error::RamTooLarge { .. } => Error::RamTooLarge(e),
+        e => Error::Stream(e),
+    }
 }
 
 /// A stream read to its end, its RAM written but not yet synced.
@@ -299,6 +320,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map_err(|e| Error::Tls(Box::new(e)))?;
     let mut loader = Loader::new(&init.ram, init.decompress_workers)?;
     loader.disks = Sinks::open(&init.disks).map_err(Error::Disk)?;
+    loader.limits.max_ram_size = init.max_ram_size;
     let listener = uri.listen().map_err(|source| Error::Listen {
         uri: uri.to_string(),
         source,
@@ -339,32 +361,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             }
             parsed.finish()
         });
-    match result {
-        Ok(loaded) => {
-            answer.ack(&Ack {
-                ok: true,
-                error: None,
-                digests: loaded.digests.clone(),
-                disks: loaded.disks.clone(),
-            });
-            answer.close();
-            report(Event::Loaded {
-                bytes: loaded.bytes,
-                counts: loaded.counts,
-                digests: loaded.digests,
-            })
-        }
-        Err(e) => {
-            answer.ack(&Ack {
-                ok: false,
-                error: Some(error_chain(&e)),
-                digests: Vec::new(),
-                disks: Vec::new(),
-            });
-            answer.close();
-            Err(e)
-        }
-    }
+    let loaded = answer.finish(result)?;
+    report(Event::Loaded {
+        bytes: loaded.bytes,
+        counts: loaded.counts,
+        digests: loaded.digests,
+    })
 }
 
 /// The return path, if the connection has one. Writes are best effort: a
@@ -399,6 +401,27 @@ impl Answer {
         if let Some(rp) = self.return_path.as_mut() {
             let _ = rp.shutdown_write();
         }
+    }
+
+    /// Tells the peer how the load ended, and ends our direction.
+    fn finish(&mut self, result: Result<Loaded, Error>) -> Result<Loaded, Error> {
+        let ack = match &result {
+            Ok(loaded) => Ack {
+                ok: true,
+                error: None,
+                digests: loaded.digests.clone(),
+                disks: loaded.disks.clone(),
+            },
+            Err(e) => Ack {
+                ok: false,
+                error: Some(error_chain(e)),
+                digests: Vec::new(),
+                disks: Vec::new(),
+            },
+        };
+        self.ack(&ack);
+        self.close();
+        result
     }
 
     /// HELLO (unless said already) and the Ack line.
@@ -456,6 +479,17 @@ struct Loader {
     counts: PageCounts,
     /// Destination disks.
     disks: Sinks,
+    /// What the stream may make this destination hold.
+    limits: parse::Limits,
+}
+
+/// Where a load is in the stream, beyond what the parser tracks.
+#[derive(Debug, Default)]
+struct Position {
+    ram_started: bool,
+    ram_ended: bool,
+    /// Inside an integrity checkpoint section.
+    in_checkpoint: bool,
 }
 
 impl std::fmt::Debug for Loader {
@@ -490,6 +524,7 @@ impl Loader {
             pending_pages: HashSet::new(),
             counts: PageCounts::default(),
             disks: Sinks::default(),
+            limits: parse::Limits::default(),
         })
     }
 
@@ -506,59 +541,17 @@ impl Loader {
             (checkpoint::IDSTR.to_owned(), 0),
             checkpoint::BODY_LEN as u64,
         )]);
-        let mut parser = Parser::new(QemuFileReader::new(tap)).with_device_sizes(sizes);
+        let mut parser = Parser::new(QemuFileReader::new(tap))
+            .with_device_sizes(sizes)
+            .with_limits(self.limits);
         let mut last_report = Instant::now();
-        let (mut ram_started, mut ram_ended) = (false, false);
-        let mut in_checkpoint = false;
+        let mut pos = Position::default();
         loop {
             let at = parser.offset();
             verifier.before_item(at).map_err(Error::Integrity)?;
-            match parser.next().map_err(Error::Stream)? {
-                Item::Ram(rec) => self.ram_record(rec, at)?,
-                Item::Section(h) => {
-                    in_checkpoint = verifier.on_section(&h, at).map_err(Error::Integrity)?;
-                    match h.class {
-                        SectionClass::Ram => match h.kind {
-                            SectionKind::Start => ram_started = true,
-                            SectionKind::End => ram_ended = true,
-                            SectionKind::Part | SectionKind::Full => {}
-                        },
-                        SectionClass::Block => {}
-                        SectionClass::Device => {}
-                    }
-                }
-                Item::DeviceState(body) if in_checkpoint => {
-                    verifier.on_body(body).map_err(Error::Integrity)?
-                }
-                Item::Block(BlockRecord::Chunk {
-                    device,
-                    sector,
-                    data,
-                }) => self
-                    .disks
-                    .chunk(&device, sector, data)
-                    .map_err(Error::Disk)?,
-                Item::Block(_) => {}
-                Item::Command { .. } => {
-                    return Err(Error::Unsupported {
-                        offset: at,
-                        what: "stream commands (postcopy, return path)",
-                    })
-                }
-                Item::Footer { end, .. } => {
-                    verifier.on_footer(in_checkpoint, end);
-                    in_checkpoint = false;
-                    self.flush()?
-                }
-                Item::Eof => {
-                    verifier.on_eof(at).map_err(Error::Integrity)?;
-                    self.flush()?
-                }
+            match parser.next().map_err(stream_error)? {
                 Item::End => break,
-                Item::FileHeader
-                | Item::Configuration { .. }
-                | Item::DeviceState(_)
-                | Item::Vmdesc(_) => {}
+                item => self.item(item, at, &mut verifier, &mut pos)?,
             }
             if last_report.elapsed() >= PROGRESS_INTERVAL {
                 last_report = Instant::now();
@@ -573,7 +566,7 @@ impl Loader {
         let image = self.image.take().ok_or(Error::Incomplete(
             "it carries no RAM block list (no MEM_SIZE record)",
         ))?;
-        if ram_started && !ram_ended {
+        if pos.ram_started && !pos.ram_ended {
             return Err(Error::Incomplete(
                 "the RAM section was never closed by an END part",
             ));
@@ -585,6 +578,60 @@ impl Loader {
             checkpoints: verifier.verified(),
             disks,
         })
+    }
+
+    /// Applies one item of the stream (anything but its end).
+    fn item(
+        &mut self,
+        item: Item<'_>,
+        at: u64,
+        verifier: &mut Verifier,
+        pos: &mut Position,
+    ) -> Result<(), Error> {
+        match item {
+            Item::Ram(rec) => self.ram_record(rec, at)?,
+            Item::Section(h) => {
+                pos.in_checkpoint = verifier.on_section(&h, at).map_err(Error::Integrity)?;
+                match (h.class, h.kind) {
+                    (SectionClass::Ram, SectionKind::Start) => pos.ram_started = true,
+                    (SectionClass::Ram, SectionKind::End) => pos.ram_ended = true,
+                    _ => {}
+                }
+            }
+            Item::DeviceState(body) if pos.in_checkpoint => {
+                verifier.on_body(body).map_err(Error::Integrity)?
+            }
+            Item::Block(BlockRecord::Chunk {
+                device,
+                sector,
+                data,
+            }) => self
+                .disks
+                .chunk(&device, sector, data)
+                .map_err(Error::Disk)?,
+            Item::Command { .. } => {
+                return Err(Error::Unsupported {
+                    offset: at,
+                    what: "stream commands (postcopy, return path)",
+                })
+            }
+            Item::Footer { end, .. } => {
+                verifier.on_footer(pos.in_checkpoint, end);
+                pos.in_checkpoint = false;
+                self.flush()?
+            }
+            Item::Eof => {
+                verifier.on_eof(at).map_err(Error::Integrity)?;
+                self.flush()?
+            }
+            Item::Block(_)
+            | Item::End
+            | Item::FileHeader
+            | Item::Configuration { .. }
+            | Item::DeviceState(_)
+            | Item::Vmdesc(_) => {}
+        }
+        Ok(())
     }
 
     fn ram_record(&mut self, rec: RamRecord<'_>, at: u64) -> Result<(), Error> {
@@ -726,8 +773,9 @@ mod tests {
     use ferry_proto::qemu_file::QemuFileWriter;
     use ferry_proto::stream::device_state::DeviceState;
     use ferry_proto::stream::encode::{self, RamWriter};
-    use ferry_proto::stream::{image, ram_flag, xbzrle, RAM_IDSTR, RAM_VERSION};
+    use ferry_proto::stream::{image, ram_flag, xbzrle};
     use ferry_proto::transport::MemTransport;
+    use xxhash_rust::xxh3::xxh3_64_with_seed;
 
     fn text_page(seed: u8) -> [u8; PAGE_SIZE] {
         let mut p = [0u8; PAGE_SIZE];
@@ -757,10 +805,7 @@ mod tests {
     ) {
         encode::put_file_header(f);
         encode::put_configuration(f, "none");
-        encode::put_section_start(f, SectionKind::Start, 2, RAM_IDSTR, 0, RAM_VERSION).unwrap();
-        ram.put_mem_size(f, blocks).unwrap();
-        ram.put_eos(f);
-        encode::put_footer(f, 2);
+        ram.put_setup_section(f, 2, blocks).unwrap();
     }
 
     fn finish(f: QemuFileWriter<'_, MemTransport>) -> Vec<u8> {
@@ -805,9 +850,7 @@ mod tests {
         f.put_buffer(&delta);
         ram.put_eos(&mut f);
         encode::put_footer(&mut f, 2);
-        encode::put_section_part(&mut f, SectionKind::End, 2);
-        ram.put_eos(&mut f);
-        encode::put_footer(&mut f, 2);
+        ram.put_end_section(&mut f, 2);
         encode::put_eof(&mut f);
         let loaded = load_bytes(finish(f), &[("b".into(), path.clone())], 2).unwrap();
 
@@ -833,17 +876,10 @@ mod tests {
                 0 => vec![0; PAGE_SIZE],
                 1 => vec![seed; PAGE_SIZE],
                 2 => text_page(seed.wrapping_add(i as u8)).to_vec(),
-                _ => {
-                    let mut x = (i as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ seed as u64;
-                    (0..PAGE_SIZE)
-                        .map(|_| {
-                            x ^= x << 13;
-                            x ^= x >> 7;
-                            x ^= x << 17;
-                            x as u8
-                        })
-                        .collect()
-                }
+                // Noise that does not compress.
+                _ => (0..PAGE_SIZE as u64)
+                    .map(|j| xxh3_64_with_seed(&j.to_le_bytes(), i as u64 ^ u64::from(seed)) as u8)
+                    .collect(),
             })
             .collect()
     }

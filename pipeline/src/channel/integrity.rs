@@ -27,6 +27,28 @@ use ferry_proto::stream::SectionKind;
 use ferry_proto::transport::Transport;
 use xxhash_rust::xxh3::Xxh3;
 
+/// The calls a tap hands to the transport it wraps unchanged: a tap only
+/// watches the bytes that go one way.
+macro_rules! pass_through {
+    () => {
+        fn shutdown(&mut self) -> io::Result<()> {
+            self.inner.shutdown()
+        }
+        fn shutdown_write(&mut self) -> io::Result<()> {
+            self.inner.shutdown_write()
+        }
+        fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
+            self.inner.set_blocking(blocking)
+        }
+        fn return_path(&mut self) -> Option<Box<dyn Transport>> {
+            self.inner.return_path()
+        }
+        fn close(&mut self) -> io::Result<()> {
+            self.inner.close()
+        }
+    };
+}
+
 /// An integrity failure: the stream is not what the sender wrote.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Error {
@@ -177,21 +199,7 @@ impl<T: Transport> Transport for WriteTap<T> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.inner.read(buf)
     }
-    fn shutdown(&mut self) -> io::Result<()> {
-        self.inner.shutdown()
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        self.inner.shutdown_write()
-    }
-    fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
-        self.inner.set_blocking(blocking)
-    }
-    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
-        self.inner.return_path()
-    }
-    fn close(&mut self) -> io::Result<()> {
-        self.inner.close()
-    }
+    pass_through!();
 }
 
 /// Bytes read and not yet hashed.
@@ -274,21 +282,7 @@ impl<T: Transport> Transport for ReadTap<T> {
         }
         Ok(n)
     }
-    fn shutdown(&mut self) -> io::Result<()> {
-        self.inner.shutdown()
-    }
-    fn shutdown_write(&mut self) -> io::Result<()> {
-        self.inner.shutdown_write()
-    }
-    fn set_blocking(&mut self, blocking: bool) -> io::Result<()> {
-        self.inner.set_blocking(blocking)
-    }
-    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
-        self.inner.return_path()
-    }
-    fn close(&mut self) -> io::Result<()> {
-        self.inner.close()
-    }
+    pass_through!();
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

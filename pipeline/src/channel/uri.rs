@@ -11,7 +11,7 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use ferry_proto::transport::{FileTransport, TcpTransport, Transport, UnixTransport};
+use ferry_proto::transport::{FileTransport, SocketTransport, Transport};
 
 use crate::channel::tls::{self, Socket};
 
@@ -184,11 +184,11 @@ impl Uri {
         match (tls, socket) {
             (None, Socket::Tcp(s)) => {
                 s.set_write_timeout(stall)?;
-                Ok(stalling(TcpTransport(s), stall))
+                Ok(stalling(SocketTransport(s), stall))
             }
             (None, Socket::Unix(s)) => {
                 s.set_write_timeout(stall)?;
-                Ok(stalling(UnixTransport(s), stall))
+                Ok(stalling(SocketTransport(s), stall))
             }
             (Some(client), socket) => {
                 let name = client.server_name(self.host())?;
@@ -267,11 +267,11 @@ impl Listener {
         match (tls, socket) {
             (None, Socket::Tcp(s)) => {
                 s.set_read_timeout(stall)?;
-                Ok(stalling(TcpTransport(s), stall))
+                Ok(stalling(SocketTransport(s), stall))
             }
             (None, Socket::Unix(s)) => {
                 s.set_read_timeout(stall)?;
-                Ok(stalling(UnixTransport(s), stall))
+                Ok(stalling(SocketTransport(s), stall))
             }
             (Some(server), socket) => {
                 let t = server.accept(socket, stall)?;

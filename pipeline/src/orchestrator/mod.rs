@@ -13,7 +13,7 @@ use clap::Args;
 
 use crate::channel::tls;
 use crate::channel::uri::Uri;
-use crate::options::{parse_rate, DiskSpec, RamSpec};
+use crate::options::{host_memory, parse_rate, parse_size, DiskSpec, RamSpec};
 
 /// Worker threads by default: one per core.
 pub fn default_workers() -> usize {
@@ -190,6 +190,11 @@ pub struct ReceiveArgs {
     /// Decompression threads (default: one per core).
     #[arg(long, value_name = "N", default_value_t = default_workers(), value_parser = parse_workers)]
     pub decompress_workers: usize,
+    /// Most guest RAM to accept, in bytes with K/M/G/T suffixes (default: this
+    /// host's physical memory). A stream whose RAM blocks add up to more fails,
+    /// naming the block, before any RAM file is created or written.
+    #[arg(long, value_name = "SIZE", default_value_t = host_memory(), value_parser = parse_size)]
+    pub max_ram_size: u64,
     /// Write statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,

@@ -95,7 +95,8 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
         super::stall(args.stall_timeout),
         tls,
     )
-    .with_disks(&args.disk);
+    .with_disks(&args.disk)
+    .with_max_ram_size(args.max_ram_size);
     sup.spawn(ActorKind::Reader, init)?;
     loop {
         let Some(ev) = sup.next_event(POLL)? else {

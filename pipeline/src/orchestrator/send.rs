@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::supervisor::messages::{ActorKind, Chunk, DiskChunk, Event, PageCounts, Work};
 use anyhow::{anyhow, bail, Context};
-use ferry_proto::return_path::{BlockDigest, ReturnPath};
+use ferry_proto::return_path::{Ack, BlockDigest, ReturnPath};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressStyle};
@@ -71,13 +71,20 @@ pub struct RoundStats {
     pub bytes: u64,
     /// Pages the round sent.
     pub pages: u64,
-    /// Bytes the guest dirtied while the round ran.
+    /// RAM pages the guest dirtied while the round ran: the pages marked in
+    /// the dirty log when the round ended (the scanner took the log as the
+    /// round began).
+    pub dirty_pages: u64,
+    /// Bytes the guest dirtied while the round ran: `dirty_pages` and the
+    /// disk chunks marked in the disks' logs.
     pub dirty_bytes: u64,
-    /// The guest's dirty rate over the round, bytes per second.
+    /// The guest's RAM dirty rate over the round, bytes per second: from
+    /// `dirty_pages` and the round's duration, not from what was sent.
     pub dirty_rate: f64,
     /// Stream bandwidth over the round, bytes per second.
     pub bandwidth: f64,
-    /// Dirty bytes left when the round ended.
+    /// Dirty bytes (RAM and disks) left when the round ended, counted in the
+    /// logs again as the switchover is decided.
     pub remaining: u64,
     /// Downtime if the switchover happened now, milliseconds.
     pub expected_downtime_ms: f64,
@@ -98,74 +105,124 @@ struct Report {
     throttle: u32,
 }
 
-/// Runs `ferry send`.
-pub fn run(args: SendArgs) -> anyhow::Result<()> {
-    let start = Instant::now();
-    crate::supervisor::start_memory_sampler();
-    let blocks = ram::source_blocks(args.ram.iter().map(|s| (s.name.as_str(), s.path.as_path())))?;
-    let total: u64 = blocks.iter().map(|b| b.length).sum();
-    let device_state = match &args.device_state {
-        Some(path) => {
-            let bytes = std::fs::read(path)
-                .with_context(|| format!("cannot read device state {}", path.display()))?;
-            DeviceState::from_bytes(bytes.clone())
-                .with_context(|| format!("device state {} is not valid", path.display()))?;
-            Some(bytes)
+/// The source as ferry found it: RAM blocks, device state, dirty logs and
+/// the guest's control socket.
+struct Source {
+    blocks: Vec<BlockFile>,
+    total: u64,
+    device_state: Option<Vec<u8>>,
+    log: Option<DirtyLog>,
+    disk_logs: Vec<DirtyLog>,
+    guest: Option<Guest>,
+}
+
+impl Source {
+    /// Opens everything `ferry send` names and checks it before any actor starts.
+    fn open(args: &SendArgs) -> anyhow::Result<Self> {
+        let blocks =
+            ram::source_blocks(args.ram.iter().map(|s| (s.name.as_str(), s.path.as_path())))?;
+        let total: u64 = blocks.iter().map(|b| b.length).sum();
+        let device_state = match &args.device_state {
+            Some(path) => {
+                let bytes = std::fs::read(path)
+                    .with_context(|| format!("cannot read device state {}", path.display()))?;
+                DeviceState::from_bytes(bytes.clone())
+                    .with_context(|| format!("device state {} is not valid", path.display()))?;
+                Some(bytes)
+            }
+            None => None,
+        };
+        let log = match &args.dirty_log {
+            Some(path) => Some(DirtyLog::open(path, total / PAGE_SIZE as u64)?),
+            None => None,
+        };
+        let disk_logs = disk_logs(args)?;
+        for (i, d) in args.disk.iter().enumerate() {
+            if args.disk[..i].iter().any(|o| o.name == d.name) {
+                bail!(
+                    "two --disk options are both named {:?} (use PATH,name=DEV)",
+                    d.name
+                );
+            }
         }
-        None => None,
-    };
-    let log = match &args.dirty_log {
-        Some(path) => Some(DirtyLog::open(path, total / PAGE_SIZE as u64)?),
-        None => None,
-    };
-    let disk_logs = disk_logs(&args)?;
-    for (i, d) in args.disk.iter().enumerate() {
-        if args.disk[..i].iter().any(|o| o.name == d.name) {
-            bail!(
-                "two --disk options are both named {:?} (use PATH,name=DEV)",
-                d.name
-            );
-        }
+        let guest = match &args.guest_control {
+            Some(uri) => Some(Guest::connect(uri)?),
+            None => None,
+        };
+        Ok(Self {
+            blocks,
+            total,
+            device_state,
+            log,
+            disk_logs,
+            guest,
+        })
     }
-    let mut guest = match &args.guest_control {
-        Some(uri) => Some(Guest::connect(uri)?),
-        None => None,
-    };
-    let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
-    let mut sup = Supervisor::new()?;
-    let mut report = Report::default();
-    let result = drive(
-        &args,
-        &blocks,
-        device_state,
-        log.as_ref(),
-        &disk_logs,
-        guest.as_mut(),
-        &mut sup,
-        &mut report,
-        start,
-        show_progress,
-    );
-    if result.is_err() {
-        // Nothing sent this time is known to have arrived.
-        sup.kill_all();
-        if let Some(log) = &log {
+
+    /// After a failure nothing sent this time is known to have arrived:
+    /// every page and chunk goes again, and a guest ferry stopped runs again.
+    fn recover(&mut self) {
+        if let Some(log) = &self.log {
             log.mark_all();
         }
-        for log in &disk_logs {
+        for log in &self.disk_logs {
             log.mark_all();
         }
-        if let Some(g) = guest.as_mut().filter(|g| g.is_stopped()) {
+        if let Some(g) = self.guest.as_mut().filter(|g| g.is_stopped()) {
             if let Err(e) = g.cont() {
                 eprintln!("ferry: cannot resume the guest: {e}");
             }
         }
     }
+
+    /// Pages marked in the RAM dirty log now.
+    fn ram_dirty_pages(&self) -> u64 {
+        self.log.as_ref().map_or(0, DirtyLog::count)
+    }
+
+    /// Dirty bytes in the disks' logs now.
+    fn disk_dirty_bytes(&self) -> u64 {
+        self.disk_logs.iter().map(DirtyLog::count).sum::<u64>() * blockio::CHUNK
+    }
+
+    /// RAM bytes not on the destination, measured: the pages marked in the
+    /// dirty log of a live migration (all of them after a failure), or for a
+    /// single pass the RAM that no page record covered.
+    fn ram_remaining(&self, ok: bool, counts: &PageCounts) -> u64 {
+        match (&self.log, ok) {
+            (Some(_), _) => self.ram_dirty_pages() * PAGE_SIZE as u64,
+            (None, true) => self.total.saturating_sub(counts.pages() * PAGE_SIZE as u64),
+            (None, false) => self.total,
+        }
+    }
+}
+
+/// Runs `ferry send`.
+pub fn run(args: SendArgs) -> anyhow::Result<()> {
+    let start = Instant::now();
+    crate::supervisor::start_memory_sampler();
+    let mut src = Source::open(&args)?;
+    let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
+    let mut sup = Supervisor::new()?;
+    let mut report = Report::default();
+    let result = Migration::new(&args, &mut src, &mut sup, &mut report, start)
+        .and_then(|m| m.run(show_progress));
+    if result.is_err() {
+        sup.kill_all();
+        src.recover();
+    }
     let seconds = start.elapsed().as_secs_f64();
     if let Some(path) = &args.stats_json {
-        write_stats(path, &result, &report, total, seconds, &sup)?;
+        let remaining = src.ram_remaining(result.is_ok(), &report.counts);
+        write_stats(path, &result, &report, &src, remaining, seconds, &sup)?;
     }
     result?;
+    summary(&args, &report, seconds, src.guest.is_some());
+    Ok(())
+}
+
+/// The lines a successful run prints.
+fn summary(args: &SendArgs, report: &Report, seconds: f64, live: bool) {
     let mb = report.bytes as f64 / 1e6;
     eprintln!(
         "ferry: sent {} pages ({} zero, {} raw, {} compressed) in {:.1} MB, {:.2} s, {:.0} MB/s{}",
@@ -198,17 +255,17 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
             args.to
         ),
     }
-    if guest.is_some() {
+    if live {
         eprintln!("ferry: the source guest stays stopped (the destination owns it now)");
     }
-    Ok(())
 }
 
 fn write_stats(
     path: &std::path::Path,
     result: &anyhow::Result<()>,
     r: &Report,
-    total: u64,
+    src: &Source,
+    remaining: u64,
     seconds: f64,
     sup: &Supervisor,
 ) -> anyhow::Result<()> {
@@ -217,7 +274,7 @@ fn write_stats(
         "status": if ok { "completed" } else { "failed" },
         "total-time": (seconds * 1000.0) as u64,
         "setup-time": r.setup.as_millis() as u64,
-        "ram": stats::ram(total, r.bytes, if ok { 0 } else { total }, &r.counts, seconds),
+        "ram": stats::ram(src.total, r.bytes, remaining, &r.counts, seconds),
         "compression": stats::compression(&r.counts),
         "iterations": r.rounds.len() + usize::from(ok),
         "rounds": r.rounds,
@@ -239,82 +296,410 @@ fn write_stats(
     stats::write(path, &v)
 }
 
-/// The live part of a run: rounds, convergence, switchover.
-struct Rounds<'a> {
-    args: &'a SendArgs,
-    log: Option<&'a DirtyLog>,
-    disk_logs: &'a [DirtyLog],
-    guest: Option<&'a mut Guest>,
+/// The orchestrator's ends of the actors' channels, and what must live as
+/// long as they run.
+struct Actors {
     scan: IpcSender<scanner::Command>,
     disk: Option<IpcSender<blockio::Command>>,
+    /// Held so that the writer's command channel stays open.
+    _writer: IpcSender<writer::Command>,
+    /// The disk chunk buffers shared by the blockio actor and the writer,
+    /// removed when the run ends.
+    _slots: Option<tempfile::NamedTempFile>,
+}
+
+impl Actors {
+    /// Starts the writer, the blockio actor (with disks), the compress stage
+    /// and the scanner, in that order: each one's consumer runs before it.
+    fn spawn(args: &SendArgs, src: &Source, sup: &mut Supervisor) -> anyhow::Result<Self> {
+        let tls = tls_init(args)?;
+        let (scan_tx, scan_rx) = ipc::channel::<scanner::Command>()?;
+        let (work_tx, work_rx) = ipc::channel::<Work>()?;
+        let (chunk_tx, chunk_rx) = ipc::channel::<Chunk>()?;
+        let (credit_tx, credit_rx) = ipc::channel::<u32>()?;
+        let (scan_credit_tx, scan_credit_rx) = ipc::channel::<u32>()?;
+        let (cmd_tx, cmd_rx) = ipc::channel::<writer::Command>()?;
+        let has_disks = !args.disk.is_empty();
+        let (disk_chunk_tx, disk_chunk_rx) = ipc::channel::<DiskChunk>()?;
+        let (disk_credit_tx, disk_credit_rx) = ipc::channel::<u32>()?;
+        let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<blockio::Command>()?;
+        let slots = has_disks.then(disk_slots).transpose()?;
+        let slots_path = slots.as_ref().map(|f| f.path().to_owned());
+        sup.spawn(
+            ActorKind::Writer,
+            writer::Init {
+                to: args.to.to_string(),
+                blocks: src.blocks.clone(),
+                device_state: src.device_state.clone(),
+                machine: args.machine.clone(),
+                rate: args.max_bandwidth,
+                stall_timeout: super::stall(args.stall_timeout),
+                tls,
+                integrity: args.integrity,
+                chunks: chunk_rx,
+                credits: credit_tx,
+                commands: cmd_rx,
+                disks: args.disk.iter().map(|d| d.name.clone()).collect(),
+                disk_chunks: has_disks.then_some(disk_chunk_rx),
+                disk_credits: has_disks.then_some(disk_credit_tx),
+                disk_slots: slots_path.clone().map(|p| (p, DISK_WINDOW)),
+            },
+        )?;
+        if let Some(slots) = slots_path {
+            sup.spawn(
+                ActorKind::Blockio,
+                blockio::Init {
+                    disks: args.disk.iter().map(blockio::DiskInit::from_spec).collect(),
+                    mailbox: disk_cmd_rx,
+                    chunks: disk_chunk_tx,
+                    credits: disk_credit_rx,
+                    window: DISK_WINDOW,
+                    slots,
+                },
+            )?;
+        }
+        sup.spawn(
+            ActorKind::Compress,
+            compress::Init {
+                blocks: src.blocks.clone(),
+                level: args.compress.then_some(args.compress_level),
+                workers: args.compress_workers,
+                work: work_rx,
+                scan_credits: scan_credit_tx,
+                chunks: chunk_tx,
+                credits: credit_rx,
+                window: CHUNK_WINDOW,
+            },
+        )?;
+        sup.spawn(
+            ActorKind::Scanner,
+            scanner::Init {
+                blocks: src.blocks.clone(),
+                mailbox: scan_rx,
+                work: work_tx,
+                credits: scan_credit_rx,
+                window: BATCH_WINDOW,
+                dirty_log: args.dirty_log.clone(),
+            },
+        )?;
+        Ok(Self {
+            scan: scan_tx,
+            disk: has_disks.then_some(disk_cmd_tx),
+            _writer: cmd_tx,
+            _slots: slots,
+        })
+    }
+
+    fn scanner(&self, cmd: scanner::Command) -> anyhow::Result<()> {
+        self.scan
+            .send(cmd)
+            .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))
+    }
+
+    /// Sends `cmd` to the blockio actor, if there are disks.
+    fn blockio(&self, cmd: blockio::Command) -> anyhow::Result<()> {
+        match &self.disk {
+            Some(d) => d
+                .send(cmd)
+                .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}")),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The shared buffers for the disk chunks in flight, in memory if /dev/shm is there.
+fn disk_slots() -> anyhow::Result<tempfile::NamedTempFile> {
+    let dir = ["/dev/shm".into(), std::env::temp_dir()]
+        .into_iter()
+        .find(|d: &std::path::PathBuf| d.is_dir())
+        .unwrap_or_else(std::env::temp_dir);
+    let f = tempfile::Builder::new()
+        .prefix("ferry-disk-slots-")
+        .tempfile_in(dir)
+        .context("cannot create the disk chunk buffers")?;
+    f.as_file()
+        .set_len(u64::from(DISK_WINDOW) * blockio::CHUNK)
+        .context("cannot size the disk chunk buffers")?;
+    Ok(f)
+}
+
+/// Digests to compare once the stream is complete: the destination's (from
+/// its Ack) and the source's (from the scanner and the blockio actor).
+#[derive(Debug, Default)]
+struct Digests {
+    source_ram: Option<Vec<String>>,
+    source_disks: Option<Vec<BlockDigest>>,
+    ack_ram: Option<Vec<BlockDigest>>,
+    ack_disks: Option<Vec<BlockDigest>>,
+    /// The scanner was asked for the source's RAM digests.
+    digesting: bool,
+}
+
+impl Digests {
+    /// Takes a digest event; false for any other event.
+    fn take(&mut self, ev: &mut Event) -> bool {
+        match ev {
+            Event::RamDigests { digests } => self.source_ram = Some(std::mem::take(digests)),
+            Event::DiskDigests { disks } => self.source_disks = Some(std::mem::take(disks)),
+            _ => return false,
+        }
+        true
+    }
+
+    /// Whether a digest the destination's answer calls for has yet to come.
+    fn waiting(&self) -> bool {
+        (self.ack_ram.is_some() && self.source_ram.is_none())
+            || (self.ack_disks.is_some() && self.source_disks.is_none())
+    }
+}
+
+/// One migration in progress: the actors, the rounds, the switchover.
+struct Migration<'a> {
+    args: &'a SendArgs,
+    src: &'a mut Source,
+    sup: &'a mut Supervisor,
+    report: &'a mut Report,
+    actors: Actors,
     start: Instant,
     round: u32,
     round_start: Instant,
+    /// Stream bytes when the previous round ended.
     prev_bytes: u64,
+    /// Pages the scanner batched in the current round.
+    scanned: u64,
+    /// Rounds in a row in which the guest outran the link (auto-converge).
     dirty_high: u32,
+    /// When `stop` was sent to the guest: the downtime runs from here.
     stopped_at: Option<Instant>,
+    digests: Digests,
 }
 
-impl Rounds<'_> {
-    fn send_round(&mut self, all: bool, last: bool) -> anyhow::Result<()> {
-        self.round_start = Instant::now();
-        self.scan
-            .send(scanner::Command::Round {
-                round: self.round,
-                all,
-                last,
-            })
-            .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
-        if let Some(d) = &self.disk {
-            d.send(blockio::Command::Round {
-                round: self.round,
-                all,
-                last,
-            })
-            .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}"))?;
+impl<'a> Migration<'a> {
+    /// Spawns the actors.
+    fn new(
+        args: &'a SendArgs,
+        src: &'a mut Source,
+        sup: &'a mut Supervisor,
+        report: &'a mut Report,
+        start: Instant,
+    ) -> anyhow::Result<Self> {
+        let actors = Actors::spawn(args, src, sup)?;
+        report.setup = start.elapsed();
+        tracing::info!(pids = ?sup.pids(), "actors started");
+        Ok(Self {
+            args,
+            src,
+            sup,
+            report,
+            actors,
+            start,
+            round: 0,
+            round_start: Instant::now(),
+            prev_bytes: 0,
+            scanned: 0,
+            dirty_high: 0,
+            stopped_at: None,
+            digests: Digests::default(),
+        })
+    }
+
+    /// Sends every page, then the rounds until the switchover, then checks
+    /// the destination's digests.
+    fn run(mut self, show_progress: bool) -> anyhow::Result<()> {
+        let live = self.src.log.is_some();
+        self.send_round(true, !live)?;
+        let bar = progress_bar(show_progress, self.src.total);
+        while !self.next_event(&bar)? {}
+        bar.finish_and_clear();
+        self.verify()?;
+        self.sup.wait_all(Duration::from_secs(10))?;
+        if let Some(g) = self.src.guest.as_mut() {
+            g.migrated()?;
         }
         Ok(())
     }
 
-    /// A round was written: decide on the next one, or on the switchover.
-    fn round_sent(&mut self, bytes: u64, pages: u64, report: &mut Report) -> anyhow::Result<()> {
-        let (Some(log), Some(guest)) = (self.log, self.guest.as_deref_mut()) else {
-            return Ok(()); // not live: round 0 was the last
+    fn send_round(&mut self, all: bool, last: bool) -> anyhow::Result<()> {
+        self.round_start = Instant::now();
+        let round = self.round;
+        self.actors
+            .scanner(scanner::Command::Round { round, all, last })?;
+        self.actors
+            .blockio(blockio::Command::Round { round, all, last })
+    }
+
+    /// Waits for one event and acts on it; true once the stream is finished.
+    fn next_event(&mut self, bar: &ProgressBar) -> anyhow::Result<bool> {
+        let Some(mut ev) = self.sup.next_event(Duration::from_millis(100))? else {
+            if self.args.timeout > 0
+                && self.stopped_at.is_none()
+                && self.start.elapsed().as_secs() >= self.args.timeout
+            {
+                bail!("did not converge within {} s", self.args.timeout);
+            }
+            return Ok(false);
         };
+        if self.digests.take(&mut ev.event) {
+            return Ok(false);
+        }
+        match ev.event {
+            Event::Progress { bytes, counts } => self.progress(bar, bytes, counts),
+            Event::RoundScanned { pages, .. } => self.scanned = pages,
+            Event::RoundSent { bytes, .. } if self.stopped_at.is_none() => {
+                self.report.bytes = bytes;
+                self.round_sent(bytes)?;
+            }
+            Event::PeerLoaded => self.peer_loaded()?,
+            Event::Finished {
+                bytes,
+                counts,
+                ack,
+                return_path,
+            } => {
+                self.finished(ack)?;
+                self.report.bytes = bytes;
+                self.report.counts = counts;
+                self.report.return_path = Some(return_path);
+                return Ok(true);
+            }
+            _ => {}
+        }
+        Ok(false)
+    }
+
+    fn progress(&mut self, bar: &ProgressBar, bytes: u64, counts: PageCounts) {
+        self.report.bytes = bytes;
+        self.report.counts = counts;
+        bar.set_position((counts.pages() * PAGE_SIZE as u64).min(self.src.total));
+        bar.set_message(format!(
+            "round {}, {:.0} MB sent, {} zero / {} raw / {} compressed",
+            self.round,
+            bytes as f64 / 1e6,
+            counts.zero,
+            counts.raw,
+            counts.compressed
+        ));
+    }
+
+    /// A ferry destination has the whole stream and will send its digests:
+    /// the downtime ends, and the scanner takes ours while it computes them.
+    fn peer_loaded(&mut self) -> anyhow::Result<()> {
+        if let Some(t) = self.stopped_at {
+            self.report.downtime = Some(t.elapsed());
+        }
+        self.actors.scanner(scanner::Command::Digest)?;
+        self.digests.digesting = true;
+        Ok(())
+    }
+
+    /// The writer is done: the scanner and the blockio actor digest the
+    /// source if the destination sent digests to compare, or else stop.
+    fn finished(&mut self, ack: Option<Ack>) -> anyhow::Result<()> {
+        if let (Some(t), None) = (self.stopped_at, self.report.downtime) {
+            self.report.downtime = Some(t.elapsed());
+        }
+        if !self.digests.digesting {
+            // An acknowledgement without a hello is odd, but is checked all the same.
+            self.actors.scanner(match ack {
+                Some(_) => scanner::Command::Digest,
+                None => scanner::Command::Stop,
+            })?;
+        }
+        if let Some(ack) = ack {
+            self.digests.ack_ram = Some(ack.digests);
+            if self.actors.disk.is_some() {
+                self.digests.ack_disks = Some(ack.disks);
+            }
+        }
+        self.actors.blockio(match self.digests.ack_disks {
+            Some(_) => blockio::Command::Digest,
+            None => blockio::Command::Stop,
+        })
+    }
+
+    /// A round was written: measure it, then decide on the next round, on
+    /// the switchover, or on giving up.
+    fn round_sent(&mut self, bytes: u64) -> anyhow::Result<()> {
+        if self.src.guest.is_none() || self.src.log.is_none() {
+            return Ok(()); // not live: round 0 was the last
+        }
+        let r = self.measure(bytes)?;
+        tracing::info!(
+            round = r.round,
+            sent = r.bytes,
+            dirty = r.dirty_bytes,
+            remaining = r.remaining,
+            expected_ms = r.expected_downtime_ms,
+            "round done"
+        );
+        self.report.rounds.push(r.clone());
+        self.round += 1;
+        if r.expected_downtime_ms <= self.args.downtime_limit as f64 {
+            return self.switchover(r.expected_downtime_ms);
+        }
+        self.give_up_if_stuck(r.expected_downtime_ms)?;
+        if self.args.auto_converge {
+            self.auto_converge(&r)?;
+        }
+        self.send_round(false, false)
+    }
+
+    /// The figures of the round that just ended, each measured on its own:
+    /// bytes from the writer, dirty pages from the logs (which the scanner
+    /// and the blockio actor took at the round's start), time from the clock.
+    fn measure(&mut self, bytes: u64) -> anyhow::Result<RoundStats> {
         let duration = self.round_start.elapsed().as_secs_f64().max(1e-6);
+        let dirty_pages = self.src.ram_dirty_pages();
+        let dirty_bytes = dirty_pages * PAGE_SIZE as u64 + self.src.disk_dirty_bytes();
         let sent = bytes - self.prev_bytes;
         self.prev_bytes = bytes;
         let bandwidth = sent as f64 / duration;
-        let dirty = log.count() * PAGE_SIZE as u64
-            + self.disk_logs.iter().map(DirtyLog::count).sum::<u64>() * blockio::CHUNK;
-        let expected_ms = if dirty == 0 {
+        // Also proves the guest is still there.
+        self.src
+            .guest
+            .as_mut()
+            .expect("a live migration has a guest")
+            .query_status()?;
+        // What is left is measured again as the decision is made: the guest
+        // kept dirtying while it answered.
+        let remaining = self.src.ram_dirty_pages() * PAGE_SIZE as u64 + self.src.disk_dirty_bytes();
+        let expected_downtime_ms = if remaining == 0 {
             0.0
         } else {
-            dirty as f64 / bandwidth.max(1.0) * 1000.0
+            remaining as f64 / bandwidth.max(1.0) * 1000.0
         };
-        // Also proves the guest is still there.
-        guest.query_status()?;
-        report.rounds.push(RoundStats {
+        Ok(RoundStats {
             round: self.round,
             end: self.start.elapsed().as_secs_f64(),
             duration,
             bytes: sent,
-            pages,
-            dirty_bytes: dirty,
-            dirty_rate: dirty as f64 / duration,
+            pages: self.scanned,
+            dirty_pages,
+            dirty_bytes,
+            dirty_rate: (dirty_pages * PAGE_SIZE as u64) as f64 / duration,
             bandwidth,
-            remaining: dirty,
-            expected_downtime_ms: expected_ms,
-            throttle: report.throttle,
-        });
-        tracing::info!(round = self.round, sent, dirty, expected_ms, "round done");
-        self.round += 1;
-        if expected_ms <= self.args.downtime_limit as f64 {
-            report.expected_downtime_ms = Some(expected_ms);
-            guest.stop()?;
-            self.stopped_at = Some(Instant::now());
-            return self.send_round(false, true);
-        }
+            remaining,
+            expected_downtime_ms,
+            throttle: self.report.throttle,
+        })
+    }
+
+    /// Stops the guest and sends the last round. The downtime clock starts
+    /// as `stop` is sent: the guest may pause before it answers.
+    fn switchover(&mut self, expected_ms: f64) -> anyhow::Result<()> {
+        let guest = self
+            .src
+            .guest
+            .as_mut()
+            .expect("a live migration has a guest");
+        self.report.expected_downtime_ms = Some(expected_ms);
+        let stopping = Instant::now();
+        guest.stop()?;
+        self.stopped_at = Some(stopping);
+        self.send_round(false, true)
+    }
+
+    fn give_up_if_stuck(&self, expected_ms: f64) -> anyhow::Result<()> {
         if self.round >= self.args.max_iterations {
             bail!(
                 "did not converge in {} rounds: {:.0} ms of dirty memory left against a {} ms limit",
@@ -331,279 +716,61 @@ impl Rounds<'_> {
                 self.args.downtime_limit
             );
         }
-        if self.args.auto_converge {
-            // QEMU's rule: the guest dirtied more than half of what went out,
-            // two rounds in a row.
-            if dirty * 2 > sent {
-                self.dirty_high += 1;
-            } else {
-                self.dirty_high = 0;
-            }
-            if self.dirty_high >= 2 {
-                self.dirty_high = 0;
-                report.throttle = if report.throttle == 0 {
-                    self.args.throttle_initial
-                } else {
-                    (report.throttle + self.args.throttle_increment).min(99)
-                };
-                guest.set_throttle(report.throttle)?;
-                tracing::info!(throttle = report.throttle, "auto-converge");
-            }
+        Ok(())
+    }
+
+    /// QEMU's rule: throttle the guest once it dirtied more than half of
+    /// what went out, two rounds in a row.
+    fn auto_converge(&mut self, r: &RoundStats) -> anyhow::Result<()> {
+        if r.dirty_bytes * 2 > r.bytes {
+            self.dirty_high += 1;
+        } else {
+            self.dirty_high = 0;
         }
-        self.send_round(false, false)
-    }
-}
-
-/// Spawns the actors and runs the migration.
-#[allow(clippy::too_many_arguments)]
-fn drive(
-    args: &SendArgs,
-    blocks: &[BlockFile],
-    device_state: Option<Vec<u8>>,
-    log: Option<&DirtyLog>,
-    disk_logs: &[DirtyLog],
-    guest: Option<&mut Guest>,
-    sup: &mut Supervisor,
-    report: &mut Report,
-    start: Instant,
-    show_progress: bool,
-) -> anyhow::Result<()> {
-    let tls = tls_init(args)?;
-    let (scan_tx, scan_rx) = ipc::channel::<scanner::Command>()?;
-    let (work_tx, work_rx) = ipc::channel::<Work>()?;
-    let (chunk_tx, chunk_rx) = ipc::channel::<Chunk>()?;
-    let (credit_tx, credit_rx) = ipc::channel::<u32>()?;
-    let (scan_credit_tx, scan_credit_rx) = ipc::channel::<u32>()?;
-    let (_cmd_tx, cmd_rx) = ipc::channel::<writer::Command>()?;
-    let has_disks = !args.disk.is_empty();
-    let (disk_chunk_tx, disk_chunk_rx) = ipc::channel::<DiskChunk>()?;
-    let (disk_credit_tx, disk_credit_rx) = ipc::channel::<u32>()?;
-    let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<blockio::Command>()?;
-    // Shared chunk buffers between the blockio actor and the writer, removed
-    // when the run ends.
-    let slots = if has_disks {
-        let dir = ["/dev/shm".into(), std::env::temp_dir()]
-            .into_iter()
-            .find(|d: &std::path::PathBuf| d.is_dir())
-            .unwrap_or_else(std::env::temp_dir);
-        let f = tempfile::Builder::new()
-            .prefix("ferry-disk-slots-")
-            .tempfile_in(dir)
-            .context("cannot create the disk chunk buffers")?;
-        f.as_file()
-            .set_len(u64::from(DISK_WINDOW) * blockio::CHUNK)
-            .context("cannot size the disk chunk buffers")?;
-        Some(f)
-    } else {
-        None
-    };
-    let slots_path = slots.as_ref().map(|f| f.path().to_owned());
-    sup.spawn(
-        ActorKind::Writer,
-        writer::Init {
-            to: args.to.to_string(),
-            blocks: blocks.to_vec(),
-            device_state,
-            machine: args.machine.clone(),
-            rate: args.max_bandwidth,
-            stall_timeout: super::stall(args.stall_timeout),
-            tls: tls.clone(),
-            integrity: args.integrity,
-            chunks: chunk_rx,
-            credits: credit_tx,
-            commands: cmd_rx,
-            disks: args.disk.iter().map(|d| d.name.clone()).collect(),
-            disk_chunks: has_disks.then_some(disk_chunk_rx),
-            disk_credits: has_disks.then_some(disk_credit_tx),
-            disk_slots: slots_path.clone().map(|p| (p, DISK_WINDOW)),
-        },
-    )?;
-    if has_disks {
-        sup.spawn(
-            ActorKind::Blockio,
-            blockio::Init {
-                disks: args.disk.iter().map(blockio::DiskInit::from_spec).collect(),
-                mailbox: disk_cmd_rx,
-                chunks: disk_chunk_tx,
-                credits: disk_credit_rx,
-                window: DISK_WINDOW,
-                slots: slots_path.clone().unwrap_or_default(),
-            },
-        )?;
-    }
-    sup.spawn(
-        ActorKind::Compress,
-        compress::Init {
-            blocks: blocks.to_vec(),
-            level: args.compress.then_some(args.compress_level),
-            workers: args.compress_workers,
-            work: work_rx,
-            scan_credits: scan_credit_tx,
-            chunks: chunk_tx,
-            credits: credit_rx,
-            window: CHUNK_WINDOW,
-        },
-    )?;
-    sup.spawn(
-        ActorKind::Scanner,
-        scanner::Init {
-            blocks: blocks.to_vec(),
-            mailbox: scan_rx,
-            work: work_tx,
-            credits: scan_credit_rx,
-            window: BATCH_WINDOW,
-            dirty_log: args.dirty_log.clone(),
-        },
-    )?;
-    report.setup = start.elapsed();
-    tracing::info!(pids = ?sup.pids(), "actors started");
-
-    let live = log.is_some();
-    let mut rounds = Rounds {
-        args,
-        log,
-        disk_logs,
-        guest,
-        scan: scan_tx,
-        disk: has_disks.then_some(disk_cmd_tx),
-        start,
-        round: 0,
-        round_start: Instant::now(),
-        prev_bytes: 0,
-        dirty_high: 0,
-        stopped_at: None,
-    };
-    rounds.send_round(true, !live)?;
-
-    let total: u64 = blocks.iter().map(|b| b.length).sum();
-    let bar = progress_bar(show_progress, total);
-    let mut scanned = 0u64;
-    let mut source_disks: Option<Vec<BlockDigest>> = None;
-    let mut source_ram: Option<Vec<String>> = None;
-    let mut digesting = false;
-    let mut ack_ram: Option<Vec<BlockDigest>> = None;
-    let mut ack_disks: Option<Vec<BlockDigest>> = None;
-    loop {
-        let Some(ev) = sup.next_event(Duration::from_millis(100))? else {
-            if args.timeout > 0
-                && rounds.stopped_at.is_none()
-                && start.elapsed().as_secs() >= args.timeout
-            {
-                bail!("did not converge within {} s", args.timeout);
-            }
-            continue;
+        if self.dirty_high < 2 {
+            return Ok(());
+        }
+        self.dirty_high = 0;
+        let throttle = &mut self.report.throttle;
+        *throttle = if *throttle == 0 {
+            self.args.throttle_initial
+        } else {
+            (*throttle + self.args.throttle_increment).min(99)
         };
-        match ev.event {
-            Event::Progress { bytes, counts } => {
-                report.bytes = bytes;
-                report.counts = counts;
-                bar.set_position((counts.pages() * PAGE_SIZE as u64).min(total));
-                bar.set_message(format!(
-                    "round {}, {:.0} MB sent, {} zero / {} raw / {} compressed",
-                    rounds.round,
-                    bytes as f64 / 1e6,
-                    counts.zero,
-                    counts.raw,
-                    counts.compressed
-                ));
-            }
-            Event::RoundScanned { pages, .. } => scanned = pages,
-            Event::DiskDigests { disks } => source_disks = Some(disks),
-            Event::RamDigests { digests } => source_ram = Some(digests),
-            Event::RoundSent { bytes, .. } if rounds.stopped_at.is_none() => {
-                report.bytes = bytes;
-                rounds.round_sent(bytes, scanned, report)?;
-            }
-            Event::PeerLoaded => {
-                if let Some(t) = rounds.stopped_at {
-                    report.downtime = Some(t.elapsed());
-                }
-                // A ferry destination has the whole stream and will send its
-                // digests: take ours while it computes them.
-                rounds
-                    .scan
-                    .send(scanner::Command::Digest)
-                    .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
-                digesting = true;
-            }
-            Event::Finished {
-                bytes,
-                counts,
-                ack,
-                return_path,
-            } => {
-                if let (Some(t), None) = (rounds.stopped_at, report.downtime) {
-                    report.downtime = Some(t.elapsed());
-                }
-                if !digesting {
-                    // Without an acknowledgement to check the scanner just
-                    // exits (an acknowledgement without a hello is odd, but
-                    // is checked all the same).
-                    let cmd = if ack.is_some() {
-                        scanner::Command::Digest
-                    } else {
-                        scanner::Command::Stop
-                    };
-                    rounds
-                        .scan
-                        .send(cmd)
-                        .map_err(|e| anyhow!("cannot reach the scanner: {e:?}"))?;
-                }
-                if let Some(ack) = ack {
-                    ack_ram = Some(ack.digests);
-                    if has_disks {
-                        ack_disks = Some(ack.disks);
-                    }
-                }
-                if let Some(d) = &rounds.disk {
-                    // Digest the source disks only for a destination that
-                    // reported its own.
-                    let cmd = if ack_disks.is_some() {
-                        blockio::Command::Digest
-                    } else {
-                        blockio::Command::Stop
-                    };
-                    d.send(cmd)
-                        .map_err(|e| anyhow!("cannot reach the blockio actor: {e:?}"))?;
-                }
-                report.bytes = bytes;
-                report.counts = counts;
-                report.return_path = Some(return_path);
-                break;
-            }
-            _ => {}
-        }
+        tracing::info!(throttle = *throttle, "auto-converge");
+        let guest = self
+            .src
+            .guest
+            .as_mut()
+            .expect("a live migration has a guest");
+        Ok(guest.set_throttle(*throttle)?)
     }
-    bar.finish_and_clear();
-    // The scanner digests the source RAM once the destination has the whole
-    // stream, the blockio actor the source disks after the last pass: both
-    // while the destination computes its own.
-    let deadline = Instant::now() + Duration::from_secs(300);
-    while (ack_ram.is_some() && source_ram.is_none())
-        || (ack_disks.is_some() && source_disks.is_none())
-    {
-        if Instant::now() > deadline {
-            bail!("the source's digests did not arrive within 300 s");
-        }
-        if let Some(ev) = sup.next_event(Duration::from_millis(100))? {
-            match ev.event {
-                Event::RamDigests { digests } => source_ram = Some(digests),
-                Event::DiskDigests { disks } => source_disks = Some(disks),
-                _ => {}
+
+    /// Waits for the source's digests that the destination's answer calls
+    /// for (computed while the destination computed its own), and compares.
+    fn verify(&mut self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(300);
+        while self.digests.waiting() {
+            if Instant::now() > deadline {
+                bail!("the source's digests did not arrive within 300 s");
+            }
+            if let Some(mut ev) = self.sup.next_event(Duration::from_millis(100))? {
+                self.digests.take(&mut ev.event);
             }
         }
+        let d = &self.digests;
+        if let Some(theirs) = &d.ack_ram {
+            verify(
+                &self.src.blocks,
+                d.source_ram.as_deref().unwrap_or_default(),
+                theirs,
+            )?;
+        }
+        if let Some(theirs) = &d.ack_disks {
+            verify_disks(d.source_disks.as_deref().unwrap_or_default(), theirs)?;
+        }
+        Ok(())
     }
-    if let Some(theirs) = ack_ram {
-        verify(blocks, source_ram.as_deref().unwrap_or_default(), &theirs)?;
-    }
-    if let Some(theirs) = ack_disks {
-        verify_disks(source_disks.as_deref().unwrap_or_default(), &theirs)?;
-    }
-    sup.wait_all(Duration::from_secs(10))?;
-    if let Some(g) = rounds.guest {
-        g.migrated()?;
-    }
-    Ok(())
 }
 
 /// The writer's TLS settings, checked: the files load, the URI is a socket.
@@ -686,4 +853,54 @@ fn verify(blocks: &[BlockFile], ours: &[String], theirs: &[BlockDigest]) -> anyh
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PAGE: u64 = PAGE_SIZE as u64;
+
+    fn source(pages: u64, log: Option<DirtyLog>) -> Source {
+        Source {
+            blocks: Vec::new(),
+            total: pages * PAGE,
+            device_state: None,
+            log,
+            disk_logs: Vec::new(),
+            guest: None,
+        }
+    }
+
+    #[test]
+    fn live_remaining_is_what_the_dirty_log_still_marks() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = DirtyLog::create(&dir.path().join("log"), 200).unwrap();
+        let mut src = source(200, Some(log));
+        let counts = PageCounts::default();
+        assert_eq!(src.ram_remaining(true, &counts), 0);
+        for p in [0, 64, 199] {
+            src.log.as_ref().unwrap().mark(p);
+        }
+        assert_eq!(src.ram_remaining(true, &counts), 3 * PAGE);
+        // A failure puts every page back: all of it remains.
+        src.recover();
+        assert_eq!(src.ram_remaining(false, &counts), 200 * PAGE);
+    }
+
+    #[test]
+    fn single_pass_remaining_is_the_ram_no_record_covered() {
+        let src = source(16, None);
+        let mut counts = PageCounts {
+            zero: 5,
+            raw: 7,
+            compressed: 3,
+            compressed_bytes: 1000,
+        };
+        assert_eq!(src.ram_remaining(true, &counts), PAGE);
+        counts.raw += 1;
+        assert_eq!(src.ram_remaining(true, &counts), 0);
+        // Nothing sent by a failed run is known to have arrived.
+        assert_eq!(src.ram_remaining(false, &counts), 16 * PAGE);
+    }
 }

@@ -4,12 +4,21 @@
 //! The orchestrator spawns `ferry __actor KIND SERVER`; the child connects to
 //! the one-shot server named SERVER and receives its [`Bootstrap`]: the actor's
 //! own configuration and channels, plus the shared event channel back to the
-//! orchestrator. A child dies with its parent (PR_SET_PDEATHSIG), so no actor
-//! outlives a killed orchestrator.
+//! orchestrator.
+//!
+//! No actor outlives its orchestrator, however the orchestrator ends and
+//! whoever adopts the orphans (init, or a subreaper such as systemd or a
+//! container's init): every actor's stdin is the read end of a pipe whose
+//! only write end the orchestrator holds (close-on-exec, so no child
+//! inherits it). When the orchestrator dies the kernel closes that end, the
+//! actor's watcher thread reads end of file and the actor exits at once. An
+//! actor started after its orchestrator died reads end of file at once too,
+//! which a parent-death signal set after exec could not promise.
 
 pub mod messages;
 
-use std::io;
+use std::io::{self, Read};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -67,6 +76,9 @@ pub enum Error {
     /// The ipc machinery failed.
     #[error("ipc channel failed")]
     Ipc(#[source] io::Error),
+    /// The pipe that ends the actors with the orchestrator cannot be made.
+    #[error("cannot create the pipe that ties the actors' lives to this process")]
+    DeathPipe(#[source] io::Error),
     /// An actor reported an error.
     #[error("{actor} failed: {message}")]
     Failed {
@@ -117,6 +129,10 @@ pub struct Supervisor {
     usage: Vec<(ActorKind, Usage)>,
     /// Events taken from the channel early (see `check_children`), oldest first.
     queued: std::collections::VecDeque<ActorEvent>,
+    /// The read end of the death pipe, handed to every actor as its stdin.
+    death_pipe: OwnedFd,
+    /// The only write end of the death pipe: closed when this process ends.
+    _alive: OwnedFd,
 }
 
 impl std::fmt::Debug for Supervisor {
@@ -135,12 +151,15 @@ impl Supervisor {
         let tmp = std::env::temp_dir();
         tempfile::tempfile_in(&tmp).map_err(|source| Error::TempDir { path: tmp, source })?;
         let (events_tx, events_rx) = ipc::channel().map_err(Error::Ipc)?;
+        let (death_pipe, alive) = death_pipe().map_err(Error::DeathPipe)?;
         Ok(Self {
             actors: Vec::new(),
             events_tx,
             events_rx,
             usage: Vec::new(),
             queued: Default::default(),
+            death_pipe,
+            _alive: alive,
         })
     }
 
@@ -154,9 +173,13 @@ impl Supervisor {
         let (server, name) =
             IpcOneShotServer::<IpcSender<Bootstrap<I>>>::new().map_err(Error::Ipc)?;
         let exe = std::env::current_exe().map_err(|source| Error::Spawn { actor, source })?;
+        let stdin = self
+            .death_pipe
+            .try_clone()
+            .map_err(|source| Error::Spawn { actor, source })?;
         let child = Command::new(exe)
             .args([ACTOR_SUBCOMMAND, actor, &name])
-            .stdin(Stdio::null())
+            .stdin(Stdio::from(stdin))
             .spawn()
             .map_err(|source| Error::Spawn { actor, source })?;
         let pid = child.id();
@@ -432,17 +455,39 @@ pub fn start_memory_sampler() {
     });
 }
 
-/// Arranges for this process to be killed when its parent dies, and exits at
-/// once if the parent is already gone.
-fn die_with_parent() {
-    // SAFETY: PR_SET_PDEATHSIG takes a signal number and touches no memory.
-    unsafe {
-        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+/// A pipe, both ends close-on-exec: (read end, write end).
+fn death_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [-1; 2];
+    // SAFETY: pipe2 writes two file descriptors into the array we pass, which
+    // has room for exactly two.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(io::Error::last_os_error());
     }
-    // SAFETY: getppid has no preconditions.
-    if unsafe { libc::getppid() } == 1 {
-        std::process::exit(1);
-    }
+    // SAFETY: pipe2 succeeded, so both are open descriptors that nothing
+    // else owns.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Ends this actor process as soon as its orchestrator is gone: stdin is the
+/// read end of the orchestrator's death pipe, which nobody ever writes to, so
+/// a read returns only at end of file, when the orchestrator's end closed
+/// (or at once, if it closed before this process started).
+fn die_with_orchestrator() {
+    std::thread::spawn(|| {
+        let mut stdin = io::stdin();
+        let mut byte = [0u8; 1];
+        loop {
+            match stdin.read(&mut byte) {
+                Ok(0) => break,
+                Err(e) if e.kind() != io::ErrorKind::Interrupted => break,
+                _ => {}
+            }
+        }
+        // SAFETY: _exit ends the process without running any more of its
+        // code (no destructors, no atexit handlers that could wait on locks
+        // held by the threads it stops); it touches no memory of ours.
+        unsafe { libc::_exit(1) }
+    });
 }
 
 /// Runs an actor in a child process: connects to the orchestrator, receives
@@ -453,7 +498,7 @@ where
     E: std::error::Error,
     F: FnOnce(I, &IpcSender<ActorEvent>) -> Result<(), E>,
 {
-    die_with_parent();
+    die_with_orchestrator();
     start_memory_sampler();
     let boot: Bootstrap<I> = match bootstrap(server) {
         Ok(b) => b,

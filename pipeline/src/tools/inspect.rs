@@ -9,7 +9,7 @@ use ferry_guest::load::{self, RamImage};
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
-use ferry_proto::stream::{vmdesc, RamBlockInfo, SectionKind, PAGE_SIZE};
+use ferry_proto::stream::{vmdesc, RamBlockInfo, PAGE_SIZE};
 use ferry_proto::transport::{FileTransport, ReadTransport, Transport};
 use serde::Serialize;
 
@@ -56,22 +56,12 @@ pub enum Error {
     },
 }
 
-/// One row of the section table.
+/// One row of the section table: a section and where it ends.
 #[derive(Debug, Clone, Serialize)]
 pub struct SectionRow {
-    /// start, part, end or full.
-    #[serde(rename = "type")]
-    pub kind: SectionKind,
-    /// Section id.
-    pub id: u32,
-    /// Section name.
-    pub idstr: String,
-    /// Instance number.
-    pub instance: u32,
-    /// Section version.
-    pub version: u32,
-    /// Offset of the header.
-    pub start: u64,
+    /// The section's header.
+    #[serde(flatten)]
+    pub header: SectionHeader,
     /// Offset just past the footer.
     pub end: u64,
 }
@@ -156,12 +146,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
             Item::Footer { end, .. } => {
                 if let Some(h) = open_section.take() {
                     report.sections.push(SectionRow {
-                        kind: h.kind,
-                        id: h.id,
-                        idstr: h.idstr,
-                        instance: h.instance,
-                        version: h.version,
-                        start: h.start,
+                        header: h,
                         end: *end,
                     });
                 }
@@ -236,7 +221,7 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> io::Result<()> {
         "{:<6} {:>5}  {:<28} {:>4} {:>4}  {:>12} {:>12}",
         "type", "id", "idstr", "inst", "ver", "start", "end"
     )?;
-    for s in &r.sections {
+    for SectionRow { header: s, end } in &r.sections {
         let kind = serde_json::to_value(s.kind).ok();
         writeln!(
             out,
@@ -247,7 +232,7 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> io::Result<()> {
             s.instance,
             s.version,
             s.start,
-            s.end
+            end
         )?;
     }
     for b in &r.ram_blocks {

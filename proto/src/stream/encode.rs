@@ -8,6 +8,7 @@ use flate2::Compress;
 
 use super::{block_flag, marker, ram_flag, RamBlockInfo, SectionKind, PAGE_SIZE};
 use super::{QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION};
+use super::{RAM_IDSTR, RAM_VERSION};
 use crate::qemu_file::{QemuFileWriter, Result};
 use crate::transport::Transport;
 
@@ -219,6 +220,28 @@ impl RamWriter {
     /// Writes the end-of-section record.
     pub fn put_eos<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
         f.put_be64(ram_flag::EOS);
+    }
+
+    /// Opens the RAM section as QEMU's ram_save_setup does: START section
+    /// `id` with the block list, then EOS and the footer.
+    pub fn put_setup_section<T: Transport>(
+        &mut self,
+        f: &mut QemuFileWriter<'_, T>,
+        id: u32,
+        blocks: &[RamBlockInfo],
+    ) -> Result<()> {
+        put_section_start(f, SectionKind::Start, id, RAM_IDSTR, 0, RAM_VERSION)?;
+        self.put_mem_size(f, blocks)?;
+        self.put_eos(f);
+        put_footer(f, id);
+        Ok(())
+    }
+
+    /// Closes the RAM section with an END part that holds no page.
+    pub fn put_end_section<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>, id: u32) {
+        put_section_part(f, SectionKind::End, id);
+        self.put_eos(f);
+        put_footer(f, id);
     }
 }
 

@@ -5,7 +5,7 @@
 
 use super::device_state::DeviceState;
 use super::encode::{self, PageEncoding, RamWriter};
-use super::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
+use super::{RamBlockInfo, SectionKind, PAGE_SIZE};
 use super::{BLOCK_CHUNK_SIZE, BLOCK_IDSTR, BLOCK_VERSION, SECTOR_SIZE};
 use crate::compress;
 use crate::qemu_file::{QemuFileWriter, Result};
@@ -58,10 +58,7 @@ pub fn write_stream_with_disks<T: Transport>(
     device.put_configuration(f, machine);
 
     let mut ram = RamWriter::new();
-    encode::put_section_start(f, SectionKind::Start, id, RAM_IDSTR, 0, RAM_VERSION)?;
-    ram.put_mem_size(f, &infos)?;
-    ram.put_eos(f);
-    encode::put_footer(f, id);
+    ram.put_setup_section(f, id, &infos)?;
 
     encode::put_section_part(f, SectionKind::Part, id);
     let mut counts = PageCounts::default();
@@ -90,10 +87,7 @@ pub fn write_stream_with_disks<T: Transport>(
     }
     ram.put_eos(f);
     encode::put_footer(f, id);
-
-    encode::put_section_part(f, SectionKind::End, id);
-    ram.put_eos(f);
-    encode::put_footer(f, id);
+    ram.put_end_section(f, id);
 
     if !disks.is_empty() {
         let bid = id + 1;

@@ -136,6 +136,21 @@ pub enum Error {
         /// Announced total.
         total: u64,
     },
+    /// The RAM blocks add up to more than the destination takes
+    /// ([`Limits::max_ram_size`]).
+    #[error("at byte {offset}: RAM block {idstr:?} of {length} bytes brings the RAM to {total} bytes, above the limit of {limit} bytes")]
+    RamTooLarge {
+        /// Offset of the MEM_SIZE record.
+        offset: u64,
+        /// The block that crossed the limit.
+        idstr: String,
+        /// Its length.
+        length: u64,
+        /// The blocks' lengths up to and including it.
+        total: u64,
+        /// The limit.
+        limit: u64,
+    },
     /// A second block list that differs from the first.
     #[error("at byte {offset}: RAM block list changed mid-stream")]
     MemSizeChanged {
@@ -217,6 +232,7 @@ impl Error {
             | Error::OffsetPastBlock { offset, .. }
             | Error::PageBeforeMemSize { offset }
             | Error::MemSizeMismatch { offset, .. }
+            | Error::RamTooLarge { offset, .. }
             | Error::MemSizeChanged { offset }
             | Error::LimitExceeded { offset, .. }
             | Error::CompressedTooLong { offset, .. }
@@ -242,6 +258,10 @@ pub struct Limits {
     pub max_ram_blocks: usize,
     /// Most distinct sections.
     pub max_sections: usize,
+    /// Most RAM, in bytes, that the block list may add up to: a destination
+    /// creates its RAM files at the sizes the stream announces, so it says
+    /// here what it can hold.
+    pub max_ram_size: u64,
 }
 
 impl Default for Limits {
@@ -251,6 +271,7 @@ impl Default for Limits {
             max_vmdesc: 16 << 20,
             max_ram_blocks: 4096,
             max_sections: 65536,
+            max_ram_size: u64::MAX,
         }
     }
 }
@@ -281,7 +302,8 @@ pub struct SectionHeader {
     pub instance: u32,
     /// Its version.
     pub version: u32,
-    /// What it carries.
+    /// What it carries (follows from `idstr`, so not serialized).
+    #[serde(skip)]
     pub class: SectionClass,
     /// Offset of its marker byte.
     pub start: u64,
@@ -647,11 +669,9 @@ impl<T: Transport> Core<T> {
             marker::COMMAND => {
                 let cmd = self.f.get_be16()?;
                 let len = self.f.get_be16()? as usize;
-                scratch.resize(len, 0);
-                self.f.get_buffer(scratch)?;
                 Ok(Item::Command {
                     cmd,
-                    data: &scratch[..],
+                    data: self.read_into(scratch, len)?,
                 })
             }
             _ => Err(Error::UnknownMarker { offset, byte }),
@@ -748,10 +768,9 @@ impl<T: Transport> Core<T> {
                 limit: self.limits.max_vmdesc as u64,
             });
         }
-        scratch.resize(len, 0);
-        self.f.get_buffer(scratch)?;
+        let vmdesc = self.read_into(scratch, len)?;
         self.state = State::Done;
-        Ok(Item::Vmdesc(&scratch[..]))
+        Ok(Item::Vmdesc(vmdesc))
     }
 
     fn ram_record<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
@@ -789,63 +808,66 @@ impl<T: Transport> Core<T> {
                 offset: addr,
                 fill: self.f.get_byte()?,
             },
-            ram_flag::PAGE => {
-                scratch.resize(PAGE_SIZE, 0);
-                RamRecord::Page {
-                    block,
-                    offset: addr,
-                    data: {
-                        self.f.get_buffer(&mut scratch[..])?;
-                        &scratch[..]
-                    },
-                }
-            }
+            ram_flag::PAGE => RamRecord::Page {
+                block,
+                offset: addr,
+                data: self.read_into(scratch, PAGE_SIZE)?,
+            },
             ram_flag::COMPRESS_PAGE => {
-                let len_at = self.f.offset();
-                let len = self.f.get_be32()?;
-                if len as usize > MAX_COMPRESSED_PAGE {
-                    return Err(Error::CompressedTooLong {
-                        offset: len_at,
-                        len,
-                    });
-                }
-                scratch.resize(len as usize, 0);
+                let len = self.compressed_len()?;
                 RamRecord::Compressed {
                     block,
                     offset: addr,
-                    data: {
-                        self.f.get_buffer(&mut scratch[..])?;
-                        &scratch[..]
-                    },
+                    data: self.read_into(scratch, len)?,
                 }
             }
             _ => {
-                let enc_at = self.f.offset();
-                if self.f.get_byte()? != super::xbzrle::ENCODING_FLAG {
-                    return Err(Error::BadXbzrle {
-                        offset: enc_at,
-                        what: "unknown encoding flag",
-                    });
-                }
-                let len = self.f.get_be16()? as usize;
-                if len > PAGE_SIZE {
-                    return Err(Error::BadXbzrle {
-                        offset: enc_at,
-                        what: "encoded length above one page",
-                    });
-                }
-                scratch.resize(len, 0);
+                let len = self.xbzrle_len()?;
                 RamRecord::Xbzrle {
                     block,
                     offset: addr,
-                    data: {
-                        self.f.get_buffer(&mut scratch[..])?;
-                        &scratch[..]
-                    },
+                    data: self.read_into(scratch, len)?,
                 }
             }
         };
         Ok(Item::Ram(record))
+    }
+
+    /// Reads the next `len` bytes into `scratch`.
+    fn read_into<'s>(&mut self, scratch: &'s mut Vec<u8>, len: usize) -> Result<&'s [u8]> {
+        scratch.resize(len, 0);
+        self.f.get_buffer(&mut scratch[..])?;
+        Ok(&scratch[..])
+    }
+
+    /// The length of a COMPRESS_PAGE record's zlib data, bounded as QEMU does.
+    fn compressed_len(&mut self) -> Result<usize> {
+        let offset = self.f.offset();
+        let len = self.f.get_be32()?;
+        if len as usize > MAX_COMPRESSED_PAGE {
+            return Err(Error::CompressedTooLong { offset, len });
+        }
+        Ok(len as usize)
+    }
+
+    /// The encoding flag and length of an XBZRLE record; a delta never
+    /// spans more than a page.
+    fn xbzrle_len(&mut self) -> Result<usize> {
+        let offset = self.f.offset();
+        if self.f.get_byte()? != super::xbzrle::ENCODING_FLAG {
+            return Err(Error::BadXbzrle {
+                offset,
+                what: "unknown encoding flag",
+            });
+        }
+        let len = self.f.get_be16()? as usize;
+        if len > PAGE_SIZE {
+            return Err(Error::BadXbzrle {
+                offset,
+                what: "encoded length above one page",
+            });
+        }
+        Ok(len)
     }
 
     /// Resolves the block of a page record: the previous one for CONTINUE,
@@ -886,6 +908,15 @@ impl<T: Transport> Core<T> {
             if length == 0 || sum > total {
                 break;
             }
+            if sum > self.limits.max_ram_size {
+                return Err(Error::RamTooLarge {
+                    offset,
+                    idstr,
+                    length,
+                    total: sum,
+                    limit: self.limits.max_ram_size,
+                });
+            }
             blocks.push(RamBlockInfo { idstr, length });
         }
         if sum != total {
@@ -919,9 +950,7 @@ impl<T: Transport> Core<T> {
         let data = if zero {
             None
         } else {
-            scratch.resize(BLOCK_CHUNK_SIZE, 0);
-            self.f.get_buffer(scratch)?;
-            Some(&scratch[..])
+            Some(self.read_into(scratch, BLOCK_CHUNK_SIZE)?)
         };
         Ok(Item::Block(BlockRecord::Chunk {
             device,
@@ -1031,4 +1060,87 @@ impl<T: Transport> Core<T> {
 fn footer_bytes(id: u32) -> [u8; 5] {
     let b = id.to_be_bytes();
     [marker::SECTION_FOOTER, b[0], b[1], b[2], b[3]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::qemu_file::QemuFileWriter;
+    use crate::stream::encode::{self, RamWriter};
+    use crate::transport::MemTransport;
+
+    /// A stream that opens the RAM section with `blocks` (name, length).
+    fn announcing(blocks: &[(&str, u64)]) -> Vec<u8> {
+        let infos = blocks.iter().map(|&(idstr, length)| RamBlockInfo {
+            idstr: idstr.into(),
+            length,
+        });
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        encode::put_file_header(&mut f);
+        encode::put_configuration(&mut f, "none");
+        let infos: Vec<_> = infos.collect();
+        RamWriter::new()
+            .put_setup_section(&mut f, 2, &infos)
+            .unwrap();
+        f.into_transport().unwrap().take()
+    }
+
+    /// Parses up to the block list: the blocks, or the error.
+    fn block_list(stream: Vec<u8>, limits: Limits) -> Result<Vec<RamBlockInfo>> {
+        let mut p =
+            Parser::new(QemuFileReader::new(MemTransport::from_bytes(stream))).with_limits(limits);
+        loop {
+            if let Item::Ram(RamRecord::MemSize(blocks)) = p.next()? {
+                return Ok(blocks);
+            }
+        }
+    }
+
+    fn ram_limit(max_ram_size: u64) -> Limits {
+        Limits {
+            max_ram_size,
+            ..Limits::default()
+        }
+    }
+
+    #[test]
+    fn ram_up_to_the_limit_parses() {
+        let stream = announcing(&[("pc.ram", 3 << 20), ("vga.vram", 1 << 20)]);
+        let blocks = block_list(stream, ram_limit(4 << 20)).unwrap();
+        assert_eq!(blocks.len(), 2);
+        assert_eq!(blocks[1].length, 1 << 20);
+    }
+
+    #[test]
+    fn a_block_over_the_ram_limit_is_named_with_its_size_and_the_limit() {
+        let stream = announcing(&[("pc.ram", 3 << 20), ("vga.vram", 2 << 20)]);
+        let e = block_list(stream, ram_limit(4 << 20)).unwrap_err();
+        match &e {
+            Error::RamTooLarge {
+                idstr,
+                length,
+                total,
+                limit,
+                ..
+            } => {
+                assert_eq!(idstr, "vga.vram");
+                assert_eq!((*length, *total, *limit), (2 << 20, 5 << 20, 4 << 20));
+            }
+            other => panic!("expected RamTooLarge, got {other:?}"),
+        }
+        let msg = e.to_string();
+        for part in ["\"vga.vram\"", "2097152", "4194304"] {
+            assert!(msg.contains(part), "{msg} names {part}");
+        }
+    }
+
+    #[test]
+    fn the_limit_counts_all_blocks_not_each_alone() {
+        let stream = announcing(&[("a", 1 << 62), ("b", 1 << 62)]);
+        let e = block_list(stream, ram_limit(1 << 62)).unwrap_err();
+        assert!(
+            matches!(&e, Error::RamTooLarge { idstr, .. } if idstr == "b"),
+            "{e:?}"
+        );
+    }
 }
