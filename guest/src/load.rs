@@ -339,7 +339,7 @@ impl RamImage {
     /// Applies one record; `offset` is its place in the stream, for errors.
     pub fn apply(&mut self, record: &RamRecord<'_>, offset: u64) -> Result<()> {
         match *record {
-            RamRecord::MemSize(_) | RamRecord::Eos => Ok(()),
+            RamRecord::MemSize(_) | RamRecord::Eos | RamRecord::MultifdFlush => Ok(()),
             RamRecord::Zero {
                 block,
                 offset: at,

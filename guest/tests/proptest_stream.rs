@@ -501,6 +501,7 @@ fn parse_and_load(
                     RamRecord::Compressed { block, offset, .. } => Ev::Compressed { block, offset },
                     RamRecord::Xbzrle { .. } => panic!("the encoder wrote no XBZRLE record"),
                     RamRecord::Eos => Ev::Eos,
+                    RamRecord::MultifdFlush => panic!("the generator writes no multifd flush"),
                 }
             }
             Item::Block(_) => panic!("the encoder wrote no block section"),

@@ -49,6 +49,7 @@ use ferry_guest::load::{self, RamImage};
 use ferry_proto::compress;
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::return_path::{Ack, BlockDigest};
+use ferry_proto::stream::command;
 use ferry_proto::stream::integrity as checkpoint;
 use ferry_proto::stream::parse::{self, BlockRecord, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
@@ -214,13 +215,17 @@ pub enum Error {
     /// A page cannot be applied (a corrupt compressed or XBZRLE page).
     #[error("cannot load a RAM page")]
     Load(#[source] load::Error),
-    /// Records this reader does not handle.
-    #[error("at byte {offset}: {what} are not supported by ferry receive")]
-    Unsupported {
-        /// Offset of the record.
+    /// A command the source sent that ferry receive cannot honour.
+    #[error("at byte {offset}: command {cmd} ({name}) cannot be honoured: {why}")]
+    Command {
+        /// Offset of the command.
         offset: u64,
-        /// What they are.
-        what: &'static str,
+        /// Its number.
+        cmd: u16,
+        /// QEMU's name for it.
+        name: &'static str,
+        /// Why not.
+        why: &'static str,
     },
     /// The stream ended cleanly but lacks something a migration needs.
     #[error("the stream is incomplete: {0}")]
@@ -609,11 +614,15 @@ impl Loader {
                 .disks
                 .chunk(&device, sector, data)
                 .map_err(Error::Disk)?,
-            Item::Command { .. } => {
-                return Err(Error::Unsupported {
-                    offset: at,
-                    what: "stream commands (postcopy, return path)",
-                })
+            Item::Command { cmd, data } => {
+                if let Some(why) = command::refusal(cmd, data.len()) {
+                    return Err(Error::Command {
+                        offset: at,
+                        cmd,
+                        name: command::name(cmd),
+                        why,
+                    });
+                }
             }
             Item::Footer { end, .. } => {
                 verifier.on_footer(pos.in_checkpoint, end);
@@ -643,7 +652,7 @@ impl Loader {
                 }
                 return Ok(());
             }
-            RamRecord::Eos => return Ok(()),
+            RamRecord::Eos | RamRecord::MultifdFlush => return Ok(()),
             RamRecord::Zero { block, offset, .. } => {
                 self.counts.zero += 1;
                 (block, offset)
@@ -989,6 +998,57 @@ mod tests {
         encode::put_eof(&mut f);
         let r = load_bytes(finish(f), &[("m".into(), "/nonexistent/m".into())], 1);
         assert!(matches!(r, Err(Error::Incomplete(_))), "{r:?}");
+    }
+
+    /// QEMU 10 sends SWITCHOVER_START before the last RAM section and, with
+    /// multifd, MULTIFD_FLUSH among the RAM records: both carry nothing to load.
+    #[test]
+    fn current_qemus_stateless_commands_and_flushes_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.ram");
+        let blocks = [RamBlockInfo {
+            idstr: "b".into(),
+            length: 2 * PAGE_SIZE as u64,
+        }];
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        let mut ram = RamWriter::new();
+        preamble(&mut f, &mut ram, &blocks);
+        encode::put_command(&mut f, command::OPEN_RETURN_PATH, &[]);
+        encode::put_command(&mut f, command::SWITCHOVER_START, &[]);
+        encode::put_section_part(&mut f, SectionKind::End, 2);
+        ram.put_multifd_flush(&mut f);
+        ram.put_page(&mut f, "b", PAGE_SIZE as u64, &text_page(7))
+            .unwrap();
+        ram.put_multifd_flush(&mut f);
+        ram.put_eos(&mut f);
+        encode::put_footer(&mut f, 2);
+        encode::put_eof(&mut f);
+        load_bytes(finish(f), &[("b".into(), path.clone())], 1).unwrap();
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[PAGE_SIZE..], &text_page(7)[..]);
+    }
+
+    /// Commands that need an answer or postcopy are refused by name.
+    #[test]
+    fn commands_that_need_an_answer_are_refused_by_name() {
+        for (cmd, payload, name) in [
+            (command::PING, &[0u8, 0, 0, 1][..], "PING"),
+            (command::POSTCOPY_LISTEN, &[][..], "POSTCOPY_LISTEN"),
+            (command::POSTCOPY_ADVISE, &[0u8; 16][..], "POSTCOPY_ADVISE"),
+        ] {
+            let blocks = [RamBlockInfo {
+                idstr: "b".into(),
+                length: PAGE_SIZE as u64,
+            }];
+            let dir = tempfile::tempdir().unwrap();
+            let mut f = QemuFileWriter::new(MemTransport::new());
+            let mut ram = RamWriter::new();
+            preamble(&mut f, &mut ram, &blocks);
+            encode::put_command(&mut f, cmd, payload);
+            let r = load_bytes(finish(f), &[("b".into(), dir.path().join("b.ram"))], 1);
+            let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+            assert!(msg.contains(name), "{name}: {msg}");
+        }
     }
 
     #[test]

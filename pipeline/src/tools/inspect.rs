@@ -200,7 +200,7 @@ fn count(p: &mut Pages, rec: &RamRecord<'_>) {
             p.compressed_bytes += data.len() as u64;
         }
         RamRecord::Xbzrle { .. } => p.xbzrle += 1,
-        RamRecord::MemSize(_) | RamRecord::Eos => {}
+        RamRecord::MemSize(_) | RamRecord::Eos | RamRecord::MultifdFlush => {}
     }
 }
 

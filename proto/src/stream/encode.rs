@@ -62,6 +62,19 @@ pub fn put_eof<T: Transport>(f: &mut QemuFileWriter<'_, T>) {
     f.put_byte(marker::EOF);
 }
 
+/// Writes a command to the destination (`QEMU_VM_COMMAND`, see
+/// [`super::command`]); QEMU flushes after each, so the caller should too.
+///
+/// # Panics
+/// If `payload` is longer than the be16 length can say.
+pub fn put_command<T: Transport>(f: &mut QemuFileWriter<'_, T>, cmd: u16, payload: &[u8]) {
+    let len = u16::try_from(payload.len()).expect("command payload fits a be16 length");
+    f.put_byte(marker::COMMAND);
+    f.put_be16(cmd);
+    f.put_be16(len);
+    f.put_buffer(payload);
+}
+
 /// Writes the JSON trailer that describes the device sections.
 pub fn put_vmdesc<T: Transport>(f: &mut QemuFileWriter<'_, T>, json: &[u8]) {
     f.put_byte(marker::VMDESCRIPTION);
@@ -220,6 +233,12 @@ impl RamWriter {
     /// Writes the end-of-section record.
     pub fn put_eos<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
         f.put_be64(ram_flag::EOS);
+    }
+
+    /// Writes the multifd sync point (`RAM_SAVE_FLAG_MULTIFD_FLUSH`): sent
+    /// after every multifd channel wrote its SYNC packet.
+    pub fn put_multifd_flush<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
+        f.put_be64(ram_flag::MULTIFD_FLUSH);
     }
 
     /// Opens the RAM section as QEMU's ram_save_setup does: START section

@@ -1,5 +1,6 @@
 //! The QEMU 7.2 migration stream: file header, sections, RAM and block records.
 //!
+//! - [`command`]: the commands a source sends the destination (QEMU_VM_COMMAND).
 //! - [`encode`]: records and framing a QEMU 7.2 destination loads.
 //! - [`image`]: a whole stream from unchanging RAM, in one pass.
 //! - [`integrity`]: ferry's checkpoint section (`ferry send --integrity`).
@@ -8,6 +9,7 @@
 //! - [`vmdesc`]: sizes of device sections from the trailer QEMU appends.
 //! - [`xbzrle`]: QEMU's delta-encoded pages.
 
+pub mod command;
 pub mod device_state;
 pub mod encode;
 pub mod image;
@@ -68,6 +70,9 @@ pub mod ram_flag {
     pub const HOOK: u64 = 0x80;
     /// A zlib-compressed page: be32 length and the stream.
     pub const COMPRESS_PAGE: u64 = 0x100;
+    /// multifd sync point on the main channel (QEMU 8.1+): every channel's
+    /// pages sent before it are in guest memory before anything after it.
+    pub const MULTIFD_FLUSH: u64 = 0x200;
     /// The bits of the header that are flags rather than offset.
     pub const MASK: u64 = 0xfff;
 }

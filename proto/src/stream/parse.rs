@@ -350,6 +350,9 @@ pub enum RamRecord<'p> {
         /// The encoded delta.
         data: &'p [u8],
     },
+    /// multifd sync point: the pages every multifd channel sent before its
+    /// SYNC packet must be loaded before the next record.
+    MultifdFlush,
     /// End of this section's records.
     Eos,
 }
@@ -785,6 +788,7 @@ impl<T: Transport> Core<T> {
                 self.state = State::Footer { id };
                 return Ok(Item::Ram(RamRecord::Eos));
             }
+            ram_flag::MULTIFD_FLUSH => return Ok(Item::Ram(RamRecord::MultifdFlush)),
             ram_flag::HOOK => return Err(Error::HookUnsupported { offset }),
             ram_flag::ZERO | ram_flag::PAGE | ram_flag::COMPRESS_PAGE | ram_flag::XBZRLE => {}
             _ => return Err(Error::UnknownRamFlags { offset, flags }),
