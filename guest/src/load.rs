@@ -6,13 +6,18 @@
 //! pwrite, neighbours gathered into one call: on tmpfs that skips the page
 //! fault and the zeroing a store through a mapping costs per new page, and a
 //! full file system is an error (ENOSPC) instead of a SIGBUS.
+//!
+//! A file that refuses write(2) (hugetlbfs) is mapped instead, and from then
+//! on used only through that mapping, with volatile copies: the file is never
+//! written two ways at once.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use flate2::Decompress;
-use memmap2::MmapMut;
+use vm_memory::mmap::MmapRegionError;
+use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
 
 use ferry_proto::compress;
 use ferry_proto::stream::parse::RamRecord;
@@ -21,7 +26,7 @@ use ferry_proto::stream::{xbzrle, RamBlockInfo, PAGE_SIZE};
 /// Errors of loading RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A RAM file could not be created, sized or mapped.
+    /// A RAM file could not be created or sized.
     #[error("RAM file {path} cannot be prepared")]
     File {
         /// The file.
@@ -29,6 +34,15 @@ pub enum Error {
         /// What the OS said.
         #[source]
         source: io::Error,
+    },
+    /// A RAM file that refuses write(2) could not be mapped instead.
+    #[error("RAM file {path} cannot be mapped")]
+    Map {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: MmapRegionError,
     },
     /// A RAM file has another size than the block the stream announces.
     #[error("RAM file {path} is {actual} bytes but block {idstr:?} is {expected}")]
@@ -103,7 +117,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Writing the mapping back failed.
+    /// Writing the pages back to storage failed.
     #[error("RAM file {path} cannot be synced")]
     Sync {
         /// The file.
@@ -121,10 +135,10 @@ struct Block {
     info: RamBlockInfo,
     path: PathBuf,
     file: File,
-    map: MmapMut,
-    /// Pages go in with pwrite and come back with pread; off for files that
-    /// refuse write(2) (hugetlbfs), which are used through the mapping.
-    pwrite: bool,
+    /// Pages go in with pwrite and come back with pread until the file
+    /// refuses write(2) (hugetlbfs); then it is mapped, and used only through
+    /// the mapping.
+    map: Option<MmapRegion>,
     /// The file was created here, so every page not yet written reads zero.
     fresh: bool,
     /// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
@@ -133,6 +147,33 @@ struct Block {
 }
 
 impl Block {
+    /// `len` bytes at `at` in the mapping, if the file is used through one.
+    fn mapped_page(&self, at: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        self.map
+            .as_ref()
+            .and_then(|m| m.get_slice(at as usize, len).ok())
+    }
+
+    /// Maps the file, for good: it refuses write(2).
+    fn map(&mut self) -> Result<()> {
+        let file = self.file.try_clone().map_err(|source| Error::File {
+            path: self.path.clone(),
+            source,
+        })?;
+        let map = MmapRegion::build(
+            Some(FileOffset::new(file, 0)),
+            self.info.length as usize,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+        )
+        .map_err(|source| Error::Map {
+            path: self.path.clone(),
+            source,
+        })?;
+        self.map = Some(map);
+        Ok(())
+    }
+
     /// Records that the page at `offset` was written.
     fn mark_written(&mut self, offset: u64) {
         if self.fresh {
@@ -259,16 +300,11 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
             actual,
         });
     }
-    // SAFETY: the mapping is shared with the file, which ferry owns for the
-    // run; other processes that map it (a VMM, a test) only read it or write
-    // whole pages, and every access here goes through bounds-checked slices.
-    let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
     Ok(Block {
         info: info.clone(),
         path: path.to_owned(),
         file,
-        map,
-        pwrite: true,
+        map: None,
         fresh: !exists,
         written: Default::default(),
     })
@@ -393,7 +429,7 @@ impl RamImage {
     /// The block, if `at` is the offset of a whole page inside it.
     fn locate(&self, block: usize, at: u64) -> Result<&Block> {
         let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
-        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.map.len() as u64 {
+        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.info.length {
             return Err(Error::BadPage {
                 idstr: b.info.idstr.clone(),
                 offset: at,
@@ -408,8 +444,8 @@ impl RamImage {
         use std::os::unix::fs::FileExt;
         self.write_run()?;
         let b = self.locate(block, at)?;
-        if !b.pwrite {
-            page.copy_from_slice(&b.map[at as usize..at as usize + PAGE_SIZE]);
+        if let Some(mapped) = b.mapped_page(at, PAGE_SIZE) {
+            mapped.copy_to(&mut page[..]);
             return Ok(());
         }
         b.file
@@ -428,11 +464,9 @@ impl RamImage {
                 offset: at,
             });
         }
-        let b = self.locate(block, at)?;
-        if !b.pwrite {
+        if let Some(mapped) = self.locate(block, at)?.mapped_page(at, PAGE_SIZE) {
+            mapped.copy_from(data);
             self.blocks[block].mark_written(at);
-            let start = at as usize;
-            self.blocks[block].map[start..start + PAGE_SIZE].copy_from_slice(data);
             return Ok(());
         }
         let run = &self.run;
@@ -473,9 +507,12 @@ impl RamImage {
                     io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
                 ) =>
             {
-                b.pwrite = false;
-                let start = start as usize;
-                b.map[start..start + bytes.len()].copy_from_slice(bytes);
+                b.map()?;
+                let mapped = b.mapped_page(start, bytes.len()).ok_or(Error::BadPage {
+                    idstr: b.info.idstr.clone(),
+                    offset: start,
+                })?;
+                mapped.copy_from(bytes);
             }
             Err(source) => {
                 return Err(Error::Write {
@@ -503,7 +540,8 @@ impl RamImage {
     pub fn sync(&mut self) -> Result<()> {
         self.write_run()?;
         for b in &self.blocks {
-            b.map.flush().map_err(|source| Error::Sync {
+            // For a mapped file too: on Linux msync(MS_SYNC) is this fsync.
+            b.file.sync_data().map_err(|source| Error::Sync {
                 path: b.path.clone(),
                 source,
             })?;

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::channel::integrity::{Sealer, WriteTap};
 use crate::channel::tls;
 use crate::channel::uri::{self, Uri};
-use ferry_guest::ram::{self, BlockFile};
+use ferry_guest::ram::{self, BlockFile, GuestRam};
 
 /// QEMU's rate-limit window.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -316,7 +316,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let maps = init
         .blocks
         .iter()
-        .map(|b| ram::map_readonly(&b.path))
+        .map(|b| GuestRam::map(&b.path))
         .collect::<Result<Vec<_>, _>>()?;
     let client = init
         .tls
@@ -486,7 +486,7 @@ struct Writer<'m, 'e> {
     f: QemuFileWriter<'m>,
     uri: String,
     blocks: &'m [BlockFile],
-    maps: &'m [memmap2::Mmap],
+    maps: &'m [GuestRam],
     limiter: Limiter,
     counts: PageCounts,
     section_id: u32,
@@ -773,10 +773,10 @@ impl<'m> Writer<'m, '_> {
                 self.open_part();
                 self.limiter.throttle(&mut self.f);
                 self.f.put_buffer(&zero_records);
-                let maps: &'m [memmap2::Mmap] = self.maps;
-                let (Some(info), Some(map)) =
-                    (self.blocks.get(block as usize), maps.get(block as usize))
-                else {
+                let (Some(info), Some(map)) = (
+                    self.blocks.get(block as usize),
+                    self.maps.get(block as usize),
+                ) else {
                     return Err(Error::BadChunk {
                         seq,
                         block,
@@ -785,9 +785,10 @@ impl<'m> Writer<'m, '_> {
                 };
                 let mut ram = RamWriter::new();
                 let per_check = (self.limiter.slice() / PAGE_SIZE).max(1);
+                let mut buf = [0u8; PAGE_SIZE];
                 for (n, &i) in pages.iter().enumerate() {
                     let off = i as usize * PAGE_SIZE;
-                    let page = map.get(off..off + PAGE_SIZE).ok_or(Error::BadChunk {
+                    let page = map.read_page(i, &mut buf).ok_or(Error::BadChunk {
                         seq,
                         block,
                         page: i,
@@ -795,14 +796,8 @@ impl<'m> Writer<'m, '_> {
                     if n % per_check == 0 {
                         self.limiter.throttle(&mut self.f);
                     }
-                    if self.sealer.is_some() {
-                        // Copied, so the bytes hashed are the bytes sent even
-                        // while the guest writes the page.
-                        ram.put_page(&mut self.f, &info.name, off as u64, page)
-                    } else {
-                        ram.put_page_async(&mut self.f, &info.name, off as u64, page)
-                    }
-                    .map_err(|e| self.wrap(e))?;
+                    ram.put_page(&mut self.f, &info.name, off as u64, page)
+                        .map_err(|e| self.wrap(e))?;
                 }
                 self.counts.zero += zero_pages;
                 self.counts.raw += pages.len() as u64;
