@@ -937,3 +937,117 @@ impl<'m> Writer<'m, '_> {
         self.check()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A peer that never stops talking: `text` over and over, counting the
+    /// bytes it has handed out.
+    struct Chatter {
+        text: &'static [u8],
+        at: usize,
+        served: Arc<AtomicU64>,
+    }
+
+    impl Chatter {
+        fn start(text: &'static [u8]) -> (Receiver<Reply>, Arc<AtomicU64>) {
+            let served = Arc::new(AtomicU64::new(0));
+            let peer = Chatter {
+                text,
+                at: 0,
+                served: served.clone(),
+            };
+            (spawn_return_path(Box::new(peer), false), served)
+        }
+    }
+
+    impl Transport for Chatter {
+        fn writev(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            Ok(bufs.iter().map(|b| b.len()).sum())
+        }
+
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            for b in buf.iter_mut() {
+                *b = self.text[self.at];
+                self.at = (self.at + 1) % self.text.len();
+            }
+            self.served.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+    }
+
+    /// What `BufReader` reads ahead of the line it hands out.
+    const READ_AHEAD: u64 = 8 << 10;
+
+    #[test]
+    fn a_peer_that_talks_while_the_writer_is_busy_is_held_back() {
+        let line = b"not an acknowledgement\n";
+        let (rx, served) = Chatter::start(line);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rx.is_full() {
+            assert!(
+                Instant::now() < deadline,
+                "the reply queue never filled: is it bounded?"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give a queue that grows the time to show it.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.len(), REPLY_QUEUE);
+        let bound = (REPLY_QUEUE as u64 + 2) * line.len() as u64 + READ_AHEAD;
+        let read = served.load(Ordering::Relaxed);
+        assert!(
+            read <= bound,
+            "read {read} bytes of the peer's chatter, more than {bound}"
+        );
+    }
+
+    #[test]
+    fn an_endless_line_is_garbage_and_the_last_thing_read() {
+        let (rx, served) = Chatter::start(b"x");
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Reply::Garbage(text)) => assert_eq!(text, "x".repeat(200)),
+            other => panic!("expected garbage, got {other:?}"),
+        }
+        assert!(
+            matches!(
+                rx.recv_timeout(Duration::from_secs(30)),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            ),
+            "the return path is still read after an endless line"
+        );
+        let read = served.load(Ordering::Relaxed);
+        assert!(
+            read <= MAX_LINE + READ_AHEAD,
+            "read {read} bytes of one line"
+        );
+    }
+
+    #[test]
+    fn a_closed_return_path_is_no_longer_listened_to() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut replies = Replies(Some(&rx));
+        replies.hear(Ok(Reply::Hello)).unwrap();
+        assert!(replies.0.is_some(), "a hello closes nothing");
+        replies.hear(Ok(Reply::Closed)).unwrap();
+        assert!(replies.0.is_none(), "still listening after the close");
+
+        let mut replies = Replies(Some(&rx));
+        drop(tx);
+        replies.hear(rx.recv()).unwrap();
+        assert!(
+            replies.0.is_none(),
+            "still listening to a disconnected return path"
+        );
+        // Without the return path, mail still comes through.
+        let (mail_tx, mail) = crossbeam_channel::bounded(1);
+        mail_tx.send(Mail::Command(Command::SetRate(7))).unwrap();
+        assert!(matches!(
+            next_mail(&mail, &mut replies),
+            Ok(Mail::Command(Command::SetRate(7)))
+        ));
+    }
+}
