@@ -557,3 +557,64 @@ impl Drop for RamImage {
         let _ = self.write_run();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path a file that refuses write(2) takes (hugetlbfs, which a test
+    /// machine rarely has): pages go in and come back through the mapping.
+    #[test]
+    fn a_mapped_file_is_written_and_read_through_the_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = RamBlockInfo {
+            idstr: "pc.ram".into(),
+            length: 4 * PAGE_SIZE as u64,
+        };
+        let mut image = RamImage::create_in_dir(dir.path(), std::slice::from_ref(&info)).unwrap();
+        image.blocks[0].map().unwrap();
+        let page = [7u8; PAGE_SIZE];
+        let at = PAGE_SIZE as u64;
+        let put = |image: &mut RamImage, record: RamRecord<'_>| image.apply(&record, 0).unwrap();
+        put(
+            &mut image,
+            RamRecord::Page {
+                block: 0,
+                offset: at,
+                data: &page,
+            },
+        );
+        put(
+            &mut image,
+            RamRecord::Zero {
+                block: 0,
+                offset: 3 * at,
+                fill: 9,
+            },
+        );
+        // A zero record reads the page back first: it is not zero, so it is written.
+        put(
+            &mut image,
+            RamRecord::Zero {
+                block: 0,
+                offset: at,
+                fill: 0,
+            },
+        );
+        put(
+            &mut image,
+            RamRecord::Page {
+                block: 0,
+                offset: 2 * at,
+                data: &page,
+            },
+        );
+        image.sync().unwrap();
+        let path = dir.path().join(block_file_name(&info.idstr));
+        let mut want = vec![0u8; 4 * PAGE_SIZE];
+        want[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(7);
+        want[3 * PAGE_SIZE..].fill(9);
+        assert_eq!(std::fs::read(path).unwrap(), want);
+        assert!(image.blocks[0].map.is_some(), "the block left its mapping");
+    }
+}

@@ -297,4 +297,34 @@ mod tests {
             digest(&bytes)
         );
     }
+
+    #[test]
+    fn guest_ram_is_read_through_private_copies_and_volatile_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.ram");
+        let mut bytes = vec![0u8; 4 * PAGE_SIZE];
+        bytes[PAGE_SIZE..2 * PAGE_SIZE].fill(0x5a);
+        bytes[2 * PAGE_SIZE + 17] = 1;
+        bytes[4 * PAGE_SIZE - 1] = 3;
+        std::fs::write(&path, &bytes).unwrap();
+        let ram = GuestRam::map(&path).unwrap();
+        assert_eq!(ram.len(), bytes.len() as u64);
+        let fills: Vec<_> = (0..4).map(|i| ram.page_fill(i)).collect();
+        assert_eq!(fills, [Some(0), Some(0x5a), None, None]);
+        assert_eq!(ram.page_fill(4), None, "past the end");
+        let mut buf = [0u8; PAGE_SIZE];
+        assert_eq!(
+            ram.read_page(2, &mut buf).unwrap()[..],
+            bytes[2 * PAGE_SIZE..3 * PAGE_SIZE]
+        );
+        assert!(ram.read_page(4, &mut buf).is_none());
+        assert_eq!(ram.digest(), digest(&bytes));
+        // The guest writes on: the mapping sees it.
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0x5a], PAGE_SIZE as u64 + 100).unwrap();
+        file.write_all_at(&[9], 100).unwrap();
+        assert_eq!(ram.page_fill(1), Some(0x5a));
+        assert_eq!(ram.page_fill(0), None);
+    }
 }
