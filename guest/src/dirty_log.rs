@@ -10,8 +10,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use vm_memory::mmap::MmapRegionError;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory};
+use vm_memory::{MmapRegion, VolatileMemory};
 
 /// Errors of opening a dirty log.
 #[derive(Debug, thiserror::Error)]
@@ -25,15 +24,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// The file cannot be mapped.
-    #[error("dirty log {path} cannot be mapped")]
-    Map {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: MmapRegionError,
-    },
+    /// It cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// The file is too small for the guest's pages.
     #[error("dirty log {path} is {actual} bytes, {expected} are needed for {pages} pages")]
     TooSmall {
@@ -106,16 +99,12 @@ impl DirtyLog {
 
     /// Maps the words covering `pages` (a file may be longer).
     fn map(path: &Path, file: File, pages: u64) -> Result<Self, Error> {
-        let map = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            log_bytes(pages).max(8) as usize,
+        let map = crate::map_shared(
+            path,
+            file,
+            log_bytes(pages).max(8),
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(|source| Error::Map {
-            path: path.to_owned(),
-            source,
-        })?;
+        )?;
         Ok(Self { map, pages })
     }
 

@@ -10,7 +10,37 @@ pub mod ram;
 
 use std::fs::{File, OpenOptions};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+use vm_memory::mmap::MmapRegionError;
+use vm_memory::{FileOffset, MmapRegion};
+
+/// A file that cannot be mapped.
+#[derive(Debug, thiserror::Error)]
+#[error("{} cannot be mapped", path.display())]
+pub struct MapError {
+    /// The file.
+    pub path: PathBuf,
+    /// Why.
+    #[source]
+    pub source: MmapRegionError,
+}
+
+/// Maps the first `len` bytes of `file` shared, with `prot`. Memory that
+/// another process shares is mapped only here, as a vm-memory region, so it
+/// is reached only through volatile and atomic accessors, never as `&[u8]`.
+fn map_shared(path: &Path, file: File, len: u64, prot: i32) -> Result<MmapRegion, MapError> {
+    MmapRegion::build(
+        Some(FileOffset::new(file, 0)),
+        len as usize,
+        prot,
+        libc::MAP_SHARED,
+    )
+    .map_err(|source| MapError {
+        path: path.to_owned(),
+        source,
+    })
+}
 
 /// Creates (or truncates) the file at `path` as `len` zero bytes, sparse,
 /// open for reading and writing: a guest's RAM, disk or dirty log starts

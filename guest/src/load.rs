@@ -16,8 +16,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use flate2::Decompress;
-use vm_memory::mmap::MmapRegionError;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 use ferry_proto::compress;
 use ferry_proto::stream::parse::RamRecord;
@@ -35,15 +34,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// A RAM file that refuses write(2) could not be mapped instead.
-    #[error("RAM file {path} cannot be mapped")]
-    Map {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: MmapRegionError,
-    },
+    /// It cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// A RAM file has another size than the block the stream announces.
     #[error("RAM file {path} is {actual} bytes but block {idstr:?} is {expected}")]
     SizeMismatch {
@@ -160,16 +153,12 @@ impl Block {
             path: self.path.clone(),
             source,
         })?;
-        let map = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            self.info.length as usize,
+        let map = crate::map_shared(
+            &self.path,
+            file,
+            self.info.length,
             libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-        )
-        .map_err(|source| Error::Map {
-            path: self.path.clone(),
-            source,
-        })?;
+        )?;
         self.map = Some(map);
         Ok(())
     }

@@ -6,8 +6,7 @@ use std::path::{Path, PathBuf};
 
 use ferry_proto::stream::{RamBlockInfo, PAGE_SIZE};
 use serde::{Deserialize, Serialize};
-use vm_memory::mmap::MmapRegionError;
-use vm_memory::{FileOffset, MmapRegion, VolatileMemory, VolatileSlice};
+use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 /// A RAM block of the source: its name, file and length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -48,14 +47,8 @@ pub enum Error {
         source: io::Error,
     },
     /// It cannot be mapped.
-    #[error("RAM file {path} cannot be mapped")]
-    Map {
-        /// The file.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: MmapRegionError,
-    },
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// It is empty or not a whole number of pages.
     #[error("RAM file {path} is {length} bytes, not a non-zero multiple of {PAGE_SIZE}")]
     BadSize {
@@ -135,16 +128,7 @@ impl GuestRam {
         let len = file.metadata().map_err(err)?.len();
         // A guest that truncates its RAM file under us makes reads fault
         // (SIGBUS): the contract of every VMM's RAM file, as for the guest.
-        let region = MmapRegion::build(
-            Some(FileOffset::new(file, 0)),
-            len as usize,
-            libc::PROT_READ,
-            libc::MAP_SHARED,
-        )
-        .map_err(|source| Error::Map {
-            path: path.to_owned(),
-            source,
-        })?;
+        let region = crate::map_shared(path, file, len, libc::PROT_READ)?;
         Ok(Self { region })
     }
 
