@@ -6,8 +6,9 @@
 //! inflate) and writes records into a private QEMUFile over memory; the
 //! batch's buffers are then merged with `put_qemu_file`, in batch order, into
 //! one chunk for the writer. Without compression the pool would only copy, so
-//! batches go on to the writer as page indices and the writer sends the pages
-//! from its own mapping: one copy fewer on the hot path.
+//! batches go on to the writer as page indices and the writer copies the pages
+//! from its own mapping straight into the stream: one copy, and one process
+//! hop, fewer on the hot path.
 
 use std::cell::RefCell;
 
