@@ -15,7 +15,7 @@ use vm_memory::{MmapRegion, VolatileMemory};
 /// Errors of opening a dirty log.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file cannot be opened, sized or mapped.
+    /// The file cannot be opened or sized.
     #[error("dirty log {path} cannot be opened")]
     Open {
         /// The file.

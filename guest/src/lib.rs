@@ -3,6 +3,12 @@
 //! - [`ram`]: the source's RAM files, mapped shared, and the digest both ends compute.
 //! - [`dirty_log`]: the page dirty bitmap a guest and ferry share.
 //! - [`load`]: the destination's RAM files, written from a stream's RAM records.
+//!
+//! Memory that another process writes while ferry reads it (the guest's RAM,
+//! the dirty log) is mapped only as vm-memory regions and reached only
+//! through volatile copies and loads or atomics: a Rust reference over it
+//! would promise the compiler bytes that do not change, which the guest
+//! breaks.
 
 pub mod dirty_log;
 pub mod load;

@@ -37,7 +37,7 @@ impl BlockFile {
 /// A RAM file that cannot serve as a block.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// It cannot be opened or mapped.
+    /// It cannot be opened, or its length read.
     #[error("RAM file {path} cannot be read")]
     Open {
         /// The file.
