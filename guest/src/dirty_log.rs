@@ -10,12 +10,12 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use memmap2::MmapMut;
+use vm_memory::{MmapRegion, VolatileMemory};
 
 /// Errors of opening a dirty log.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The file cannot be opened, sized or mapped.
+    /// The file cannot be opened or sized.
     #[error("dirty log {path} cannot be opened")]
     Open {
         /// The file.
@@ -24,6 +24,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// It cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// The file is too small for the guest's pages.
     #[error("dirty log {path} is {actual} bytes, {expected} are needed for {pages} pages")]
     TooSmall {
@@ -39,8 +42,11 @@ pub enum Error {
 }
 
 /// A mapped dirty log covering `pages` pages.
+///
+/// The mapping is shared with the guest and only ever used through
+/// vm-memory's atomic accessors, never as bytes.
 pub struct DirtyLog {
-    map: MmapMut,
+    map: MmapRegion,
     pages: u64,
 }
 
@@ -60,19 +66,12 @@ pub fn log_bytes(pages: u64) -> u64 {
 impl DirtyLog {
     /// Creates (or truncates) a clean log for `pages` pages.
     pub fn create(path: &Path, pages: u64) -> Result<Self, Error> {
-        let err = |source| Error::Open {
-            path: path.to_owned(),
-            source,
-        };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(err)?;
-        file.set_len(log_bytes(pages).max(8)).map_err(err)?;
-        Self::map(path, &file, pages)
+        let file =
+            crate::create_file(path, log_bytes(pages).max(8)).map_err(|source| Error::Open {
+                path: path.to_owned(),
+                source,
+            })?;
+        Self::map(path, file, pages)
     }
 
     /// Opens an existing log that must cover `pages` pages.
@@ -95,17 +94,17 @@ impl DirtyLog {
                 pages,
             });
         }
-        Self::map(path, &file, pages)
+        Self::map(path, file, pages)
     }
 
-    fn map(path: &Path, file: &File, pages: u64) -> Result<Self, Error> {
-        // SAFETY: the file is shared with the guest, which only ever changes
-        // it through atomic operations on aligned u64 words, as we do; all
-        // access here goes through `words()`, which views it as atomics.
-        let map = unsafe { MmapMut::map_mut(file) }.map_err(|source| Error::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+    /// Maps the words covering `pages` (a file may be longer).
+    fn map(path: &Path, file: File, pages: u64) -> Result<Self, Error> {
+        let map = crate::map_shared(
+            path,
+            file,
+            log_bytes(pages).max(8),
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
         Ok(Self { map, pages })
     }
 
@@ -114,19 +113,26 @@ impl DirtyLog {
         self.pages
     }
 
-    fn words(&self) -> &[AtomicU64] {
-        let n = log_bytes(self.pages) as usize / 8;
-        let bytes = &self.map[..n * 8];
-        // SAFETY: the mapping is page aligned (so 8-byte aligned) and at least
-        // n * 8 bytes long; AtomicU64 has the size and alignment of u64, and
-        // other processes touch these words only atomically.
-        unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<AtomicU64>(), n) }
+    /// Words of the log.
+    fn word_count(&self) -> usize {
+        log_bytes(self.pages) as usize / 8
+    }
+
+    /// Word `i`, which every process touches only atomically.
+    fn word(&self, i: usize) -> &AtomicU64 {
+        self.map
+            .get_atomic_ref::<AtomicU64>(i * 8)
+            .expect("a word inside the page-aligned mapping")
+    }
+
+    fn words(&self) -> impl Iterator<Item = &AtomicU64> {
+        (0..self.word_count()).map(|i| self.word(i))
     }
 
     /// Marks `page` dirty (what the guest does after writing it).
     pub fn mark(&self, page: u64) {
         if page < self.pages {
-            self.words()[(page / 64) as usize]
+            self.word((page / 64) as usize)
                 .fetch_or((1u64 << (page % 64)).to_le(), Ordering::Release);
         }
     }
@@ -134,7 +140,7 @@ impl DirtyLog {
     /// Marks every page dirty: after a failed round nothing is known to have
     /// arrived, so everything goes again next time.
     pub fn mark_all(&self) {
-        for (i, w) in self.words().iter().enumerate() {
+        for (i, w) in self.words().enumerate() {
             let bits = (self.pages - i as u64 * 64).min(64);
             let mask = if bits == 64 {
                 u64::MAX
@@ -148,7 +154,6 @@ impl DirtyLog {
     /// Takes the dirty pages in `[first, first + count)` (clearing their bits)
     /// and appends their indices, relative to `first`, to `out`.
     pub fn take_range(&self, first: u64, count: u64, out: &mut Vec<u32>) {
-        let words = self.words();
         let end = (first + count).min(self.pages);
         let mut page = first;
         while page < end {
@@ -161,7 +166,7 @@ impl DirtyLog {
             } else {
                 ((1u64 << span) - 1) << lo
             };
-            let w = &words[word as usize];
+            let w = self.word(word as usize);
             // Cheap load first: most words are clean in later rounds.
             if u64::from_le(w.load(Ordering::Relaxed)) & mask != 0 {
                 let mut bits = u64::from_le(w.fetch_and((!mask).to_le(), Ordering::AcqRel)) & mask;
@@ -185,7 +190,6 @@ impl DirtyLog {
     /// Number of dirty pages, without taking them.
     pub fn count(&self) -> u64 {
         self.words()
-            .iter()
             .map(|w| u64::from_le(w.load(Ordering::Relaxed)).count_ones() as u64)
             .sum()
     }

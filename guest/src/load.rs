@@ -6,13 +6,17 @@
 //! pwrite, neighbours gathered into one call: on tmpfs that skips the page
 //! fault and the zeroing a store through a mapping costs per new page, and a
 //! full file system is an error (ENOSPC) instead of a SIGBUS.
+//!
+//! A file that refuses write(2) (hugetlbfs) is mapped instead, and from then
+//! on used only through that mapping, with volatile copies: the file is never
+//! written two ways at once.
 
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use flate2::Decompress;
-use memmap2::MmapMut;
+use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 use ferry_proto::compress;
 use ferry_proto::stream::parse::RamRecord;
@@ -21,7 +25,7 @@ use ferry_proto::stream::{xbzrle, RamBlockInfo, PAGE_SIZE};
 /// Errors of loading RAM.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// A RAM file could not be created, sized or mapped.
+    /// A RAM file could not be created or sized.
     #[error("RAM file {path} cannot be prepared")]
     File {
         /// The file.
@@ -30,6 +34,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// It cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// A RAM file has another size than the block the stream announces.
     #[error("RAM file {path} is {actual} bytes but block {idstr:?} is {expected}")]
     SizeMismatch {
@@ -103,7 +110,7 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
-    /// Writing the mapping back failed.
+    /// Writing the pages back to storage failed.
     #[error("RAM file {path} cannot be synced")]
     Sync {
         /// The file.
@@ -121,10 +128,10 @@ struct Block {
     info: RamBlockInfo,
     path: PathBuf,
     file: File,
-    map: MmapMut,
-    /// Pages go in with pwrite and come back with pread; off for files that
-    /// refuse write(2) (hugetlbfs), which are used through the mapping.
-    pwrite: bool,
+    /// Pages go in with pwrite and come back with pread until the file
+    /// refuses write(2) (hugetlbfs); then it is mapped, and used only through
+    /// the mapping.
+    map: Option<MmapRegion>,
     /// The file was created here, so every page not yet written reads zero.
     fresh: bool,
     /// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
@@ -133,6 +140,29 @@ struct Block {
 }
 
 impl Block {
+    /// `len` bytes at `at` in the mapping, if the file is used through one.
+    fn mapped_page(&self, at: u64, len: usize) -> Option<VolatileSlice<'_>> {
+        self.map
+            .as_ref()
+            .and_then(|m| m.get_slice(at as usize, len).ok())
+    }
+
+    /// Maps the file, for good: it refuses write(2).
+    fn map(&mut self) -> Result<()> {
+        let file = self.file.try_clone().map_err(|source| Error::File {
+            path: self.path.clone(),
+            source,
+        })?;
+        let map = crate::map_shared(
+            &self.path,
+            file,
+            self.info.length,
+            libc::PROT_READ | libc::PROT_WRITE,
+        )?;
+        self.map = Some(map);
+        Ok(())
+    }
+
     /// Records that the page at `offset` was written.
     fn mark_written(&mut self, offset: u64) {
         if self.fresh {
@@ -259,16 +289,11 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
             actual,
         });
     }
-    // SAFETY: the mapping is shared with the file, which ferry owns for the
-    // run; other processes that map it (a VMM, a test) only read it or write
-    // whole pages, and every access here goes through bounds-checked slices.
-    let map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
     Ok(Block {
         info: info.clone(),
         path: path.to_owned(),
         file,
-        map,
-        pwrite: true,
+        map: None,
         fresh: !exists,
         written: Default::default(),
     })
@@ -393,7 +418,7 @@ impl RamImage {
     /// The block, if `at` is the offset of a whole page inside it.
     fn locate(&self, block: usize, at: u64) -> Result<&Block> {
         let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
-        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.map.len() as u64 {
+        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.info.length {
             return Err(Error::BadPage {
                 idstr: b.info.idstr.clone(),
                 offset: at,
@@ -408,8 +433,8 @@ impl RamImage {
         use std::os::unix::fs::FileExt;
         self.write_run()?;
         let b = self.locate(block, at)?;
-        if !b.pwrite {
-            page.copy_from_slice(&b.map[at as usize..at as usize + PAGE_SIZE]);
+        if let Some(mapped) = b.mapped_page(at, PAGE_SIZE) {
+            mapped.copy_to(&mut page[..]);
             return Ok(());
         }
         b.file
@@ -428,11 +453,9 @@ impl RamImage {
                 offset: at,
             });
         }
-        let b = self.locate(block, at)?;
-        if !b.pwrite {
+        if let Some(mapped) = self.locate(block, at)?.mapped_page(at, PAGE_SIZE) {
+            mapped.copy_from(data);
             self.blocks[block].mark_written(at);
-            let start = at as usize;
-            self.blocks[block].map[start..start + PAGE_SIZE].copy_from_slice(data);
             return Ok(());
         }
         let run = &self.run;
@@ -473,9 +496,12 @@ impl RamImage {
                     io::ErrorKind::InvalidInput | io::ErrorKind::Unsupported
                 ) =>
             {
-                b.pwrite = false;
-                let start = start as usize;
-                b.map[start..start + bytes.len()].copy_from_slice(bytes);
+                b.map()?;
+                let mapped = b.mapped_page(start, bytes.len()).ok_or(Error::BadPage {
+                    idstr: b.info.idstr.clone(),
+                    offset: start,
+                })?;
+                mapped.copy_from(bytes);
             }
             Err(source) => {
                 return Err(Error::Write {
@@ -503,7 +529,8 @@ impl RamImage {
     pub fn sync(&mut self) -> Result<()> {
         self.write_run()?;
         for b in &self.blocks {
-            b.map.flush().map_err(|source| Error::Sync {
+            // For a mapped file too: on Linux msync(MS_SYNC) is this fsync.
+            b.file.sync_data().map_err(|source| Error::Sync {
                 path: b.path.clone(),
                 source,
             })?;
@@ -517,5 +544,66 @@ impl Drop for RamImage {
         // A caller that never syncs (an extraction that stops early) still
         // finds every applied page in the files.
         let _ = self.write_run();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The path a file that refuses write(2) takes (hugetlbfs, which a test
+    /// machine rarely has): pages go in and come back through the mapping.
+    #[test]
+    fn a_mapped_file_is_written_and_read_through_the_mapping() {
+        let dir = tempfile::tempdir().unwrap();
+        let info = RamBlockInfo {
+            idstr: "pc.ram".into(),
+            length: 4 * PAGE_SIZE as u64,
+        };
+        let mut image = RamImage::create_in_dir(dir.path(), std::slice::from_ref(&info)).unwrap();
+        image.blocks[0].map().unwrap();
+        let page = [7u8; PAGE_SIZE];
+        let at = PAGE_SIZE as u64;
+        let put = |image: &mut RamImage, record: RamRecord<'_>| image.apply(&record, 0).unwrap();
+        put(
+            &mut image,
+            RamRecord::Page {
+                block: 0,
+                offset: at,
+                data: &page,
+            },
+        );
+        put(
+            &mut image,
+            RamRecord::Zero {
+                block: 0,
+                offset: 3 * at,
+                fill: 9,
+            },
+        );
+        // A zero record reads the page back first: it is not zero, so it is written.
+        put(
+            &mut image,
+            RamRecord::Zero {
+                block: 0,
+                offset: at,
+                fill: 0,
+            },
+        );
+        put(
+            &mut image,
+            RamRecord::Page {
+                block: 0,
+                offset: 2 * at,
+                data: &page,
+            },
+        );
+        image.sync().unwrap();
+        let path = dir.path().join(block_file_name(&info.idstr));
+        let mut want = vec![0u8; 4 * PAGE_SIZE];
+        want[2 * PAGE_SIZE..3 * PAGE_SIZE].fill(7);
+        want[3 * PAGE_SIZE..].fill(9);
+        assert_eq!(std::fs::read(path).unwrap(), want);
+        assert!(image.blocks[0].map.is_some(), "the block left its mapping");
     }
 }

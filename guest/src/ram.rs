@@ -5,8 +5,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 
 use ferry_proto::stream::{RamBlockInfo, PAGE_SIZE};
-use memmap2::Mmap;
 use serde::{Deserialize, Serialize};
+use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 
 /// A RAM block of the source: its name, file and length.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -37,7 +37,7 @@ impl BlockFile {
 /// A RAM file that cannot serve as a block.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// It cannot be opened or mapped.
+    /// It cannot be opened, or its length read.
     #[error("RAM file {path} cannot be read")]
     Open {
         /// The file.
@@ -46,6 +46,9 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// It cannot be mapped.
+    #[error(transparent)]
+    Map(#[from] crate::MapError),
     /// It is empty or not a whole number of pages.
     #[error("RAM file {path} is {length} bytes, not a non-zero multiple of {PAGE_SIZE}")]
     BadSize {
@@ -95,19 +98,100 @@ pub fn source_blocks<'a>(
     Ok(out)
 }
 
-/// Maps a RAM file read-only.
-pub fn map_readonly(path: &Path) -> Result<Mmap, Error> {
-    let err = |source| Error::Open {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(err)?;
-    // SAFETY: the mapping is read-only and shared with the guest, which may
-    // change pages under us; that is the nature of live migration and only
-    // makes a page's copy stale (the dirty log resends it). We only copy bytes
-    // out of it and never create references that assume they are immutable
-    // beyond the copy.
-    unsafe { Mmap::map(&file) }.map_err(err)
+/// A RAM file mapped read-only and shared with the guest, which keeps
+/// writing it while ferry reads.
+///
+/// No Rust reference ever spans the mapping: bytes leave it only through
+/// vm-memory's volatile slices, into private buffers (or as a volatile scan),
+/// so a page that changes under a read is a stale copy, which the dirty log
+/// resends, never undefined behaviour.
+pub struct GuestRam {
+    region: MmapRegion,
+}
+
+impl std::fmt::Debug for GuestRam {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GuestRam")
+            .field("len", &self.region.size())
+            .finish_non_exhaustive()
+    }
+}
+
+impl GuestRam {
+    /// Maps the whole RAM file at `path` read-only.
+    pub fn map(path: &Path) -> Result<Self, Error> {
+        let err = |source| Error::Open {
+            path: path.to_owned(),
+            source,
+        };
+        let file = File::open(path).map_err(err)?;
+        let len = file.metadata().map_err(err)?.len();
+        // A guest that truncates its RAM file under us makes reads fault
+        // (SIGBUS): the contract of every VMM's RAM file, as for the guest.
+        let region = crate::map_shared(path, file, len, libc::PROT_READ)?;
+        Ok(Self { region })
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.region.size() as u64
+    }
+
+    /// True for an empty mapping (never: an empty file does not map).
+    pub fn is_empty(&self) -> bool {
+        self.region.size() == 0
+    }
+
+    /// Page `index`, for volatile access, if the mapping has it.
+    pub fn page(&self, index: u32) -> Option<VolatileSlice<'_>> {
+        self.region
+            .get_slice(index as usize * PAGE_SIZE, PAGE_SIZE)
+            .ok()
+    }
+
+    /// Copies page `index` into `buf` and returns it, if the mapping has it:
+    /// the copy holds still while compressors, hashes and sockets read it.
+    pub fn read_page<'b>(
+        &self,
+        index: u32,
+        buf: &'b mut [u8; PAGE_SIZE],
+    ) -> Option<&'b [u8; PAGE_SIZE]> {
+        self.page(index)?.copy_to(&mut buf[..]);
+        Some(buf)
+    }
+
+    /// The fill byte of page `index` if it is one byte repeated (most often
+    /// zero), read in place with volatile loads: the scanner looks at every
+    /// page and copies none.
+    pub fn page_fill(&self, index: u32) -> Option<u8> {
+        let page = self.page(index)?;
+        let words = page.get_array_ref::<u64>(0, PAGE_SIZE / 8).ok()?;
+        let first = words.load(0);
+        // One byte repeated in every lane of the first word, or no fill.
+        if first != u64::from_ne_bytes([first as u8; 8]) {
+            return None;
+        }
+        // Eight words at a time: a page that is not uniform differs early.
+        for block in 0..PAGE_SIZE / 64 {
+            let differs = (0..8).fold(0, |acc, w| acc | (words.load(block * 8 + w) ^ first));
+            if differs != 0 {
+                return None;
+            }
+        }
+        Some(first as u8)
+    }
+
+    /// [`digest`] of the mapped block, hashed from private copies.
+    pub fn digest(&self) -> String {
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = [0u8; PAGE_SIZE];
+        for index in 0..(self.len() / PAGE_SIZE as u64) as u32 {
+            if let Some(page) = self.read_page(index, &mut buf) {
+                hash_pages(&mut h, u64::from(index), page);
+            }
+        }
+        format!("{:032x}", h.digest128())
+    }
 }
 
 /// The digest both ends compute over a RAM block: XXH3-128, in hex, of every
@@ -196,5 +280,35 @@ mod tests {
             digest_file(&path, std::iter::once(0..2 << 20)).unwrap(),
             digest(&bytes)
         );
+    }
+
+    #[test]
+    fn guest_ram_is_read_through_private_copies_and_volatile_scans() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.ram");
+        let mut bytes = vec![0u8; 4 * PAGE_SIZE];
+        bytes[PAGE_SIZE..2 * PAGE_SIZE].fill(0x5a);
+        bytes[2 * PAGE_SIZE + 17] = 1;
+        bytes[4 * PAGE_SIZE - 1] = 3;
+        std::fs::write(&path, &bytes).unwrap();
+        let ram = GuestRam::map(&path).unwrap();
+        assert_eq!(ram.len(), bytes.len() as u64);
+        let fills: Vec<_> = (0..4).map(|i| ram.page_fill(i)).collect();
+        assert_eq!(fills, [Some(0), Some(0x5a), None, None]);
+        assert_eq!(ram.page_fill(4), None, "past the end");
+        let mut buf = [0u8; PAGE_SIZE];
+        assert_eq!(
+            ram.read_page(2, &mut buf).unwrap()[..],
+            bytes[2 * PAGE_SIZE..3 * PAGE_SIZE]
+        );
+        assert!(ram.read_page(4, &mut buf).is_none());
+        assert_eq!(ram.digest(), digest(&bytes));
+        // The guest writes on: the mapping sees it.
+        use std::os::unix::fs::FileExt;
+        let file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        file.write_all_at(&[0x5a], PAGE_SIZE as u64 + 100).unwrap();
+        file.write_all_at(&[9], 100).unwrap();
+        assert_eq!(ram.page_fill(1), Some(0x5a));
+        assert_eq!(ram.page_fill(0), None);
     }
 }

@@ -1,12 +1,12 @@
 //! The scanner actor: walks the pages to send this round, finds zero pages
 //! itself (before any compression) and batches the rest for the compress stage.
 //!
-//! It maps guest RAM read-only and reads it page by page; the other pages
-//! travel onwards as indices, never as bytes.
+//! It maps guest RAM read-only and scans it page by page in place, with
+//! volatile loads; the other pages travel onwards as indices, never as bytes.
 
 use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageBatch, Work};
 use ferry_proto::qemu_file::QemuFileWriter;
-use ferry_proto::stream::encode::{uniform_fill, RamWriter};
+use ferry_proto::stream::encode::RamWriter;
 use ferry_proto::stream::PAGE_SIZE;
 use ferry_proto::transport::MemTransport;
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::supervisor::ipc_error;
 use ferry_guest::dirty_log::{self, DirtyLog};
-use ferry_guest::ram::{self, BlockFile};
+use ferry_guest::ram::{self, BlockFile, GuestRam};
 
 /// Pages per batch: 1 MiB, big enough to amortise a message, small enough to
 /// keep every stage busy.
@@ -74,7 +74,7 @@ pub enum Error {
         /// Its length at the start.
         expected: u64,
         /// Its length now.
-        actual: usize,
+        actual: u64,
     },
     /// The compress stage is gone.
     #[error("cannot hand pages to the compress process")]
@@ -92,28 +92,7 @@ pub enum Error {
 
 /// Runs the scanner until told to stop.
 pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
-    let maps = init
-        .blocks
-        .iter()
-        .map(|b| {
-            let m = ram::map_readonly(&b.path)?;
-            if m.len() as u64 != b.length {
-                return Err(Error::Resized {
-                    path: b.path.clone(),
-                    expected: b.length,
-                    actual: m.len(),
-                });
-            }
-            Ok(m)
-        })
-        .collect::<Result<Vec<_>, Error>>()?;
-    let total_pages: u64 = init.blocks.iter().map(BlockFile::pages).sum();
-    let log = match &init.dirty_log {
-        Some(path) => Some(DirtyLog::open(path, total_pages)?),
-        None => None,
-    };
-    let mut seq = 0u64;
-    let mut credits = init.window.max(1);
+    let mut scanner = Scanner::new(&init)?;
     loop {
         match init
             .mailbox
@@ -122,7 +101,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         {
             Command::Stop => return Ok(()),
             Command::Digest => {
-                let digests = maps.iter().map(|m| ram::digest(m)).collect();
+                let digests = scanner.rams.iter().map(GuestRam::digest).collect();
                 let _ = events.send(ActorEvent {
                     actor: ActorKind::Scanner,
                     event: Event::RamDigests { digests },
@@ -130,44 +109,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 return Ok(());
             }
             Command::Round { round, all, last } => {
-                let mut pages = 0u64;
-                if all {
-                    // Round 0 sends everything: what was dirtied before it is moot,
-                    // what is dirtied from here on goes in the next round.
-                    if let Some(log) = &log {
-                        log.clear();
-                    }
-                }
-                let mut first_page = 0u64;
-                let mut indices: Vec<u32> = Vec::new();
-                for (block, (info, map)) in init.blocks.iter().zip(&maps).enumerate() {
-                    indices.clear();
-                    match (all, &log) {
-                        (true, _) => indices.extend(0..info.pages() as u32),
-                        (false, Some(log)) => {
-                            log.take_range(first_page, info.pages(), &mut indices)
-                        }
-                        (false, None) => return Err(Error::NoDirtyLog(round)),
-                    }
-                    first_page += info.pages();
-                    for chunk in indices.chunks(BATCH_PAGES) {
-                        while credits == 0 {
-                            credits +=
-                                init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
-                        }
-                        credits -= 1;
-                        let batch = scan_batch(seq, block as u32, &info.name, map, chunk);
-                        pages += chunk.len() as u64;
-                        init.work
-                            .send(Work::Batch(batch))
-                            .map_err(|e| Error::Send(ipc_error(e)))?;
-                        seq += 1;
-                    }
-                }
-                init.work
-                    .send(Work::RoundEnd { seq, round, last })
-                    .map_err(|e| Error::Send(ipc_error(e)))?;
-                seq += 1;
+                let pages = scanner.round(round, all, last)?;
                 let _ = events.send(ActorEvent {
                     actor: ActorKind::Scanner,
                     event: Event::RoundScanned { round, pages },
@@ -177,19 +119,125 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     }
 }
 
+/// Maps every block, which must still have the length it was announced with.
+fn map_blocks(blocks: &[BlockFile]) -> Result<Vec<GuestRam>, Error> {
+    blocks
+        .iter()
+        .map(|b| {
+            let ram = GuestRam::map(&b.path)?;
+            if ram.len() != b.length {
+                return Err(Error::Resized {
+                    path: b.path.clone(),
+                    expected: b.length,
+                    actual: ram.len(),
+                });
+            }
+            Ok(ram)
+        })
+        .collect()
+}
+
+/// The scanner between commands: its mappings, the dirty log and where the
+/// batches stand.
+struct Scanner<'i> {
+    init: &'i Init,
+    rams: Vec<GuestRam>,
+    log: Option<DirtyLog>,
+    /// The next batch's sequence number.
+    seq: u64,
+    /// Batches that may still go before waiting for credit.
+    credits: u32,
+}
+
+impl<'i> Scanner<'i> {
+    fn new(init: &'i Init) -> Result<Self, Error> {
+        let rams = map_blocks(&init.blocks)?;
+        let total_pages: u64 = init.blocks.iter().map(BlockFile::pages).sum();
+        let log = match &init.dirty_log {
+            Some(path) => Some(DirtyLog::open(path, total_pages)?),
+            None => None,
+        };
+        Ok(Self {
+            init,
+            rams,
+            log,
+            seq: 0,
+            credits: init.window.max(1),
+        })
+    }
+
+    /// Sends the pages of one round and its end; returns how many pages.
+    fn round(&mut self, round: u32, all: bool, last: bool) -> Result<u64, Error> {
+        if all {
+            // Round 0 sends everything: what was dirtied before it is moot,
+            // what is dirtied from here on goes in the next round.
+            if let Some(log) = &self.log {
+                log.clear();
+            }
+        }
+        let mut pages = 0u64;
+        let mut first_page = 0u64;
+        let mut indices: Vec<u32> = Vec::new();
+        for (block, info) in self.init.blocks.iter().enumerate() {
+            indices.clear();
+            match (all, &self.log) {
+                (true, _) => indices.extend(0..info.pages() as u32),
+                (false, Some(log)) => log.take_range(first_page, info.pages(), &mut indices),
+                (false, None) => return Err(Error::NoDirtyLog(round)),
+            }
+            first_page += info.pages();
+            for chunk in indices.chunks(BATCH_PAGES) {
+                self.send_batch(block, chunk)?;
+                pages += chunk.len() as u64;
+            }
+        }
+        self.send(Work::RoundEnd {
+            seq: self.seq,
+            round,
+            last,
+        })?;
+        Ok(pages)
+    }
+
+    /// Scans `indices` of `block` and hands them on, once there is credit.
+    fn send_batch(&mut self, block: usize, indices: &[u32]) -> Result<(), Error> {
+        while self.credits == 0 {
+            self.credits += self
+                .init
+                .credits
+                .recv()
+                .map_err(|e| Error::Send(ipc_error(e)))?;
+        }
+        self.credits -= 1;
+        let name = &self.init.blocks[block].name;
+        let batch = scan_batch(self.seq, block as u32, name, &self.rams[block], indices);
+        self.send(Work::Batch(batch))
+    }
+
+    /// Sends `work` to the compress stage, which numbers it `seq`.
+    fn send(&mut self, work: Work) -> Result<(), Error> {
+        self.init
+            .work
+            .send(work)
+            .map_err(|e| Error::Send(ipc_error(e)))?;
+        self.seq += 1;
+        Ok(())
+    }
+}
+
 /// Splits `indices` of one block into zero pages, encoded here as ZERO
 /// records, and the rest, passed on by index.
-fn scan_batch(seq: u64, block: u32, name: &str, map: &[u8], indices: &[u32]) -> PageBatch {
+fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32]) -> PageBatch {
     let mut zero = QemuFileWriter::new(MemTransport::new());
     let mut writer = RamWriter::new();
     let mut zero_pages = 0;
     let mut pages = Vec::with_capacity(indices.len());
     for &i in indices {
-        let off = i as usize * PAGE_SIZE;
-        match uniform_fill(&map[off..off + PAGE_SIZE]) {
+        match ram.page_fill(i) {
             Some(fill) => {
                 // Writing to memory cannot fail, and the name was checked at start.
-                let _ = writer.put_zero_page(&mut zero, name, off as u64, fill);
+                let offset = u64::from(i) * PAGE_SIZE as u64;
+                let _ = writer.put_zero_page(&mut zero, name, offset, fill);
                 zero_pages += 1;
             }
             None => pages.push(i),

@@ -33,7 +33,7 @@ use serde::{Deserialize, Serialize};
 use crate::channel::integrity::{Sealer, WriteTap};
 use crate::channel::tls;
 use crate::channel::uri::{self, Uri};
-use ferry_guest::ram::{self, BlockFile};
+use ferry_guest::ram::{self, BlockFile, GuestRam};
 
 /// QEMU's rate-limit window.
 const WINDOW: Duration = Duration::from_millis(100);
@@ -216,16 +216,35 @@ impl Read for TransportRead {
     }
 }
 
+/// Replies the return-path thread may queue while the writer is busy (in a
+/// long writev, say): beyond it the thread waits, and so does the peer.
+const REPLY_QUEUE: usize = 16;
+
+/// The longest return-path line: an acknowledgement is one line of JSON
+/// with a digest per block, far below this.
+const MAX_LINE: u64 = 64 << 10;
+
+/// Starts the thread that reads the return path; its replies come on a
+/// bounded queue, so a peer that talks without end costs no memory.
+fn spawn_return_path(rp: Box<dyn Transport>, tls: bool) -> Receiver<Reply> {
+    let (tx, rx) = crossbeam_channel::bounded(REPLY_QUEUE);
+    std::thread::spawn(move || read_return_path(rp, &tx, tls));
+    rx
+}
+
 /// Reads the return path. Over TLS, a failed session (`InvalidData`, what
 /// [`tls::SessionError`] comes as) is reported as such; any other end of the
-/// return path is a close, as for a peer that never answers.
-fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>, tls: bool) {
+/// return path is a close, as for a peer that never answers. A line longer
+/// than [`MAX_LINE`] is garbage, and the last thing read.
+fn read_return_path(rp: Box<dyn Transport>, tx: &crossbeam_channel::Sender<Reply>, tls: bool) {
     let mut r = BufReader::new(TransportRead(rp));
     let mut line = String::new();
     loop {
         line.clear();
         // Bound the line: the peer is not trusted.
-        let reply = match (&mut r).take(1 << 20).read_line(&mut line) {
+        let read = (&mut r).take(MAX_LINE).read_line(&mut line);
+        let too_long = matches!(read, Ok(n) if n as u64 == MAX_LINE && !line.ends_with('\n'));
+        let reply = match read {
             Err(e) if tls && e.kind() == io::ErrorKind::InvalidData => Reply::Failed(e),
             Ok(0) | Err(_) => Reply::Closed,
             Ok(_) if line.as_bytes() == ferry_proto::return_path::HELLO => Reply::Hello,
@@ -235,7 +254,7 @@ fn read_return_path(rp: Box<dyn Transport>, tx: crossbeam_channel::Sender<Reply>
             },
         };
         let closed = matches!(reply, Reply::Closed | Reply::Failed(_));
-        if tx.send(reply).is_err() || closed {
+        if tx.send(reply).is_err() || closed || too_long {
             return;
         }
     }
@@ -304,63 +323,23 @@ fn forward<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
 /// Runs the writer until the stream is complete and acknowledged.
 pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let to: Uri = init.to.parse()?;
-    let mut device = match init.device_state {
-        Some(bytes) => DeviceState::from_bytes(bytes).map_err(Error::DeviceState)?,
-        None => DeviceState::default(),
-    };
-    // Device state extracted from a sealed stream carries its checkpoints,
-    // which would be stale here (and fail the receiver's check).
-    device
-        .sections
-        .retain(|s| s.header.idstr != ferry_proto::stream::integrity::IDSTR);
+    let device = device_state(init.device_state)?;
     let maps = init
         .blocks
         .iter()
-        .map(|b| ram::map_readonly(&b.path))
+        .map(|b| GuestRam::map(&b.path))
         .collect::<Result<Vec<_>, _>>()?;
-    let client = init
-        .tls
-        .as_ref()
-        .map(TlsInit::client)
-        .transpose()
-        .map_err(|e| Error::Tls(Box::new(e)))?;
-    let conn = to
-        .connect(Duration::from_secs(10), init.stall_timeout, client.as_ref())
-        .map_err(|source| Error::Connect {
-            uri: to.to_string(),
-            source,
-        })?;
-    let is_file = matches!(to, Uri::File(_));
-    let tls = conn.tls;
-    let replies = conn.return_path.map(|rp| {
-        let (tx, rx) = crossbeam_channel::unbounded();
-        std::thread::spawn(move || read_return_path(rp, tx, tls));
-        rx
-    });
-    let (transport, sealer): (Box<dyn Transport>, _) = if init.integrity {
-        let (tap, sealer) = WriteTap::new(conn.transport);
-        (Box::new(tap), Some(sealer))
-    } else {
-        (conn.transport, None)
-    };
+    let link = Link::open(&to, init.stall_timeout, init.tls.as_ref(), init.integrity)?;
     let slots = init
         .disk_slots
         .as_ref()
         .map(|(path, window)| crate::actors::blockio::map_slots_readonly(path, *window))
         .transpose()
         .map_err(|e| Error::Slots(Box::new(e)))?;
-    let (mail_tx, mail) = crossbeam_channel::bounded(64);
-    forward(init.chunks, mail_tx.clone(), Mail::Chunk);
-    forward(init.commands, mail_tx.clone(), Mail::Command);
-    if let Some(rx) = init.disk_chunks {
-        forward(rx, mail_tx, Mail::Disk);
-    } else {
-        drop(mail_tx);
-    }
-
+    let mail = gather_mail(init.chunks, init.commands, init.disk_chunks);
     let section_id = device.free_section_id();
     let mut w = Writer {
-        f: QemuFileWriter::new(transport),
+        f: QemuFileWriter::new(link.transport),
         uri: to.to_string(),
         blocks: &init.blocks,
         maps: &maps,
@@ -371,7 +350,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         counts: PageCounts::default(),
         section_id,
         in_part: false,
-        sealer,
+        sealer: link.sealer,
         checkpoint_id: section_id + 1,
         events,
         last_progress: Instant::now(),
@@ -387,32 +366,22 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         &mail,
         &init.credits,
         init.disk_credits.as_ref(),
-        replies.as_ref(),
+        link.replies.as_ref(),
     );
-    if let (Err(Error::Write { .. }), Some(rx)) = (&streamed, replies.as_ref()) {
+    if let (Err(Error::Write { .. }), Some(rx)) = (&streamed, link.replies.as_ref()) {
         // A receiver that gives up (a disk too small, an I/O error on its
         // side) says why before it closes: that beats our broken pipe.
-        let deadline = Instant::now() + Duration::from_secs(2);
-        while let Ok(r) = rx.recv_deadline(deadline) {
-            match r {
-                Reply::Ack(ack) if !ack.ok => {
-                    return Err(Error::Rejected(ack.error.unwrap_or_default()))
-                }
-                Reply::Closed | Reply::Failed(_) => break,
-                _ => {}
-            }
-        }
+        rejection(rx)?;
     }
     streamed?;
     w.finish(&device)?;
-    let bytes = w.f.ftell();
+    let (bytes, counts) = (w.f.ftell(), w.counts);
     if let Some(s) = &w.sealer {
         tracing::info!(checkpoints = s.count(), "stream sealed");
     }
     // Tell the peer the stream is over; it can still answer on the return path.
     let _ = w.f.transport_mut().shutdown_write();
-    let counts = w.counts;
-    let mut transport = w.f.into_transport().map_err(|source| Error::Write {
+    let transport = w.f.into_transport().map_err(|source| Error::Write {
         uri: to.to_string(),
         source,
     })?;
@@ -420,20 +389,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     // the acknowledgement, overlaps the teardown of its page tables with the
     // destination's digest instead of adding it to the end of the migration.
     std::thread::spawn(move || drop(maps));
-    let (ack, return_path) = match replies {
-        _ if is_file => {
-            transport.close().map_err(|e| Error::Write {
-                uri: to.to_string(),
-                source: qemu_file::Error::Io {
-                    offset: bytes,
-                    source: std::sync::Arc::new(e),
-                },
-            })?;
-            (None, ReturnPath::None)
-        }
-        None => (None, ReturnPath::Silent),
-        Some(rx) => await_ack(&rx, events)?,
-    };
+    let (ack, return_path) = verdict(&to, transport, bytes, link.replies, events)?;
     let _ = events.send(ActorEvent {
         actor: ActorKind::Writer,
         event: Event::Finished {
@@ -444,6 +400,114 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         },
     });
     Ok(())
+}
+
+/// The device state to send, without the checkpoints of a sealed stream it
+/// was extracted from: they would be stale here (and fail the receiver's
+/// check).
+fn device_state(bytes: Option<Vec<u8>>) -> Result<DeviceState, Error> {
+    let mut device = match bytes {
+        Some(bytes) => DeviceState::from_bytes(bytes).map_err(Error::DeviceState)?,
+        None => DeviceState::default(),
+    };
+    device
+        .sections
+        .retain(|s| s.header.idstr != ferry_proto::stream::integrity::IDSTR);
+    Ok(device)
+}
+
+/// The connection as the writer uses it: the stream (tapped for sealing
+/// with `--integrity`) and the replies read off the return path.
+struct Link {
+    transport: Box<dyn Transport>,
+    sealer: Option<Sealer>,
+    replies: Option<Receiver<Reply>>,
+}
+
+impl Link {
+    fn open(
+        to: &Uri,
+        stall_timeout: Option<Duration>,
+        tls: Option<&TlsInit>,
+        integrity: bool,
+    ) -> Result<Self, Error> {
+        let client = tls
+            .map(TlsInit::client)
+            .transpose()
+            .map_err(|e| Error::Tls(Box::new(e)))?;
+        let conn = to
+            .connect(Duration::from_secs(10), stall_timeout, client.as_ref())
+            .map_err(|source| Error::Connect {
+                uri: to.to_string(),
+                source,
+            })?;
+        let replies = conn.return_path.map(|rp| spawn_return_path(rp, conn.tls));
+        let (transport, sealer): (Box<dyn Transport>, _) = if integrity {
+            let (tap, sealer) = WriteTap::new(conn.transport);
+            (Box::new(tap), Some(sealer))
+        } else {
+            (conn.transport, None)
+        };
+        Ok(Self {
+            transport,
+            sealer,
+            replies,
+        })
+    }
+}
+
+/// Puts chunks, commands and disk chunks on one queue.
+fn gather_mail(
+    chunks: IpcReceiver<Chunk>,
+    commands: IpcReceiver<Command>,
+    disk_chunks: Option<IpcReceiver<DiskChunk>>,
+) -> Receiver<Mail> {
+    let (mail_tx, mail) = crossbeam_channel::bounded(64);
+    forward(chunks, mail_tx.clone(), Mail::Chunk);
+    forward(commands, mail_tx.clone(), Mail::Command);
+    if let Some(rx) = disk_chunks {
+        forward(rx, mail_tx, Mail::Disk);
+    }
+    mail
+}
+
+/// After a failed write: the receiver's reason, if it gives one within 2 s.
+fn rejection(rx: &Receiver<Reply>) -> Result<(), Error> {
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while let Ok(r) = rx.recv_deadline(deadline) {
+        match r {
+            Reply::Ack(ack) if !ack.ok => {
+                return Err(Error::Rejected(ack.error.unwrap_or_default()))
+            }
+            Reply::Closed | Reply::Failed(_) => break,
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Closes a file, or waits for the peer's verdict on the stream.
+fn verdict(
+    to: &Uri,
+    mut transport: Box<dyn Transport>,
+    bytes: u64,
+    replies: Option<Receiver<Reply>>,
+    events: &IpcSender<ActorEvent>,
+) -> Result<(Option<Ack>, ReturnPath), Error> {
+    match replies {
+        _ if matches!(to, Uri::File(_)) => {
+            transport.close().map_err(|e| Error::Write {
+                uri: to.to_string(),
+                source: qemu_file::Error::Io {
+                    offset: bytes,
+                    source: std::sync::Arc::new(e),
+                },
+            })?;
+            Ok((None, ReturnPath::None))
+        }
+        None => Ok((None, ReturnPath::Silent)),
+        Some(rx) => await_ack(&rx, events),
+    }
 }
 
 /// Waits for the verdict after EOF: an acknowledgement from a ferry receiver
@@ -482,11 +546,54 @@ fn await_ack(
     }
 }
 
+/// Chunks that arrived ahead of their turn, and whose turn it is.
+#[derive(Default)]
+struct Reorder {
+    pending: BTreeMap<u64, Chunk>,
+    next: u64,
+}
+
+/// The return path as the writer hears it while streaming: `None` once it
+/// has closed.
+struct Replies<'r>(Option<&'r Receiver<Reply>>);
+
+impl Replies<'_> {
+    /// Acts on one reply: a receiver that gives up says why before it
+    /// closes. After the close the return path is no longer listened to: a
+    /// disconnected channel is always ready, and `select!` would spin on it.
+    fn hear(&mut self, reply: Result<Reply, crossbeam_channel::RecvError>) -> Result<(), Error> {
+        match reply {
+            Ok(Reply::Ack(ack)) if !ack.ok => Err(Error::Rejected(ack.error.unwrap_or_default())),
+            Ok(Reply::Failed(e)) => Err(Error::Session(e)),
+            Ok(Reply::Garbage(line)) if Reply::is_tls_record(&line) => Err(Error::PeerWantsTls),
+            Ok(Reply::Closed) | Err(_) => {
+                self.0 = None;
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+}
+
+/// The next mail, hearing the return path while waiting for it.
+fn next_mail(mail: &Receiver<Mail>, replies: &mut Replies<'_>) -> Result<Mail, Error> {
+    let lost = |_| Error::Channel("compress", io::Error::other("closed before the last round"));
+    loop {
+        let Some(rx) = replies.0 else {
+            return mail.recv().map_err(lost);
+        };
+        select! {
+            recv(mail) -> m => return m.map_err(lost),
+            recv(rx) -> r => replies.hear(r)?,
+        }
+    }
+}
+
 struct Writer<'m, 'e> {
     f: QemuFileWriter<'m>,
     uri: String,
     blocks: &'m [BlockFile],
-    maps: &'m [memmap2::Mmap],
+    maps: &'m [GuestRam],
     limiter: Limiter,
     counts: PageCounts,
     section_id: u32,
@@ -655,33 +762,14 @@ impl<'m> Writer<'m, '_> {
         disk_credits: Option<&IpcSender<u32>>,
         replies: Option<&Receiver<Reply>>,
     ) -> Result<(), Error> {
-        let mut pending: BTreeMap<u64, Chunk> = BTreeMap::new();
-        let mut next = 0u64;
-        let never = crossbeam_channel::never();
-        let replies = replies.unwrap_or(&never);
+        let mut order = Reorder::default();
+        let mut replies = Replies(replies);
         loop {
-            let m = select! {
-                recv(mail) -> m => m.map_err(|_| {
-                    Error::Channel("compress", io::Error::other("closed before the last round"))
-                })?,
-                recv(replies) -> r => {
-                    match r {
-                        // A receiver that gives up says why before it closes.
-                        Ok(Reply::Ack(ack)) if !ack.ok => {
-                            return Err(Error::Rejected(ack.error.unwrap_or_default()))
-                        }
-                        Ok(Reply::Failed(e)) => return Err(Error::Session(e)),
-                        Ok(Reply::Garbage(line)) if Reply::is_tls_record(&line) => {
-                            return Err(Error::PeerWantsTls)
-                        }
-                        Ok(Reply::Closed) | Err(_) => {}
-                        Ok(_) => {}
-                    }
-                    continue;
+            let done = match next_mail(mail, &mut replies)? {
+                Mail::Command(Command::SetRate(r)) => {
+                    self.limiter.set_rate(&mut self.f, r);
+                    false
                 }
-            };
-            match m {
-                Mail::Command(Command::SetRate(r)) => self.limiter.set_rate(&mut self.f, r),
                 Mail::Disk(DiskChunk::Data {
                     disk,
                     offset,
@@ -694,34 +782,46 @@ impl<'m> Writer<'m, '_> {
                         let _ = c.send(1);
                     }
                     self.progress();
+                    false
                 }
                 Mail::Disk(DiskChunk::RoundEnd { round, last }) => {
                     self.disk_done = Some((round, last));
-                    if self.round_done()? {
-                        return Ok(());
-                    }
+                    self.round_done()?
                 }
-                Mail::Chunk(c) => {
-                    pending.insert(c.seq(), c);
-                    if pending.len() > MAX_REORDER {
-                        return Err(Error::SequenceGap(next));
-                    }
-                    while let Some(c) = pending.remove(&next) {
-                        next += 1;
-                        let counts_credit = !matches!(c, Chunk::RoundEnd { .. });
-                        if self.write_chunk(c)? && self.round_done()? {
-                            return Ok(());
-                        }
-                        if counts_credit {
-                            // The compress stage exits once it has handed over
-                            // its last chunk; a credit nobody reads is fine.
-                            let _ = credits.send(1);
-                        }
-                        self.progress();
-                    }
-                }
+                Mail::Chunk(c) => self.write_in_order(c, &mut order, credits)?,
+            };
+            if done {
+                return Ok(());
             }
         }
+    }
+
+    /// Writes `c` and every chunk it unblocks, in sequence order; returns
+    /// true after the last round.
+    fn write_in_order(
+        &mut self,
+        c: Chunk,
+        order: &mut Reorder,
+        credits: &IpcSender<u32>,
+    ) -> Result<bool, Error> {
+        order.pending.insert(c.seq(), c);
+        if order.pending.len() > MAX_REORDER {
+            return Err(Error::SequenceGap(order.next));
+        }
+        while let Some(c) = order.pending.remove(&order.next) {
+            order.next += 1;
+            let counts_credit = !matches!(c, Chunk::RoundEnd { .. });
+            if self.write_chunk(c)? && self.round_done()? {
+                return Ok(true);
+            }
+            if counts_credit {
+                // The compress stage exits once it has handed over its last
+                // chunk; a credit nobody reads is fine.
+                let _ = credits.send(1);
+            }
+            self.progress();
+        }
+        Ok(false)
     }
 
     fn progress(&mut self) {
@@ -773,10 +873,10 @@ impl<'m> Writer<'m, '_> {
                 self.open_part();
                 self.limiter.throttle(&mut self.f);
                 self.f.put_buffer(&zero_records);
-                let maps: &'m [memmap2::Mmap] = self.maps;
-                let (Some(info), Some(map)) =
-                    (self.blocks.get(block as usize), maps.get(block as usize))
-                else {
+                let (Some(info), Some(map)) = (
+                    self.blocks.get(block as usize),
+                    self.maps.get(block as usize),
+                ) else {
                     return Err(Error::BadChunk {
                         seq,
                         block,
@@ -785,9 +885,10 @@ impl<'m> Writer<'m, '_> {
                 };
                 let mut ram = RamWriter::new();
                 let per_check = (self.limiter.slice() / PAGE_SIZE).max(1);
+                let mut buf = [0u8; PAGE_SIZE];
                 for (n, &i) in pages.iter().enumerate() {
                     let off = i as usize * PAGE_SIZE;
-                    let page = map.get(off..off + PAGE_SIZE).ok_or(Error::BadChunk {
+                    let page = map.read_page(i, &mut buf).ok_or(Error::BadChunk {
                         seq,
                         block,
                         page: i,
@@ -795,14 +896,8 @@ impl<'m> Writer<'m, '_> {
                     if n % per_check == 0 {
                         self.limiter.throttle(&mut self.f);
                     }
-                    if self.sealer.is_some() {
-                        // Copied, so the bytes hashed are the bytes sent even
-                        // while the guest writes the page.
-                        ram.put_page(&mut self.f, &info.name, off as u64, page)
-                    } else {
-                        ram.put_page_async(&mut self.f, &info.name, off as u64, page)
-                    }
-                    .map_err(|e| self.wrap(e))?;
+                    ram.put_page(&mut self.f, &info.name, off as u64, page)
+                        .map_err(|e| self.wrap(e))?;
                 }
                 self.counts.zero += zero_pages;
                 self.counts.raw += pages.len() as u64;
@@ -840,5 +935,119 @@ impl<'m> Writer<'m, '_> {
         encode::put_eof(&mut self.f);
         self.f.flush();
         self.check()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// A peer that never stops talking: `text` over and over, counting the
+    /// bytes it has handed out.
+    struct Chatter {
+        text: &'static [u8],
+        at: usize,
+        served: Arc<AtomicU64>,
+    }
+
+    impl Chatter {
+        fn start(text: &'static [u8]) -> (Receiver<Reply>, Arc<AtomicU64>) {
+            let served = Arc::new(AtomicU64::new(0));
+            let peer = Chatter {
+                text,
+                at: 0,
+                served: served.clone(),
+            };
+            (spawn_return_path(Box::new(peer), false), served)
+        }
+    }
+
+    impl Transport for Chatter {
+        fn writev(&mut self, bufs: &[io::IoSlice<'_>]) -> io::Result<usize> {
+            Ok(bufs.iter().map(|b| b.len()).sum())
+        }
+
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            for b in buf.iter_mut() {
+                *b = self.text[self.at];
+                self.at = (self.at + 1) % self.text.len();
+            }
+            self.served.fetch_add(buf.len() as u64, Ordering::Relaxed);
+            Ok(buf.len())
+        }
+    }
+
+    /// What `BufReader` reads ahead of the line it hands out.
+    const READ_AHEAD: u64 = 8 << 10;
+
+    #[test]
+    fn a_peer_that_talks_while_the_writer_is_busy_is_held_back() {
+        let line = b"not an acknowledgement\n";
+        let (rx, served) = Chatter::start(line);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !rx.is_full() {
+            assert!(
+                Instant::now() < deadline,
+                "the reply queue never filled: is it bounded?"
+            );
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        // Give a queue that grows the time to show it.
+        std::thread::sleep(Duration::from_millis(100));
+        assert_eq!(rx.len(), REPLY_QUEUE);
+        let bound = (REPLY_QUEUE as u64 + 2) * line.len() as u64 + READ_AHEAD;
+        let read = served.load(Ordering::Relaxed);
+        assert!(
+            read <= bound,
+            "read {read} bytes of the peer's chatter, more than {bound}"
+        );
+    }
+
+    #[test]
+    fn an_endless_line_is_garbage_and_the_last_thing_read() {
+        let (rx, served) = Chatter::start(b"x");
+        match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Reply::Garbage(text)) => assert_eq!(text, "x".repeat(200)),
+            other => panic!("expected garbage, got {other:?}"),
+        }
+        assert!(
+            matches!(
+                rx.recv_timeout(Duration::from_secs(30)),
+                Err(crossbeam_channel::RecvTimeoutError::Disconnected)
+            ),
+            "the return path is still read after an endless line"
+        );
+        let read = served.load(Ordering::Relaxed);
+        assert!(
+            read <= MAX_LINE + READ_AHEAD,
+            "read {read} bytes of one line"
+        );
+    }
+
+    #[test]
+    fn a_closed_return_path_is_no_longer_listened_to() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        let mut replies = Replies(Some(&rx));
+        replies.hear(Ok(Reply::Hello)).unwrap();
+        assert!(replies.0.is_some(), "a hello closes nothing");
+        replies.hear(Ok(Reply::Closed)).unwrap();
+        assert!(replies.0.is_none(), "still listening after the close");
+
+        let mut replies = Replies(Some(&rx));
+        drop(tx);
+        replies.hear(rx.recv()).unwrap();
+        assert!(
+            replies.0.is_none(),
+            "still listening to a disconnected return path"
+        );
+        // Without the return path, mail still comes through.
+        let (mail_tx, mail) = crossbeam_channel::bounded(1);
+        mail_tx.send(Mail::Command(Command::SetRate(7))).unwrap();
+        assert!(matches!(
+            next_mail(&mail, &mut replies),
+            Ok(Mail::Command(Command::SetRate(7)))
+        ));
     }
 }

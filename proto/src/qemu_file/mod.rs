@@ -92,5 +92,35 @@ pub enum Error {
 /// Result of QEMUFile operations.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// The first error of a QEMUFile's life: once set it stays, and every later
+/// operation hands it back, as QEMU's `qemu_file_set_error` does.
+#[derive(Debug, Default)]
+struct Latch(Option<Error>);
+
+impl Latch {
+    fn get(&self) -> Option<&Error> {
+        self.0.as_ref()
+    }
+
+    /// Keeps `err` unless an earlier error is latched: the first one wins.
+    fn set(&mut self, err: Error) {
+        if self.0.is_none() {
+            self.0 = Some(err);
+        }
+    }
+
+    fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// The latched error, as the result of an operation.
+    fn check(&self) -> Result<()> {
+        match &self.0 {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@ use std::io;
 use std::sync::Arc;
 
 use super::hooks::{NoHooks, RamControl, RamHooks};
-use super::{Error, QemuFileWriter, Result, IO_BUF_SIZE};
+use super::{Error, Latch, QemuFileWriter, Result, IO_BUF_SIZE};
 use crate::transport::Transport;
 
 /// A QEMUFile opened for reading.
@@ -20,7 +20,7 @@ pub struct QemuFileReader<T: Transport = Box<dyn Transport>> {
     buf_size: usize,
     /// Bytes taken from the transport so far (the offset of `buf[buf_size]`).
     pos: u64,
-    error: Option<Error>,
+    error: Latch,
 }
 
 impl<T: Transport> std::fmt::Debug for QemuFileReader<T> {
@@ -43,7 +43,7 @@ impl<T: Transport> QemuFileReader<T> {
             buf_index: 0,
             buf_size: 0,
             pos: 0,
-            error: None,
+            error: Latch::default(),
         }
     }
 
@@ -64,21 +64,12 @@ impl<T: Transport> QemuFileReader<T> {
 
     /// The latched error, if any.
     pub fn error(&self) -> Option<&Error> {
-        self.error.as_ref()
+        self.error.get()
     }
 
     /// Latches `err` unless an earlier error is already latched; the first error wins.
     pub fn set_error(&mut self, err: Error) {
-        if self.error.is_none() {
-            self.error = Some(err);
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        match &self.error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.error.set(err);
     }
 
     /// Moves unread bytes to the front and reads more behind them.
@@ -135,7 +126,7 @@ impl<T: Transport> QemuFileReader<T> {
     fn ensure(&mut self, need: usize) -> Result<()> {
         debug_assert!(need <= IO_BUF_SIZE);
         while self.buf_size - self.buf_index < need {
-            self.check()?;
+            self.error.check()?;
             self.fill_buffer();
         }
         Ok(())
@@ -151,11 +142,11 @@ impl<T: Transport> QemuFileReader<T> {
     /// fewer only when the stream ends first. Reaching the end here is not an
     /// error, so a parser can look ahead at the tail of a stream.
     pub fn peek_available(&mut self, size: usize) -> Result<&[u8]> {
-        self.check()?;
+        self.error.check()?;
         let size = size.min(IO_BUF_SIZE);
         while self.buf_size - self.buf_index < size {
             if self.fill_buffer_inner(false) == 0 {
-                self.check()?;
+                self.error.check()?;
                 break;
             }
         }
@@ -166,7 +157,7 @@ impl<T: Transport> QemuFileReader<T> {
     /// Returns `size` bytes starting `offset` bytes past the read position,
     /// without consuming them.
     pub fn peek_buffer(&mut self, size: usize, offset: usize) -> Result<&[u8]> {
-        self.check()?;
+        self.error.check()?;
         if offset.checked_add(size).is_none_or(|end| end > IO_BUF_SIZE) {
             return Err(Error::PeekTooLarge { size, offset });
         }
@@ -182,7 +173,7 @@ impl<T: Transport> QemuFileReader<T> {
 
     /// Consumes `size` bytes.
     pub fn skip(&mut self, mut size: u64) -> Result<()> {
-        self.check()?;
+        self.error.check()?;
         while size > 0 {
             if self.buf_index == self.buf_size {
                 self.ensure(1)?;
@@ -196,7 +187,7 @@ impl<T: Transport> QemuFileReader<T> {
 
     /// Fills `out` completely from the stream.
     pub fn get_buffer(&mut self, out: &mut [u8]) -> Result<()> {
-        self.check()?;
+        self.error.check()?;
         let mut done = 0;
         while done < out.len() {
             if self.buf_index == self.buf_size {
@@ -216,7 +207,7 @@ impl<T: Transport> QemuFileReader<T> {
     pub fn get_buffer_in_place<'s>(&'s mut self, scratch: &'s mut [u8]) -> Result<&'s [u8]> {
         let size = scratch.len();
         if size < IO_BUF_SIZE {
-            self.check()?;
+            self.error.check()?;
             self.ensure(size)?;
             let start = self.buf_index;
             self.buf_index += size;
@@ -276,7 +267,7 @@ impl<T: Transport> QemuFileReader<T> {
             None if stage == RamControl::Hook => self.set_error(Error::NoLoadHook { offset }),
             _ => {}
         }
-        self.check()
+        self.error.check()
     }
 
     /// Stops the transport in both directions, waking anyone blocked on it.
@@ -303,6 +294,6 @@ impl<T: Transport> QemuFileReader<T> {
                 source: Arc::new(e),
             });
         }
-        self.check()
+        self.error.check()
     }
 }

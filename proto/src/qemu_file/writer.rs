@@ -6,7 +6,7 @@ use std::sync::Arc;
 use flate2::Compress;
 
 use super::hooks::{NoHooks, RamControl, RamHooks, SavePage};
-use super::{Error, QemuFileReader, Result, IO_BUF_SIZE, MAX_IOV};
+use super::{Error, Latch, QemuFileReader, Result, IO_BUF_SIZE, MAX_IOV};
 use crate::compress;
 use crate::transport::{MemTransport, Transport};
 
@@ -55,7 +55,7 @@ pub struct QemuFileWriter<'a, T: Transport = Box<dyn Transport>> {
     pos: u64,
     bytes_xfer: u64,
     xfer_limit: u64,
-    error: Option<Error>,
+    error: Latch,
 }
 
 impl<T: Transport> std::fmt::Debug for QemuFileWriter<'_, T> {
@@ -83,7 +83,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
             pos: 0,
             bytes_xfer: 0,
             xfer_limit: 0,
-            error: None,
+            error: Latch::default(),
         }
     }
 
@@ -104,21 +104,12 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
 
     /// The latched error, if any.
     pub fn error(&self) -> Option<&Error> {
-        self.error.as_ref()
+        self.error.get()
     }
 
     /// Latches `err` unless an earlier error is already latched; the first error wins.
     pub fn set_error(&mut self, err: Error) {
-        if self.error.is_none() {
-            self.error = Some(err);
-        }
-    }
-
-    fn check(&self) -> Result<()> {
-        match &self.error {
-            Some(e) => Err(e.clone()),
-            None => Ok(()),
-        }
+        self.error.set(err);
     }
 
     fn add_to_iovec(&mut self, chunk: Chunk<'a>) {
@@ -205,7 +196,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
     /// Queues `buf` to be sent without copying it (QEMU's `qemu_put_buffer_async`
     /// with `may_free` false). The borrow lasts as long as the writer.
     pub fn put_buffer_async(&mut self, buf: &'a [u8]) {
-        if self.error.is_some() || buf.is_empty() {
+        if self.error.is_set() || buf.is_empty() {
             return;
         }
         self.bytes_xfer += buf.len() as u64;
@@ -218,7 +209,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
     /// destination now owns. The exclusive borrow guarantees nobody reads the
     /// memory while the kernel discards it.
     pub fn put_buffer_async_release(&mut self, buf: &'a mut [u8]) {
-        if self.error.is_some() || buf.is_empty() {
+        if self.error.is_set() || buf.is_empty() {
             return;
         }
         self.bytes_xfer += buf.len() as u64;
@@ -227,7 +218,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
 
     /// Copies `data` into the stream.
     pub fn put_buffer(&mut self, mut data: &[u8]) {
-        while !data.is_empty() && self.error.is_none() {
+        while !data.is_empty() && !self.error.is_set() {
             let l = (IO_BUF_SIZE - self.buf_index).min(data.len());
             let start = self.buf_index;
             self.buf[start..start + l].copy_from_slice(&data[..l]);
@@ -269,7 +260,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
         }
         self.put_byte(len as u8);
         self.put_buffer(s.as_bytes());
-        self.check()
+        self.error.check()
     }
 
     /// Writes `page` as a be32 length and one complete zlib stream at the level
@@ -299,13 +290,13 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
         compressor: &mut Compress,
         page: &[u8],
     ) -> Result<Option<usize>> {
-        self.check()?;
+        self.error.check()?;
         let need = prefix.len() + 4 + page.len();
         // The bytes are placed before they are gathered, so nothing may flush
         // in between: neither a full buffer nor a full iovec list.
         if IO_BUF_SIZE - self.buf_index < need || self.iov.len() + 1 >= MAX_IOV {
             self.flush();
-            self.check()?;
+            self.error.check()?;
             if IO_BUF_SIZE - self.buf_index < need {
                 // Only a page nearly as large as the whole buffer gets here.
                 return Ok(None);
@@ -326,7 +317,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
         if self.buf_index == IO_BUF_SIZE {
             self.flush();
         }
-        self.check()?;
+        self.error.check()?;
         Ok(Some(n))
     }
 
@@ -345,7 +336,7 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
     /// True when the bytes of this window exceed the limit, or after an error:
     /// either way the caller should stop sending for now.
     pub fn rate_limit_exceeded(&self) -> bool {
-        self.error.is_some() || (self.xfer_limit > 0 && self.bytes_xfer > self.xfer_limit)
+        self.error.is_set() || (self.xfer_limit > 0 && self.bytes_xfer > self.xfer_limit)
     }
 
     /// Bytes allowed per window; 0 means unlimited.
@@ -373,10 +364,10 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
     /// Returns the number of bytes moved.
     pub fn put_qemu_file(&mut self, src: &mut QemuFileWriter<'_, MemTransport>) -> Result<usize> {
         src.flush();
-        src.check()?;
+        src.error.check()?;
         let bytes = src.transport.take();
         self.put_buffer(&bytes);
-        self.check()?;
+        self.error.check()?;
         Ok(bytes.len())
     }
 
@@ -452,13 +443,13 @@ impl<'a, T: Transport> QemuFileWriter<'a, T> {
                 source: Arc::new(e),
             });
         }
-        self.check()
+        self.error.check()
     }
 
     /// Flushes and hands back the transport, or the first error.
     pub fn into_transport(mut self) -> Result<T> {
         self.flush();
-        self.check()?;
+        self.error.check()?;
         Ok(self.transport)
     }
 }

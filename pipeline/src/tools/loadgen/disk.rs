@@ -16,7 +16,7 @@
 //! looks at `stopping` before each write, so `stop` quiesces it as it does
 //! the vCPUs, and it sleeps off the throttle the same way ([`Pacer`]).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -71,14 +71,7 @@ impl Disk {
             path: path.to_owned(),
             source,
         };
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(path)
-            .map_err(err)?;
-        file.set_len(size).map_err(err)?;
+        let file = ferry_guest::create_file(path, size).map_err(err)?;
         fill_image(&file, size, pattern, seed).map_err(err)?;
         let log = DirtyLog::create(log_path, size / CHUNK).map_err(Error::DiskDirtyLog)?;
         Ok(Self { file, size, log })

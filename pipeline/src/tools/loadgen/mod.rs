@@ -30,7 +30,7 @@ mod disk;
 mod meter;
 mod writers;
 
-use std::fs::{self, OpenOptions};
+use std::fs;
 use std::io;
 use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -328,26 +328,16 @@ impl Guest {
         let vcpus = Vcpus::new();
         let meters = Meters::new();
         let xor = xor_page(args.seed);
-        // Each writer owns a contiguous share of the working set, so no two
-        // threads ever write the same page.
-        let ws_bytes = self.working_set as usize * PAGE_SIZE;
-        let share_pages = (self.working_set as usize).div_ceil(args.threads as usize);
-        let rate_pages = args.dirty_rate as f64 / PAGE_SIZE as f64;
-        let writers: Vec<Writer<'_>> = self.ram[..ws_bytes]
-            .chunks_mut(share_pages * PAGE_SIZE)
-            .enumerate()
-            .map(|(i, share)| Writer {
-                first_page: (i * share_pages) as u64,
-                rate: rate_pages * (share.len() / PAGE_SIZE) as f64 / self.working_set as f64,
-                pages: share,
-                xor: &xor,
-                log: &self.log,
-                vcpus: &vcpus,
-                seed: args.seed ^ (i as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
-            })
-            .collect();
-        let threads = writers.len();
         let disk_rate = args.disk_rate.unwrap_or(0);
+        let ready = self.ready_line(args);
+        let writers = share_out(
+            &mut self.ram,
+            self.working_set,
+            args,
+            &xor,
+            &self.log,
+            &vcpus,
+        );
         let disk_writer = self
             .disk
             .as_ref()
@@ -358,68 +348,117 @@ impl Guest {
                 vcpus: &vcpus,
                 seed: args.seed ^ 0x6469_736b_7772_6974,
             });
-        let disk_line = match (&self.disk, &args.disk, &args.disk_dirty_log) {
-            (Some(disk), Some(image), Some(log)) => format!(
-                ", disk {}: {} ({} chunks of 1 MiB), disk rate {}/s, disk dirty log {}",
-                image.display(),
-                mib(disk.size()),
-                disk.chunks(),
-                mib(disk_rate),
-                log.display()
-            ),
-            _ => String::new(),
-        };
         let started = Instant::now();
         thread::scope(|scope| {
             let spawned = spawn_all(scope, writers, disk_writer, &self.listener, &vcpus, &meters);
             if spawned.is_ok() {
                 meters.record(Instant::now(), 0, 0);
-                eprintln!(
-                    "ferry loadgen: ready: {}, {} pages, working set {} pages, dirty rate {}/s, \
-                     {threads} writer thread(s){disk_line}, control unix:{}",
-                    mib(self.pages * PAGE_SIZE as u64),
-                    self.pages,
-                    self.working_set,
-                    mib(args.dirty_rate),
-                    self.socket.0.display()
-                );
-                let mut last_sample = Instant::now();
-                while !SIGNALLED.load(Ordering::SeqCst) {
-                    thread::sleep(Duration::from_millis(20));
-                    if last_sample.elapsed() >= meter::INTERVAL {
-                        last_sample = Instant::now();
-                        meters.record(
-                            last_sample,
-                            vcpus.pages_written(),
-                            vcpus.disk_bytes_written(),
-                        );
-                    }
-                }
+                eprintln!("{ready}");
+                sample_until_signalled(&vcpus, &meters);
             }
             // Also after a failed spawn: the threads already running must end
             // for the scope to return.
             vcpus.shutdown();
             spawned
         })?;
-        let written = vcpus.pages_written();
-        let disk_written = vcpus.disk_bytes_written();
-        let secs = started.elapsed().as_secs_f64().max(1e-9);
-        let disk_line = if self.disk.is_some() {
-            format!(
-                "; {} written to the disk ({}/s on average)",
-                mib(disk_written),
-                mib((disk_written as f64 / secs) as u64)
-            )
-        } else {
-            String::new()
-        };
-        eprintln!(
-            "ferry loadgen: exiting on a signal: {written} pages written in {secs:.1} s \
-             ({}/s on average){disk_line}",
-            mib((written as f64 * PAGE_SIZE as f64 / secs) as u64)
-        );
+        eprintln!("{}", exit_line(&vcpus, started, self.disk.is_some()));
         Ok(())
     }
+
+    /// What the guest says once it runs: its sizes, rates and files.
+    fn ready_line(&self, args: &LoadgenArgs) -> String {
+        let threads = (self.working_set as usize).div_ceil(share_pages(self.working_set, args));
+        let disk_line = match (&self.disk, &args.disk, &args.disk_dirty_log) {
+            (Some(disk), Some(image), Some(log)) => format!(
+                ", disk {}: {} ({} chunks of 1 MiB), disk rate {}/s, disk dirty log {}",
+                image.display(),
+                mib(disk.size()),
+                disk.chunks(),
+                mib(args.disk_rate.unwrap_or(0)),
+                log.display()
+            ),
+            _ => String::new(),
+        };
+        format!(
+            "ferry loadgen: ready: {}, {} pages, working set {} pages, dirty rate {}/s, \
+             {threads} writer thread(s){disk_line}, control unix:{}",
+            mib(self.pages * PAGE_SIZE as u64),
+            self.pages,
+            self.working_set,
+            mib(args.dirty_rate),
+            self.socket.0.display()
+        )
+    }
+}
+
+/// Pages of the working set each writer owns.
+fn share_pages(working_set: u64, args: &LoadgenArgs) -> usize {
+    (working_set as usize).div_ceil(args.threads as usize)
+}
+
+/// One writer per contiguous share of the working set, so no two threads
+/// ever write the same page; each dirties its share of the rate.
+fn share_out<'a>(
+    ram: &'a mut [u8],
+    working_set: u64,
+    args: &LoadgenArgs,
+    xor: &'a [u8],
+    log: &'a DirtyLog,
+    vcpus: &'a Vcpus,
+) -> Vec<Writer<'a>> {
+    let share_pages = share_pages(working_set, args);
+    let rate_pages = args.dirty_rate as f64 / PAGE_SIZE as f64;
+    ram[..working_set as usize * PAGE_SIZE]
+        .chunks_mut(share_pages * PAGE_SIZE)
+        .enumerate()
+        .map(|(i, share)| Writer {
+            first_page: (i * share_pages) as u64,
+            rate: rate_pages * (share.len() / PAGE_SIZE) as f64 / working_set as f64,
+            pages: share,
+            xor,
+            log,
+            vcpus,
+            seed: args.seed ^ (i as u64 + 1).wrapping_mul(0x2545_f491_4f6c_dd1d),
+        })
+        .collect()
+}
+
+/// Samples the written pages and disk bytes for the meters every
+/// [`meter::INTERVAL`] until SIGTERM or SIGINT.
+fn sample_until_signalled(vcpus: &Vcpus, meters: &Meters) {
+    let mut last_sample = Instant::now();
+    while !SIGNALLED.load(Ordering::SeqCst) {
+        thread::sleep(Duration::from_millis(20));
+        if last_sample.elapsed() >= meter::INTERVAL {
+            last_sample = Instant::now();
+            meters.record(
+                last_sample,
+                vcpus.pages_written(),
+                vcpus.disk_bytes_written(),
+            );
+        }
+    }
+}
+
+/// What the guest says on its way out: what it wrote, and how fast.
+fn exit_line(vcpus: &Vcpus, started: Instant, disk: bool) -> String {
+    let written = vcpus.pages_written();
+    let disk_written = vcpus.disk_bytes_written();
+    let secs = started.elapsed().as_secs_f64().max(1e-9);
+    let disk_line = if disk {
+        format!(
+            "; {} written to the disk ({}/s on average)",
+            mib(disk_written),
+            mib((disk_written as f64 / secs) as u64)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "ferry loadgen: exiting on a signal: {written} pages written in {secs:.1} s \
+         ({}/s on average){disk_line}",
+        mib((written as f64 * PAGE_SIZE as f64 / secs) as u64)
+    )
 }
 
 /// Starts the writer threads, the disk writer and the control thread inside
@@ -457,20 +496,15 @@ fn create_ram(path: &Path, len: u64, pattern: Pattern, seed: u64) -> Result<Mmap
         path: path.to_owned(),
         source,
     };
-    // Mapping for writing needs the file open for reading too.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .open(path)
-        .map_err(err)?;
-    file.set_len(len).map_err(err)?;
-    // SAFETY: we just created and sized the file. Other processes (ferry)
-    // map it too but only read it; all writes in this process go through
-    // this one mapping, split into disjoint slices per writer thread. If
-    // someone truncated the file under us, accesses would fault (SIGBUS),
-    // which is the contract of any VMM's RAM file.
+    let file = ferry_guest::create_file(path, len).map_err(err)?;
+    // SAFETY: this process is the guest and the RAM is its own: we just
+    // created and sized the file, and every write to it goes through this
+    // one mapping, split into disjoint slices per writer thread. Other
+    // processes (ferry) map it too and only read it, through volatile
+    // accesses, so nothing outside this process changes the bytes these
+    // slices promise to own. If someone truncated the file under us,
+    // accesses would fault (SIGBUS), which is the contract of any VMM's RAM
+    // file.
     let mut map = unsafe { MmapMut::map_mut(&file) }.map_err(err)?;
     // A truncated file reads as zeros already; writing zeros would only
     // allocate every page.
