@@ -11,9 +11,12 @@
 //! on used only through that mapping, with volatile copies: the file is never
 //! written two ways at once.
 
+use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
 
 use flate2::Decompress;
 use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
@@ -124,19 +127,39 @@ pub enum Error {
 /// Result of loading.
 pub type Result<T> = std::result::Result<T, Error>;
 
+/// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
+/// region: sized by what the stream sends, never by what it claims. Shared
+/// with the threads that write multifd pages ([`SharedPages`]).
+type Written = Arc<Mutex<HashMap<u64, [u64; 8]>>>;
+
+/// Marks the page at `offset` written.
+fn mark(written: &Written, offset: u64) {
+    let page = offset / PAGE_SIZE as u64;
+    let mut w = written.lock().unwrap_or_else(PoisonError::into_inner);
+    let bits = w.entry(page / 512).or_default();
+    bits[(page % 512 / 64) as usize] |= 1 << (page % 64);
+}
+
+/// True when the page at `offset` was never marked written.
+fn unmarked(written: &Written, offset: u64) -> bool {
+    let page = offset / PAGE_SIZE as u64;
+    let w = written.lock().unwrap_or_else(PoisonError::into_inner);
+    w.get(&(page / 512))
+        .is_none_or(|bits| bits[(page % 512 / 64) as usize] & (1 << (page % 64)) == 0)
+}
+
 struct Block {
     info: RamBlockInfo,
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     /// Pages go in with pwrite and come back with pread until the file
     /// refuses write(2) (hugetlbfs); then it is mapped, and used only through
     /// the mapping.
     map: Option<MmapRegion>,
     /// The file was created here, so every page not yet written reads zero.
     fresh: bool,
-    /// Pages written so far in a fresh file, as 512-page bitmaps by 2 MiB
-    /// region: sized by what the stream sends, never by what it claims.
-    written: std::collections::HashMap<u64, [u64; 8]>,
+    /// Pages written so far, kept for a fresh file only.
+    written: Written,
 }
 
 impl Block {
@@ -164,23 +187,16 @@ impl Block {
     }
 
     /// Records that the page at `offset` was written.
-    fn mark_written(&mut self, offset: u64) {
+    fn mark_written(&self, offset: u64) {
         if self.fresh {
-            let page = offset / PAGE_SIZE as u64;
-            let bits = self.written.entry(page / 512).or_default();
-            bits[(page % 512 / 64) as usize] |= 1 << (page % 64);
+            mark(&self.written, offset);
         }
     }
 
     /// True when the page at `offset` of a fresh file was never written, so it
     /// reads zero without being touched (and allocated).
     fn untouched(&self, offset: u64) -> bool {
-        let page = offset / PAGE_SIZE as u64;
-        self.fresh
-            && self
-                .written
-                .get(&(page / 512))
-                .is_none_or(|bits| bits[(page % 512 / 64) as usize] & (1 << (page % 64)) == 0)
+        self.fresh && unmarked(&self.written, offset)
     }
 }
 
@@ -191,7 +207,7 @@ pub struct LoadedBlock<'a> {
     pub info: &'a RamBlockInfo,
     /// The file behind it.
     pub path: &'a Path,
-    written: Option<&'a std::collections::HashMap<u64, [u64; 8]>>,
+    written: Option<HashMap<u64, [u64; 8]>>,
 }
 
 impl LoadedBlock<'_> {
@@ -200,7 +216,7 @@ impl LoadedBlock<'_> {
     /// page is a hole that reads zero); for a file that existed before, all
     /// of it.
     pub fn data_ranges(&self) -> Vec<std::ops::Range<u64>> {
-        let Some(written) = self.written else {
+        let Some(written) = &self.written else {
             return std::iter::once(0..self.info.length).collect();
         };
         let page = PAGE_SIZE as u64;
@@ -292,7 +308,7 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
     Ok(Block {
         info: info.clone(),
         path: path.to_owned(),
-        file,
+        file: Arc::new(file),
         map: None,
         fresh: !exists,
         written: Default::default(),
@@ -430,7 +446,6 @@ impl RamImage {
     /// Reads the page at `at` as it stands, pending writes included. A hole
     /// reads zero without being allocated.
     fn read_page(&mut self, block: usize, at: u64, page: &mut [u8; PAGE_SIZE]) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         self.write_run()?;
         let b = self.locate(block, at)?;
         if let Some(mapped) = b.mapped_page(at, PAGE_SIZE) {
@@ -477,7 +492,6 @@ impl RamImage {
 
     /// Writes the gathered run to its file.
     fn write_run(&mut self) -> Result<()> {
-        use std::os::unix::fs::FileExt;
         if self.run.bytes.is_empty() {
             return Ok(());
         }
@@ -514,6 +528,38 @@ impl RamImage {
         Ok(())
     }
 
+    /// Writes the pages gathered so far to their files: at a multifd sync
+    /// point, before other threads may write the same pages.
+    ///
+    /// # Errors
+    /// [`Error::Write`].
+    pub fn write_pending(&mut self) -> Result<()> {
+        self.write_run()
+    }
+
+    /// A handle that writes pages from other threads (multifd channels),
+    /// sharing this image's files and its record of written pages. Pending
+    /// pages are written first.
+    ///
+    /// # Errors
+    /// [`Error::Write`].
+    pub fn shared_pages(&mut self) -> Result<SharedPages> {
+        self.write_run()?;
+        Ok(SharedPages {
+            blocks: self
+                .blocks
+                .iter()
+                .map(|b| SharedBlock {
+                    info: b.info.clone(),
+                    path: b.path.clone(),
+                    file: Arc::clone(&b.file),
+                    fresh: b.fresh,
+                    written: Arc::clone(&b.written),
+                })
+                .collect(),
+        })
+    }
+
     /// The loaded blocks, for reading back: every page applied so far is
     /// written first.
     pub fn files(&mut self) -> Result<impl Iterator<Item = LoadedBlock<'_>>> {
@@ -521,7 +567,9 @@ impl RamImage {
         Ok(self.blocks.iter().map(|b| LoadedBlock {
             info: &b.info,
             path: &b.path,
-            written: b.fresh.then_some(&b.written),
+            written: b
+                .fresh
+                .then(|| b.written.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }))
     }
 
@@ -534,6 +582,108 @@ impl RamImage {
                 path: b.path.clone(),
                 source,
             })?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+struct SharedBlock {
+    info: RamBlockInfo,
+    path: PathBuf,
+    file: Arc<File>,
+    fresh: bool,
+    written: Written,
+}
+
+/// Pages written from threads beside the loader's (QEMU's multifd receive
+/// threads write guest RAM directly, too). Each call writes through at once;
+/// the caller orders calls with the stream's sync points, so a page is never
+/// written by two threads between two of them.
+#[derive(Debug, Clone)]
+pub struct SharedPages {
+    blocks: Arc<[SharedBlock]>,
+}
+
+impl SharedPages {
+    /// The index of the block named `idstr`.
+    pub fn block(&self, idstr: &str) -> Option<usize> {
+        self.blocks.iter().position(|b| b.info.idstr == idstr)
+    }
+
+    /// The length of block `block`, in bytes.
+    pub fn length(&self, block: usize) -> u64 {
+        self.blocks[block].info.length
+    }
+
+    fn checked(&self, block: usize, offsets: &[u64]) -> Result<&SharedBlock> {
+        let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
+        match offsets
+            .iter()
+            .find(|&&o| o % PAGE_SIZE as u64 != 0 || o + PAGE_SIZE as u64 > b.info.length)
+        {
+            Some(&offset) => Err(Error::BadPage {
+                idstr: b.info.idstr.clone(),
+                offset,
+            }),
+            None => Ok(b),
+        }
+    }
+
+    /// Writes `data`, one whole page per offset in `offsets` and in that
+    /// order, to block `block`; neighbouring pages go in one pwrite.
+    ///
+    /// # Errors
+    /// [`Error::BadPage`] for an offset outside the block or a `data` that is
+    /// not one page per offset (checked before anything is written), and
+    /// [`Error::Write`].
+    pub fn write_pages(&self, block: usize, offsets: &[u64], data: &[u8]) -> Result<()> {
+        let b = self.checked(block, offsets)?;
+        if data.len() != offsets.len() * PAGE_SIZE {
+            return Err(Error::BadPage {
+                idstr: b.info.idstr.clone(),
+                offset: offsets.first().copied().unwrap_or(0),
+            });
+        }
+        let mut i = 0;
+        while i < offsets.len() {
+            let mut n = 1;
+            while i + n < offsets.len() && offsets[i + n] == offsets[i] + (n * PAGE_SIZE) as u64 {
+                n += 1;
+            }
+            let bytes = &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE];
+            b.file
+                .write_all_at(bytes, offsets[i])
+                .map_err(|source| Error::Write {
+                    path: b.path.clone(),
+                    source,
+                })?;
+            i += n;
+        }
+        if b.fresh {
+            offsets.iter().for_each(|&o| mark(&b.written, o));
+        }
+        Ok(())
+    }
+
+    /// Makes the pages at `offsets` of block `block` zero: a page of a fresh
+    /// file that was never written already is, and stays a hole.
+    ///
+    /// # Errors
+    /// As [`SharedPages::write_pages`].
+    pub fn zero_pages(&self, block: usize, offsets: &[u64]) -> Result<()> {
+        let b = self.checked(block, offsets)?;
+        const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        for &o in offsets {
+            if b.fresh && unmarked(&b.written, o) {
+                continue;
+            }
+            b.file
+                .write_all_at(&ZERO, o)
+                .map_err(|source| Error::Write {
+                    path: b.path.clone(),
+                    source,
+                })?;
         }
         Ok(())
     }

@@ -158,7 +158,11 @@ impl Compression {
         }
     }
 
-    fn from_flags(flags: u32) -> Result<Self, Error> {
+    /// The method a packet's flags name.
+    ///
+    /// # Errors
+    /// [`Error::Flags`] for bits that name none.
+    pub fn from_flags(flags: u32) -> Result<Self, Error> {
         match flags & flag::COMPRESSION_MASK {
             0 => Ok(Compression::None),
             flag::ZLIB => Ok(Compression::Zlib),
@@ -303,14 +307,15 @@ impl PacketHeader {
         }
     }
 
-    /// Reads and checks a header for a channel set up with `expected`
-    /// compression: counts within the packet, a payload length that fits
-    /// its pages, page-aligned offsets, a NUL-terminated block name. Whether
-    /// the block exists and holds the offsets is the caller's to check.
+    /// Reads and checks a header for a channel whose compression is
+    /// `expected` (`None` until its first packet with pages names it):
+    /// counts within the packet, a payload length that fits its pages,
+    /// page-aligned offsets, a NUL-terminated block name. Whether the block
+    /// exists and holds the offsets is the caller's to check.
     ///
     /// # Errors
     /// Every [`Error`] but the decoder's.
-    pub fn decode(b: &[u8; HEADER_LEN], expected: Compression) -> Result<Self, Error> {
+    pub fn decode(b: &[u8; HEADER_LEN], expected: Option<Compression>) -> Result<Self, Error> {
         check_magic_version(b)?;
         let flags = be32(b, 8);
         if flags & !(flag::SYNC | flag::COMPRESSION_MASK) != 0 {
@@ -346,25 +351,25 @@ impl PacketHeader {
     /// The payload length must fit the pages and the channel's method. A
     /// packet without normal pages (a SYNC, or only zero pages) has none and
     /// may carry any compression bits, as QEMU's SYNC packets do.
-    fn check_payload(&self, expected: Compression) -> Result<(), Error> {
+    fn check_payload(&self, expected: Option<Compression>) -> Result<(), Error> {
         let len = self.next_packet_size;
+        let found = Compression::from_flags(self.flags)?;
         let bad = || Error::PayloadSize {
             len,
             normal: self.normal_pages,
-            method: expected.name(),
+            method: found.name(),
         };
         if self.normal_pages == 0 {
             return if len == 0 { Ok(()) } else { Err(bad()) };
         }
-        let found = Compression::from_flags(self.flags)?;
-        if found != expected {
+        if let Some(expected) = expected.filter(|&e| e != found) {
             return Err(Error::CompressionMismatch {
                 found: found.name(),
                 expected: expected.name(),
             });
         }
         let raw = self.normal_pages as usize * PAGE_SIZE;
-        let ok = match expected {
+        let ok = match found {
             Compression::None => len as usize == raw,
             Compression::Zlib | Compression::Zstd => len > 0 && len as usize <= MAX_PAYLOAD,
         };

@@ -195,6 +195,13 @@ pub struct ReceiveArgs {
     /// naming the block, before any RAM file is created or written.
     #[arg(long, value_name = "SIZE", default_value_t = host_memory(), value_parser = parse_size)]
     pub max_ram_size: u64,
+    /// multifd data channels to accept beside the main stream, as a QEMU
+    /// destination's multifd-channels parameter: the source's N connections
+    /// and its main stream arrive on --listen in any order (tcp: and unix:
+    /// only, without TLS). The compression (none, zlib, zstd) is read from
+    /// the packets; QEMU's legacy and current sync modes are both followed.
+    #[arg(long, value_name = "N", default_value_t = 0)]
+    pub multifd_channels: u8,
     /// Write statistics as JSON to FILE.
     #[arg(long, value_name = "FILE")]
     pub stats_json: Option<PathBuf>,

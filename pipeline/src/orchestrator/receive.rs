@@ -88,6 +88,9 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
         // Fail on unreadable files before spawning anything.
         tls::Server::new(files).context("cannot set up TLS")?;
     }
+    if args.multifd_channels > 0 && (tls.is_some() || matches!(args.listen, Uri::File(_))) {
+        bail!("--multifd-channels works only on tcp: and unix: without TLS");
+    }
     let init = reader::Init::new(
         &args.listen,
         &args.ram,
@@ -96,7 +99,8 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
         tls,
     )
     .with_disks(&args.disk)
-    .with_max_ram_size(args.max_ram_size);
+    .with_max_ram_size(args.max_ram_size)
+    .with_multifd_channels(args.multifd_channels);
     sup.spawn(ActorKind::Reader, init)?;
     loop {
         let Some(ev) = sup.next_event(POLL)? else {

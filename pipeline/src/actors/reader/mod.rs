@@ -38,6 +38,8 @@
 //! QEMU-to-receiver run ended in ECONNRESET instead of end of input, and with a
 //! receiver slower than the source 3.3 MB of a 50 MB stream were lost.
 
+mod multifd;
+
 use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::{self, IoSlice};
@@ -90,6 +92,9 @@ pub struct Init {
     pub disks: Vec<DiskInit>,
     /// Most RAM the stream may announce, in bytes.
     pub max_ram_size: u64,
+    /// multifd data channels to accept beside the main stream (0: none).
+    #[serde(default)]
+    pub multifd_channels: u8,
 }
 
 impl Init {
@@ -112,12 +117,19 @@ impl Init {
             decompress_workers,
             disks: Vec::new(),
             max_ram_size: u64::MAX,
+            multifd_channels: 0,
         }
     }
 
     /// Refusing a stream whose RAM adds up to more than `bytes`.
     pub fn with_max_ram_size(mut self, bytes: u64) -> Self {
         self.max_ram_size = bytes;
+        self
+    }
+
+    /// With `n` multifd data channels beside the main stream.
+    pub fn with_multifd_channels(mut self, n: u8) -> Self {
+        self.multifd_channels = n;
         self
     }
 
@@ -215,6 +227,15 @@ pub enum Error {
     /// A page cannot be applied (a corrupt compressed or XBZRLE page).
     #[error("cannot load a RAM page")]
     Load(#[source] load::Error),
+    /// The multifd channels failed, or disagree with the main stream.
+    #[error(transparent)]
+    Multifd(#[from] multifd::Error),
+    /// A multifd sync point in a stream received without multifd channels.
+    #[error(
+        "at byte {0}: the source uses multifd (MULTIFD_FLUSH); \
+         start ferry receive with --multifd-channels N"
+    )]
+    NoChannels(u64),
     /// A command the source sent that ferry receive cannot honour.
     #[error("at byte {offset}: command {cmd} ({name}) cannot be honoured: {why}")]
     Command {
@@ -334,12 +355,18 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .local_addr()
         .map_or_else(|| uri.to_string(), |a| format!("tcp:{a}"));
     report(Event::Listening { addr })?;
-    let conn = listener
-        .accept(init.stall_timeout, server.as_ref())
-        .map_err(|source| Error::Accept {
-            uri: uri.to_string(),
-            source,
-        })?;
+    let conn = if init.multifd_channels > 0 {
+        let (main, data) = multifd::accept(&listener, init.multifd_channels, init.stall_timeout)?;
+        loader.multifd = Some(multifd::Channels::start(data));
+        main
+    } else {
+        listener
+            .accept(init.stall_timeout, server.as_ref())
+            .map_err(|source| Error::Accept {
+                uri: uri.to_string(),
+                source,
+            })?
+    };
     // One peer only; for unix sockets this also removes the socket file.
     drop(listener);
     let mut answer = Answer {
@@ -486,6 +513,13 @@ struct Loader {
     disks: Sinks,
     /// What the stream may make this destination hold.
     limits: parse::Limits,
+    /// The multifd data channels, if the source uses them.
+    multifd: Option<multifd::Channels>,
+    /// The kind of the RAM section being read, if one is.
+    ram_section: Option<SectionKind>,
+    /// A source in QEMU's legacy multifd mode syncs at every RAM EOS; a
+    /// current one sends MULTIFD_FLUSH, always once in the setup section.
+    flush_in_setup: bool,
 }
 
 /// Where a load is in the stream, beyond what the parser tracks.
@@ -530,6 +564,9 @@ impl Loader {
             counts: PageCounts::default(),
             disks: Sinks::default(),
             limits: parse::Limits::default(),
+            multifd: None,
+            ram_section: None,
+            flush_in_setup: false,
         })
     }
 
@@ -554,7 +591,13 @@ impl Loader {
         loop {
             let at = parser.offset();
             verifier.before_item(at).map_err(Error::Integrity)?;
-            match parser.next().map_err(stream_error)? {
+            let next = parser.next().map_err(|e| match self.multifd_failure() {
+                // A channel's fault makes the source give up, and its main
+                // stream end: the fault is the news.
+                Some(fault) => Error::Multifd(fault),
+                None => stream_error(e),
+            });
+            match next? {
                 Item::End => break,
                 item => self.item(item, at, &mut verifier, &mut pos)?,
             }
@@ -564,6 +607,11 @@ impl Loader {
             }
         }
         self.flush()?;
+        if let Some(channels) = self.multifd.take() {
+            let carried = channels.finish()?;
+            self.counts.raw += carried.normal;
+            self.counts.zero += carried.zero;
+        }
         let bytes = parser.offset();
         drop(parser);
         // Every disk written and flushed before anything is acknowledged.
@@ -597,6 +645,7 @@ impl Loader {
             Item::Ram(rec) => self.ram_record(rec, at)?,
             Item::Section(h) => {
                 pos.in_checkpoint = verifier.on_section(&h, at).map_err(Error::Integrity)?;
+                self.ram_section = (h.class == SectionClass::Ram).then_some(h.kind);
                 match (h.class, h.kind) {
                     (SectionClass::Ram, SectionKind::Start) => pos.ram_started = true,
                     (SectionClass::Ram, SectionKind::End) => pos.ram_ended = true,
@@ -648,11 +697,28 @@ impl Loader {
             RamRecord::MemSize(blocks) => {
                 // A repeated block list is identical (the parser checks that).
                 if self.image.is_none() {
-                    self.image = Some(self.open_ram(&blocks)?);
+                    let mut image = self.open_ram(&blocks)?;
+                    if let Some(channels) = &self.multifd {
+                        channels.set_pages(image.shared_pages().map_err(Error::Load)?);
+                    }
+                    self.image = Some(image);
                 }
                 return Ok(());
             }
-            RamRecord::Eos | RamRecord::MultifdFlush => return Ok(()),
+            RamRecord::MultifdFlush => {
+                if self.multifd.is_none() {
+                    return Err(Error::NoChannels(at));
+                }
+                self.flush_in_setup |= self.ram_section == Some(SectionKind::Start);
+                return self.multifd_sync();
+            }
+            RamRecord::Eos => {
+                let legacy = !self.flush_in_setup;
+                if self.multifd.is_some() && legacy {
+                    return self.multifd_sync();
+                }
+                return Ok(());
+            }
             RamRecord::Zero { block, offset, .. } => {
                 self.counts.zero += 1;
                 (block, offset)
@@ -687,6 +753,24 @@ impl Loader {
             .as_mut()
             .ok_or(Error::Load(load::Error::NoBlocks))?;
         image.apply(&rec, at).map_err(Error::Load)
+    }
+
+    /// The first fault of a multifd channel, if one failed.
+    fn multifd_failure(&self) -> Option<multifd::Error> {
+        self.multifd.as_ref().and_then(multifd::Channels::failure)
+    }
+
+    /// A multifd sync point: every page before it, on the main stream and
+    /// on every channel, is written before anything after it.
+    fn multifd_sync(&mut self) -> Result<(), Error> {
+        self.flush()?;
+        if let Some(image) = &mut self.image {
+            image.write_pending().map_err(Error::Load)?;
+        }
+        match &self.multifd {
+            Some(channels) => Ok(channels.sync()?),
+            None => Ok(()),
+        }
     }
 
     /// Maps the destination RAM files for the announced blocks: every block

@@ -1,0 +1,523 @@
+//! multifd on the destination: the main channel and N data channels
+//! accepted on one address in any order, told apart by their first bytes as
+//! QEMU's `migration_ioc_process_incoming` does, and one thread per data
+//! channel that decodes its packets and writes their pages.
+//!
+//! Ordering follows QEMU's `multifd_recv_sync_main`: at a sync point on the
+//! main channel (MULTIFD_FLUSH, or every RAM EOS for a source in QEMU's
+//! legacy per-section mode) the loader waits until every channel has
+//! delivered one SYNC packet, and each channel waits at its SYNC until all
+//! have, so no page sent after a sync point is written before one sent
+//! before it, whichever channel carried them.
+
+use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use ferry_guest::load::{self, SharedPages};
+use ferry_proto::multifd::{
+    self, ChannelInit, Compression, Decoder, PacketHeader, HEADER_LEN, INIT_LEN,
+};
+use ferry_proto::stream::{PAGE_SIZE, QEMU_VM_FILE_MAGIC};
+use ferry_proto::transport::Transport;
+
+use crate::channel::uri::{Connection, Listener, OpenError};
+
+/// Faults of the multifd channels.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A connection could not be accepted.
+    #[error("cannot accept a migration channel")]
+    Accept(#[source] OpenError),
+    /// A connection's first bytes could not be read.
+    #[error("connection {conn} sent no channel header")]
+    Header {
+        /// The connection, counted from 1 in arrival order.
+        conn: usize,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A connection that is neither the main stream nor a multifd channel.
+    #[error("connection {conn} opens with {first:02x?}: neither \"QEVM\" nor a multifd channel")]
+    Unrecognised {
+        /// The connection, counted from 1.
+        conn: usize,
+        /// Its first four bytes.
+        first: [u8; 4],
+    },
+    /// A second main stream.
+    #[error("connection {conn} is a second main stream")]
+    SecondMain {
+        /// The connection, counted from 1.
+        conn: usize,
+    },
+    /// A channel header that does not decode.
+    #[error("connection {conn}: bad multifd channel header")]
+    Init {
+        /// The connection, counted from 1.
+        conn: usize,
+        /// Why.
+        #[source]
+        source: multifd::Error,
+    },
+    /// A channel id outside 0..N, or one seen twice.
+    #[error("multifd channel id {id} is {why} (--multifd-channels {channels})")]
+    ChannelId {
+        /// The id.
+        id: u8,
+        /// What is wrong with it.
+        why: &'static str,
+        /// N.
+        channels: u8,
+    },
+    /// Reading a channel failed.
+    #[error("multifd channel {channel}, at byte {offset}: read failed")]
+    Io {
+        /// The channel id.
+        channel: u8,
+        /// Bytes read on the channel before this one.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A channel ended inside a packet.
+    #[error("multifd channel {channel} ended at byte {offset}, inside a packet")]
+    Truncated {
+        /// The channel id.
+        channel: u8,
+        /// Where it ended.
+        offset: u64,
+    },
+    /// A packet that does not decode.
+    #[error("multifd channel {channel}, packet at byte {offset}")]
+    Packet {
+        /// The channel id.
+        channel: u8,
+        /// The packet's offset on the channel.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: multifd::Error,
+    },
+    /// Pages for a block the main stream did not announce (or before it did).
+    #[error("multifd channel {channel}, packet at byte {offset}: RAM block {block:?} {why}")]
+    Block {
+        /// The channel id.
+        channel: u8,
+        /// The packet's offset on the channel.
+        offset: u64,
+        /// The block's name.
+        block: String,
+        /// What is wrong.
+        why: &'static str,
+    },
+    /// Writing a packet's pages failed (or an offset lies past its block).
+    #[error("multifd channel {channel}, packet at byte {offset}: its pages cannot be written")]
+    Load {
+        /// The channel id.
+        channel: u8,
+        /// The packet's offset on the channel.
+        offset: u64,
+        /// Why.
+        #[source]
+        source: load::Error,
+    },
+    /// The channels and the main stream disagree on the sync points.
+    #[error("multifd channel {channel}: {what}")]
+    Sync {
+        /// The channel id.
+        channel: u8,
+        /// What happened.
+        what: &'static str,
+    },
+}
+
+/// What a source's channels carried.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Pages whose bytes came in packets.
+    pub normal: u64,
+    /// Pages sent as all-zero offsets.
+    pub zero: u64,
+    /// Bytes read on all channels.
+    pub bytes: u64,
+}
+
+/// Reads exactly `buf.len()` bytes; `Ok(false)` when the channel ended
+/// before the first of them.
+fn read_full(t: &mut dyn Transport, buf: &mut [u8]) -> std::io::Result<Option<usize>> {
+    let mut got = 0;
+    while got < buf.len() {
+        match t.read(&mut buf[got..]) {
+            Ok(0) => return Ok(Some(got)),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(None)
+}
+
+/// The main stream, with the four bytes read to recognise it put back.
+struct Prefixed {
+    head: [u8; 4],
+    pos: usize,
+    inner: Box<dyn Transport>,
+}
+
+impl Transport for Prefixed {
+    fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.inner.writev(bufs)
+    }
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.pos < self.head.len() {
+            let n = buf.len().min(self.head.len() - self.pos);
+            buf[..n].copy_from_slice(&self.head[self.pos..self.pos + n]);
+            self.pos += n;
+            return Ok(n);
+        }
+        self.inner.read(buf)
+    }
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        self.inner.shutdown()
+    }
+    fn shutdown_write(&mut self) -> std::io::Result<()> {
+        self.inner.shutdown_write()
+    }
+    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
+        self.inner.return_path()
+    }
+    fn close(&mut self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+}
+
+/// The connections of one migration, in any order: the main stream, and the
+/// `channels` data channels by id.
+pub fn accept(
+    listener: &Listener,
+    channels: u8,
+    stall: Option<Duration>,
+) -> Result<(Connection, Vec<Box<dyn Transport>>), Error> {
+    let mut main = None;
+    let mut data: Vec<Option<Box<dyn Transport>>> = (0..channels).map(|_| None).collect();
+    for conn in 1..=usize::from(channels) + 1 {
+        let mut c = listener.accept(stall, None).map_err(Error::Accept)?;
+        let mut init = [0u8; INIT_LEN];
+        let header = |source| Error::Header { conn, source };
+        let eof = || header(std::io::ErrorKind::UnexpectedEof.into());
+        if read_full(c.transport.as_mut(), &mut init[..4]).map_err(header)?.is_some() {
+            return Err(eof());
+        }
+        let first: [u8; 4] = init[..4].try_into().expect("4 bytes");
+        if u32::from_be_bytes(first) == QEMU_VM_FILE_MAGIC {
+            if main.is_some() {
+                return Err(Error::SecondMain { conn });
+            }
+            c.transport = Box::new(Prefixed {
+                head: first,
+                pos: 0,
+                inner: c.transport,
+            });
+            main = Some(c);
+            continue;
+        }
+        if !multifd::is_channel_magic(first) {
+            return Err(Error::Unrecognised { conn, first });
+        }
+        if read_full(c.transport.as_mut(), &mut init[4..]).map_err(header)?.is_some() {
+            return Err(eof());
+        }
+        let id = ChannelInit::decode(&init)
+            .map_err(|source| Error::Init { conn, source })?
+            .id;
+        let bad = |why| Error::ChannelId { id, why, channels };
+        let slot = data.get_mut(usize::from(id)).ok_or(bad("out of range"))?;
+        if slot.is_some() {
+            return Err(bad("used twice"));
+        }
+        *slot = Some(c.transport);
+    }
+    let main = main.expect("N+1 connections, N of them data channels, so one is the main stream");
+    Ok((main, data.into_iter().map(|c| c.expect("every id seen")).collect()))
+}
+
+#[derive(Default)]
+struct State {
+    /// Channels waiting at their SYNC.
+    arrived: usize,
+    /// Bumped at every sync point, to release the waiting channels.
+    generation: u64,
+    /// Channels that ended (cleanly or not).
+    ended: usize,
+    /// The first channel fault, for the loader to report.
+    failed: Option<Error>,
+    /// The main stream ended: a channel still waiting at a SYNC sent one
+    /// nobody announced.
+    closing: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    changed: Condvar,
+    /// The RAM files, once the main stream announced them.
+    pages: OnceLock<SharedPages>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A channel's SYNC: wait until the loader reaches its sync point.
+    fn arrive(&self, channel: u8) -> Result<(), Error> {
+        let mut s = self.lock();
+        s.arrived += 1;
+        let generation = s.generation;
+        self.changed.notify_all();
+        while s.generation == generation {
+            if s.closing {
+                return Err(Error::Sync {
+                    channel,
+                    what: "sent a SYNC the main stream never announced",
+                });
+            }
+            s = self
+                .changed
+                .wait(s)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        Ok(())
+    }
+}
+
+/// The running data channels of one migration.
+pub struct Channels {
+    shared: Arc<Shared>,
+    threads: Vec<JoinHandle<Result<Stats, Error>>>,
+}
+
+impl std::fmt::Debug for Channels {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Channels")
+            .field("channels", &self.threads.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Channels {
+    /// Starts one receiving thread per channel (index = channel id).
+    pub fn start(transports: Vec<Box<dyn Transport>>) -> Self {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            changed: Condvar::new(),
+            pages: OnceLock::new(),
+        });
+        let threads = transports
+            .into_iter()
+            .enumerate()
+            .map(|(id, t)| {
+                let shared = Arc::clone(&shared);
+                let id = u8::try_from(id).expect("at most 255 channels");
+                std::thread::Builder::new()
+                    .name(format!("multifd-{id}"))
+                    .spawn(move || {
+                        let r = receive(id, t, &shared);
+                        let mut s = shared.lock();
+                        s.ended += 1;
+                        let r = match r {
+                            Err(e) if s.failed.is_none() => {
+                                s.failed = Some(e);
+                                Err(Error::Sync {
+                                    channel: id,
+                                    what: "failed (reported first)",
+                                })
+                            }
+                            r => r,
+                        };
+                        shared.changed.notify_all();
+                        r
+                    })
+                    .expect("spawn a multifd thread")
+            })
+            .collect();
+        Self { shared, threads }
+    }
+
+    /// Hands the channels the RAM files, once the block list has arrived.
+    pub fn set_pages(&self, pages: SharedPages) {
+        let _ = self.shared.pages.set(pages);
+    }
+
+    /// A sync point of the main stream: returns once every channel has
+    /// delivered its SYNC (and everything before it), and releases them.
+    ///
+    /// # Errors
+    /// A channel's fault, or a channel that ended without its SYNC.
+    pub fn sync(&self) -> Result<(), Error> {
+        let n = self.threads.len();
+        let mut s = self.shared.lock();
+        loop {
+            if let Some(e) = s.failed.take() {
+                return Err(e);
+            }
+            if s.arrived == n {
+                break;
+            }
+            if s.ended > 0 {
+                return Err(Error::Sync {
+                    channel: 0,
+                    what: "a channel ended before the SYNC the main stream announced",
+                });
+            }
+            s = self
+                .shared
+                .changed
+                .wait(s)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+        s.arrived = 0;
+        s.generation += 1;
+        self.shared.changed.notify_all();
+        Ok(())
+    }
+
+    /// The first channel fault so far, taken.
+    pub fn failure(&self) -> Option<Error> {
+        self.shared.lock().failed.take()
+    }
+
+    /// The main stream ended: every channel must end too, at a packet
+    /// boundary, with nothing after its last SYNC.
+    ///
+    /// # Errors
+    /// The first channel fault.
+    pub fn finish(self) -> Result<Stats, Error> {
+        {
+            let mut s = self.shared.lock();
+            s.closing = true;
+            self.shared.changed.notify_all();
+        }
+        let mut total = Stats::default();
+        let mut first = None;
+        for t in self.threads {
+            match t.join().expect("a multifd thread does not panic") {
+                Ok(s) => {
+                    total.normal += s.normal;
+                    total.zero += s.zero;
+                    total.bytes += s.bytes;
+                }
+                Err(e) => {
+                    first.get_or_insert(e);
+                }
+            }
+        }
+        if let Some(e) = self.shared.lock().failed.take() {
+            return Err(e);
+        }
+        first.map_or(Ok(total), Err)
+    }
+}
+
+/// One channel: packets until its end.
+fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<Stats, Error> {
+    let mut stats = Stats {
+        bytes: INIT_LEN as u64,
+        ..Stats::default()
+    };
+    let mut header = Box::new([0u8; HEADER_LEN]);
+    let (mut payload, mut pages) = (Vec::new(), Vec::new());
+    let mut decoder: Option<Decoder> = None;
+    let mut since_sync = 0u64;
+    loop {
+        let offset = stats.bytes;
+        let io = |source| Error::Io {
+            channel,
+            offset,
+            source,
+        };
+        match read_full(t.as_mut(), &mut header[..]).map_err(io)? {
+            Some(0) if since_sync == 0 => return Ok(stats),
+            Some(0) => {
+                return Err(Error::Sync {
+                    channel,
+                    what: "sent pages after its last SYNC",
+                })
+            }
+            Some(got) => {
+                return Err(Error::Truncated {
+                    channel,
+                    offset: offset + got as u64,
+                })
+            }
+            None => {}
+        }
+        let packet = |source| Error::Packet {
+            channel,
+            offset,
+            source,
+        };
+        let h = PacketHeader::decode(&header, decoder.as_ref().map(Decoder::method))
+            .map_err(packet)?;
+        payload.resize(h.next_packet_size as usize, 0);
+        if let Some(got) = read_full(t.as_mut(), &mut payload).map_err(io)? {
+            return Err(Error::Truncated {
+                channel,
+                offset: offset + (HEADER_LEN + got) as u64,
+            });
+        }
+        stats.bytes += (HEADER_LEN + payload.len()) as u64;
+        if h.normal_pages > 0 {
+            let method = Compression::from_flags(h.flags).map_err(packet)?;
+            let d = match &mut decoder {
+                Some(d) => d,
+                None => decoder.insert(Decoder::new(method).map_err(io)?),
+            };
+            pages.resize(h.normal_pages as usize * PAGE_SIZE, 0);
+            d.decode(&payload, &mut pages).map_err(packet)?;
+        }
+        if !h.offsets.is_empty() {
+            let normal = &pages[..h.normal_pages as usize * PAGE_SIZE];
+            write(channel, offset, &h, normal, shared)?;
+            stats.normal += u64::from(h.normal_pages);
+            stats.zero += u64::from(h.zero_pages);
+            since_sync += h.offsets.len() as u64;
+        }
+        if h.is_sync() {
+            shared.arrive(channel)?;
+            since_sync = 0;
+        }
+    }
+}
+
+/// Writes one packet's pages to its block.
+fn write(
+    channel: u8,
+    offset: u64,
+    h: &PacketHeader,
+    pages: &[u8],
+    shared: &Shared,
+) -> Result<(), Error> {
+    let block_error = |why| Error::Block {
+        channel,
+        offset,
+        block: h.block.clone(),
+        why,
+    };
+    let ram = shared
+        .pages
+        .get()
+        .ok_or_else(|| block_error("came before the main stream's block list"))?;
+    let block = ram
+        .block(&h.block)
+        .ok_or_else(|| block_error("is not in the main stream's block list"))?;
+    let load = |source| Error::Load {
+        channel,
+        offset,
+        source,
+    };
+    ram.write_pages(block, h.normal(), pages).map_err(load)?;
+    ram.zero_pages(block, h.zero()).map_err(load)
+}
