@@ -1,0 +1,115 @@
+//! `ferry send` and `ferry receive` command lines, and what their `--stats-json`
+//! must show after a completed migration.
+//!
+//! The checks compare the sender's figures with evidence it does not produce
+//! itself: the destination's bytes, and the pages the next round really sent.
+
+use std::fs;
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::proc::{ferry, Spawn};
+use crate::ram::PAGE_SIZE;
+
+/// `PATH,name=NAME`, a `--ram` or `--disk` value.
+pub fn named(path: &Path, name: &str) -> String {
+    format!("{},name={name}", path.display())
+}
+
+/// `ferry receive --listen LISTEN --ram DEST,name=ram --stats-json DIR/receive.json`;
+/// start it with [`Spawn::start_listening`].
+pub fn receive(dir: &Path, listen: &str, dest: &Path) -> Spawn {
+    ferry(&[
+        "receive".to_owned(),
+        "--listen".into(),
+        listen.into(),
+        "--ram".into(),
+        named(dest, "ram"),
+        "--stats-json".into(),
+        dir.join("receive.json").display().to_string(),
+    ])
+}
+
+/// `ferry send --to TO --no-progress --stats-json DIR/NAME.json`; add the RAM
+/// (`--ram`, or a guest's `send_args`).
+pub fn send(dir: &Path, name: &str, to: &str) -> Spawn {
+    ferry(&[
+        "send".to_owned(),
+        "--to".into(),
+        to.into(),
+        "--no-progress".into(),
+        "--stats-json".into(),
+        dir.join(format!("{name}.json")).display().to_string(),
+    ])
+}
+
+fn u64_at(v: &Value, what: &str) -> u64 {
+    v.as_u64()
+        .unwrap_or_else(|| panic!("{what} is not a count: {v}"))
+}
+
+/// The sender's `ram.remaining` after a completed run must be what the
+/// destination really lacks: the bytes of the pages where `dest` differs from
+/// `source` (none after a good migration).
+pub fn assert_remaining_is_what_the_destination_lacks(stats: &Value, source: &Path, dest: &Path) {
+    let (a, b) = (
+        fs::read(source).expect("source"),
+        fs::read(dest).expect("dest"),
+    );
+    let lacking = a
+        .chunks(PAGE_SIZE)
+        .zip(b.chunks(PAGE_SIZE).chain(std::iter::repeat(&[][..])))
+        .filter(|(x, y)| x != y)
+        .count()
+        * PAGE_SIZE;
+    let remaining = u64_at(&stats["ram"]["remaining"], "ram.remaining");
+    assert_eq!(
+        remaining, lacking as u64,
+        "the sender says {remaining} bytes remain; the destination lacks {lacking}"
+    );
+}
+
+/// The rounds of a completed live migration of `ram_pages` pages: round 0 sent
+/// every page; every page the guest left dirty at the end of a round went out
+/// again in the next (the final round, after the stop, is not in `rounds`: it
+/// is what the page counts hold beyond them); so a guest that dirtied memory
+/// made the sender send more pages than it has. With a disk (`dirty-bytes`
+/// then counts disk chunks too) only the totals are compared.
+pub fn assert_rounds_resend_what_was_dirty(stats: &Value, ram_pages: u64, disk: bool) {
+    let rounds = stats["rounds"].as_array().expect("rounds");
+    let first = rounds.first().expect("a live migration reports round 0");
+    assert_eq!(
+        u64_at(&stats["iterations"], "iterations"),
+        rounds.len() as u64 + 1,
+        "the final round follows the reported ones"
+    );
+    assert_eq!(u64_at(&first["pages"], "round 0 pages"), ram_pages);
+    let ram = &stats["ram"];
+    let sent_total: u64 = ["duplicate", "normal", "compressed"]
+        .iter()
+        .map(|k| u64_at(&ram[k], k))
+        .sum();
+    let in_rounds: u64 = rounds.iter().map(|r| u64_at(&r["pages"], "pages")).sum();
+    assert!(
+        sent_total > ram_pages && sent_total >= in_rounds,
+        "{sent_total} pages sent in all, {in_rounds} in the reported rounds, \
+         for {ram_pages} pages of a guest that wrote throughout"
+    );
+    if disk {
+        return;
+    }
+    let next_pages = rounds
+        .iter()
+        .skip(1)
+        .map(|r| u64_at(&r["pages"], "pages"))
+        .chain([sent_total - in_rounds]);
+    for (r, next) in rounds.iter().zip(next_pages) {
+        let dirty = u64_at(&r["dirty-bytes"], "dirty-bytes") / PAGE_SIZE as u64;
+        assert!(
+            next >= dirty,
+            "round {} ended with {dirty} dirty pages, the next sent only {next}: {stats}",
+            r["round"]
+        );
+    }
+}
