@@ -6,10 +6,12 @@
 
 use std::fs;
 use std::path::Path;
+use std::process::ExitStatus;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::proc::{ferry, Spawn};
+use crate::proc::{ferry, Process, Spawn};
 use crate::ram::PAGE_SIZE;
 
 /// `PATH,name=NAME`, a `--ram` or `--disk` value.
@@ -111,5 +113,47 @@ pub fn assert_rounds_resend_what_was_dirty(stats: &Value, ram_pages: u64, disk: 
             "round {} ended with {dirty} dirty pages, the next sent only {next}: {stats}",
             r["round"]
         );
+    }
+}
+
+/// How a sender and a receiver ended, and when, counted from a moment of the test's.
+#[derive(Debug, Clone, Copy)]
+pub struct Ends {
+    /// The sender's exit status.
+    pub send: ExitStatus,
+    /// When the sender had exited.
+    pub send_took: Duration,
+    /// The receiver's exit status.
+    pub recv: ExitStatus,
+    /// When the receiver had exited.
+    pub recv_took: Duration,
+}
+
+/// Waits for both to exit, watching both at once so each one's time is its
+/// own; panics, quoting both, if not both end within `limit` after `since`.
+pub fn wait_ends(s: &mut Process, r: &mut Process, since: Instant, limit: Duration) -> Ends {
+    let (mut se, mut re) = (None, None);
+    loop {
+        if se.is_none() {
+            se = s.try_status().unwrap().map(|st| (st, since.elapsed()));
+        }
+        if re.is_none() {
+            re = r.try_status().unwrap().map(|st| (st, since.elapsed()));
+        }
+        if let (Some((send, send_took)), Some((recv, recv_took))) = (se, re) {
+            return Ends {
+                send,
+                send_took,
+                recv,
+                recv_took,
+            };
+        }
+        assert!(
+            since.elapsed() < limit,
+            "not both ended within {limit:?} (send {se:?}, receive {re:?})\nsend: {}\nreceive: {}",
+            s.stderr(),
+            r.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
