@@ -210,6 +210,33 @@ pub fn dirty_bits(log: &Path) -> Vec<bool> {
         .collect()
 }
 
+/// Samples `what` now and one second later: the two samples and the seconds
+/// between them, for a rate measured from outside the guest.
+pub fn over_a_second<T>(mut what: impl FnMut() -> T) -> (T, T, f64) {
+    let (t0, before) = (std::time::Instant::now(), what());
+    std::thread::sleep(Duration::from_secs(1));
+    let after = what();
+    (before, after, t0.elapsed().as_secs_f64())
+}
+
+/// How many page writes, spread uniformly at random over the pages of a
+/// dirty log region, turn the set bits `before` into those `after` (bits are
+/// only ever set): `k` writes leave a clean page clean with probability
+/// `(1 - 1/n)^k ~ e^(-k/n)`, so `k = n ln(clean before / clean after)`. This
+/// measures a guest's write rate from outside, by its effect, where its own
+/// meter could be wrong; it is exact for uniform writes while few bits are
+/// set and degrades as the region fills, so keep the region under about half full.
+pub fn page_writes(before: &[bool], after: &[bool]) -> f64 {
+    let n = before.len() as f64;
+    let clean = |bits: &[bool]| bits.iter().filter(|&&d| !d).count() as f64;
+    let (c0, c1) = (clean(before), clean(after));
+    assert!(
+        c1 >= 1.0,
+        "the region filled up: measure a shorter interval"
+    );
+    n * (c0 / c1).ln()
+}
+
 /// A client of a guest's control socket.
 #[derive(Debug)]
 pub struct GuestControl {
