@@ -219,6 +219,43 @@ pub fn over_a_second<T>(mut what: impl FnMut() -> T) -> (T, T, f64) {
     (before, after, t0.elapsed().as_secs_f64())
 }
 
+/// Measures a rate (`measure`, MiB/s) unthrottled, at each throttle of
+/// `levels`, and back at 0, letting each setting settle for 300 ms. Panics
+/// unless the unthrottled rates are within a factor of 1.5 of `set` and each
+/// throttled one is within its range of ratios to the unthrottled rate.
+/// Generous on purpose: what is checked is that the throttle takes effect in
+/// proportion, on a machine that may be busy, not how precisely.
+pub fn check_throttle(
+    g: &Guest,
+    set: f64,
+    levels: &[(u32, std::ops::RangeInclusive<f64>)],
+    mut measure: impl FnMut() -> f64,
+) {
+    let mut c = g.control();
+    let mut at = |percent: u32| {
+        c.command("set-throttle", Some(json!({ "percent": percent })));
+        assert_eq!(c.status()["throttle-percent"], percent);
+        std::thread::sleep(Duration::from_millis(300));
+        measure()
+    };
+    let full = at(0);
+    let throttled: Vec<(u32, f64)> = levels.iter().map(|(p, _)| (*p, at(*p))).collect();
+    let back = at(0);
+    eprintln!("unthrottled {full:.1}, {throttled:?}, back to 0: {back:.1} MiB/s");
+    for (what, rate) in [("unthrottled", full), ("back to 0", back)] {
+        assert!(
+            (set / 1.5..=set * 1.5).contains(&rate),
+            "{what}: {rate:.1} MiB/s, set {set}"
+        );
+    }
+    for ((percent, rate), (_, range)) in throttled.iter().zip(levels) {
+        assert!(
+            range.contains(&(rate / full)),
+            "throttle {percent}%: {rate:.1} MiB/s (unthrottled {full:.1})"
+        );
+    }
+}
+
 /// How many page writes, spread uniformly at random over the pages of a
 /// dirty log region, turn the set bits `before` into those `after` (bits are
 /// only ever set): `k` writes leave a clean page clean with probability

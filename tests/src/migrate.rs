@@ -46,6 +46,20 @@ pub fn send(dir: &Path, name: &str, to: &str) -> Spawn {
     ])
 }
 
+/// Waits for the sender (at most `timeout`) and then the receiver (30 s);
+/// panics, quoting its stderr, unless each exits 0.
+pub fn assert_both_succeed(s: &mut Process, r: &mut Process, timeout: Duration) {
+    for (p, what, t) in [
+        (s, "send", timeout),
+        (r, "receive", Duration::from_secs(30)),
+    ] {
+        let st = p
+            .wait(t)
+            .unwrap_or_else(|e| panic!("ferry {what} did not end: {e}"));
+        assert!(st.success(), "ferry {what} failed ({st}): {}", p.stderr());
+    }
+}
+
 fn u64_at(v: &Value, what: &str) -> u64 {
     v.as_u64()
         .unwrap_or_else(|| panic!("{what} is not a count: {v}"))

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir, tempdir};
 use ferry_tests::guest::{loadgen, Guest};
-use ferry_tests::migrate::{self, assert_rounds_resend_what_was_dirty, named};
+use ferry_tests::migrate::{self, assert_both_succeed, assert_rounds_resend_what_was_dirty, named};
 use ferry_tests::netns::Tmpfs;
 use ferry_tests::proc::{self, wait_until, Process};
 use ferry_tests::qemu::PcWithDisk;
@@ -67,16 +67,7 @@ fn send(dir: &Path, g: &Guest, to: &str, disk: &str) -> Process {
 fn migrate_and_compare(dir: &Path, g: &Guest, src_disk: &str, dst_disk: &str, dst_img: &Path) {
     let (mut r, uri) = receiver(dir, dst_disk);
     let mut s = send(dir, g, &uri, src_disk);
-    assert!(
-        s.wait(RUN_TIMEOUT).unwrap().success(),
-        "send: {}",
-        s.stderr()
-    );
-    assert!(
-        r.wait(Duration::from_secs(30)).unwrap().success(),
-        "receive: {}",
-        r.stderr()
-    );
+    assert_both_succeed(&mut s, &mut r, RUN_TIMEOUT);
     assert!(
         s.stderr().contains("RAM and disk digests match"),
         "{}",

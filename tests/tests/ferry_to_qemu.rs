@@ -8,7 +8,7 @@
 //! equal the source's byte for byte.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_proto::qemu_file::QemuFileWriter;
@@ -61,15 +61,22 @@ fn encode(out: &Path, blocks: &[(String, Vec<u8>)], device: &Path, level: Option
     }
 }
 
+/// A `-M none` source with mixed RAM (`seed`) in `DIR/source.ram`: that
+/// file and the device state extracted from the source's stream.
+fn none_source(dir: &Path, size: u64, seed: u64) -> (PathBuf, PathBuf) {
+    let src_ram = dir.join("source.ram");
+    ram::write_mixed_image(&src_ram, size as usize, seed).expect("writing the RAM image");
+    let device = device_state_from_qemu(dir, &none_machine_args(&src_ram, size))
+        .unwrap_or_else(|e| panic!("{e}"))
+        .device;
+    (src_ram, device)
+}
+
 #[test]
 fn none_machine_loads_ferry_encoded_ram_plain_and_compressed() {
     let dir = tempdir(PREFIX);
     let size = 64u64 << 20;
-    let src_ram = dir.path().join("source.ram");
-    ram::write_mixed_image(&src_ram, size as usize, 21).expect("writing the RAM image");
-    let device = device_state_from_qemu(dir.path(), &none_machine_args(&src_ram, size))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .device;
+    let (src_ram, device) = none_source(dir.path(), size, 21);
     let blocks = vec![("mem".to_owned(), fs::read(&src_ram).expect("reading RAM"))];
     for level in [None, Some(1), Some(9)] {
         let stream = dir.path().join(format!("ferry-{level:?}.mig"));
@@ -121,11 +128,7 @@ fn pc_machine_loads_every_ram_block_and_device_state() {
 fn ferry_send_to_file_with_device_state_loads_in_qemu() {
     let dir = tempdir(PREFIX);
     let size = 64u64 << 20;
-    let src_ram = dir.path().join("source.ram");
-    ram::write_mixed_image(&src_ram, size as usize, 23).expect("writing the RAM image");
-    let device = device_state_from_qemu(dir.path(), &none_machine_args(&src_ram, size))
-        .unwrap_or_else(|e| panic!("{e}"))
-        .device;
+    let (src_ram, device) = none_source(dir.path(), size, 23);
     for compress in [false, true] {
         let stream = dir.path().join(format!("send-{compress}.mig"));
         let ram_arg = format!("{},name=mem", src_ram.display());

@@ -10,7 +10,8 @@ use std::time::{Duration, Instant};
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::{loadgen, Guest};
 use ferry_tests::migrate::{
-    self, assert_remaining_is_what_the_destination_lacks, assert_rounds_resend_what_was_dirty,
+    self, assert_both_succeed, assert_remaining_is_what_the_destination_lacks,
+    assert_rounds_resend_what_was_dirty,
 };
 use ferry_tests::proc::{self, wait_io, Io, Process};
 
@@ -57,16 +58,7 @@ fn destination_equals_source_at_switchover_while_the_guest_dirties() {
             extra.push("--compress");
         }
         let mut s = send(d, &g, &uri, &extra);
-        assert!(
-            s.wait(RUN_TIMEOUT).unwrap().success(),
-            "send: {}",
-            s.stderr()
-        );
-        assert!(
-            r.wait(Duration::from_secs(30)).unwrap().success(),
-            "receive: {}",
-            r.stderr()
-        );
+        assert_both_succeed(&mut s, &mut r, RUN_TIMEOUT);
         // The guest stays stopped after a completed migration, so its RAM is
         // what it was at switchover.
         assert_eq!(g.status().unwrap(), "postmigrate");
@@ -131,16 +123,7 @@ fn a_guest_that_outruns_the_link_converges_only_with_auto_converge() {
             "20",
         ],
     );
-    assert!(
-        s.wait(RUN_TIMEOUT).unwrap().success(),
-        "send: {}",
-        s.stderr()
-    );
-    assert!(
-        r.wait(Duration::from_secs(30)).unwrap().success(),
-        "receive: {}",
-        r.stderr()
-    );
+    assert_both_succeed(&mut s, &mut r, RUN_TIMEOUT);
     let st = read_json(&d.join("send.json"));
     assert!(
         st["throttle-percent"].as_u64().unwrap() >= 30,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{shm_tempdir, tempdir};
-use ferry_tests::guest::{dirty_bits, loadgen, over_a_second, page_writes, Guest};
+use ferry_tests::guest::{check_throttle, dirty_bits, loadgen, over_a_second, page_writes, Guest};
 use ferry_tests::proc::wait_until;
 use serde_json::{json, Value};
 
@@ -282,33 +282,9 @@ fn throttle_slows_the_writers_in_proportion() {
         .rate("32M")
         .start()
         .expect("starting ferry loadgen");
-    let mut c = g.control();
-    let pages = 65536;
-    let mut at = |percent: u32| {
-        c.command("set-throttle", Some(json!({ "percent": percent })));
-        assert_eq!(c.status()["throttle-percent"], percent);
-        thread::sleep(Duration::from_millis(300));
-        measured_rate(&g, pages)
-    };
-    let full = at(0);
-    let half = at(50);
-    let tenth = at(90);
-    let back = at(0);
-    eprintln!("unthrottled {full:.1}, 50%: {half:.1}, 90%: {tenth:.1}, back to 0: {back:.1} MiB/s");
-    for (what, rate) in [("unthrottled", full), ("back to 0", back)] {
-        assert!(
-            (32.0 / 1.5..=32.0 * 1.5).contains(&rate),
-            "{what}: {rate:.1} MiB/s, set 32"
-        );
-    }
-    assert!(
-        (0.3..=0.7).contains(&(half / full)),
-        "throttle 50%: {half:.1} MiB/s (unthrottled {full:.1})"
-    );
-    assert!(
-        (0.02..=0.25).contains(&(tenth / full)),
-        "throttle 90%: {tenth:.1} MiB/s (unthrottled {full:.1})"
-    );
+    check_throttle(&g, 32.0, &[(50, 0.3..=0.7), (90, 0.02..=0.25)], || {
+        measured_rate(&g, 65536)
+    });
 }
 
 #[test]

@@ -10,9 +10,8 @@ use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{shm_tempdir, tempdir};
-use ferry_tests::guest::{dirty_bits, loadgen, over_a_second, Guest};
+use ferry_tests::guest::{check_throttle, dirty_bits, loadgen, over_a_second, Guest};
 use ferry_tests::proc::{io_bytes, wait_until, Io};
-use serde_json::json;
 
 const CHUNK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
@@ -207,26 +206,7 @@ fn stop_quiesces_the_disk_and_cont_resumes() {
 fn throttle_slows_the_disk_writer_too() {
     let dir = shm_tempdir(PREFIX);
     let g = guest(dir.path(), "guest", "64M", &["--disk-rate", "32M"]);
-    let mut c = g.control();
-    let mut at = |percent: u32| {
-        c.command("set-throttle", Some(json!({ "percent": percent })));
-        thread::sleep(Duration::from_millis(300));
-        measured_rate(&g)
-    };
-    let full = at(0);
-    let half = at(50);
-    let back = at(0);
-    eprintln!("disk: unthrottled {full:.1}, 50%: {half:.1}, back to 0: {back:.1} MiB/s");
-    for (what, rate) in [("unthrottled", full), ("back to 0", back)] {
-        assert!(
-            (32.0 / 1.5..=32.0 * 1.5).contains(&rate),
-            "{what}: {rate:.1} MiB/s, set 32"
-        );
-    }
-    assert!(
-        (0.3..=0.7).contains(&(half / full)),
-        "throttle 50%: {half:.1} MiB/s (unthrottled {full:.1})"
-    );
+    check_throttle(&g, 32.0, &[(50, 0.3..=0.7)], || measured_rate(&g));
 }
 
 #[test]
