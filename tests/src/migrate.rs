@@ -19,18 +19,23 @@ pub fn named(path: &Path, name: &str) -> String {
     format!("{},name={name}", path.display())
 }
 
-/// `ferry receive --listen LISTEN --ram DEST,name=ram --stats-json DIR/receive.json`;
-/// start it with [`Spawn::start_listening`].
-pub fn receive(dir: &Path, listen: &str, dest: &Path) -> Spawn {
-    ferry(&[
+/// `ferry receive --listen LISTEN --ram DEST,name=ram --stats-json STATS`.
+pub fn receive_args(listen: &str, dest: &Path, stats: &Path) -> Vec<String> {
+    vec![
         "receive".to_owned(),
         "--listen".into(),
         listen.into(),
         "--ram".into(),
         named(dest, "ram"),
         "--stats-json".into(),
-        dir.join("receive.json").display().to_string(),
-    ])
+        stats.display().to_string(),
+    ]
+}
+
+/// [`receive_args`] with the statistics in `DIR/receive.json`; start it with
+/// [`Spawn::start_listening`].
+pub fn receive(dir: &Path, listen: &str, dest: &Path) -> Spawn {
+    ferry(&receive_args(listen, dest, &dir.join("receive.json")))
 }
 
 /// `ferry send --to TO --no-progress --stats-json DIR/NAME.json`; add the RAM
@@ -44,6 +49,18 @@ pub fn send(dir: &Path, name: &str, to: &str) -> Spawn {
         "--stats-json".into(),
         dir.join(format!("{name}.json")).display().to_string(),
     ])
+}
+
+/// Waits until `bytes` of the stream have landed at the destination: the
+/// receiver's reader has written that much into the RAM file (`pwrite`, by the
+/// kernel's count), whatever the transport. Returns the reader's pid.
+pub fn wait_landed(r: &Process, bytes: u64, timeout: Duration) -> u32 {
+    let reader = r
+        .wait_actor("reader", Duration::from_secs(20))
+        .unwrap_or_else(|e| panic!("{e}"));
+    crate::proc::wait_written(reader, bytes, timeout)
+        .unwrap_or_else(|e| panic!("the stream did not land: {e}"));
+    reader
 }
 
 /// Waits for the sender (at most `timeout`) and then the receiver (30 s);

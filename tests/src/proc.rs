@@ -7,8 +7,8 @@
 //! - [`Process`]: the running process. Killed (SIGKILL; its actors follow by their
 //!   parent-death signal) on drop. Its actors are the children whose command line is
 //!   `ferry __actor KIND ...`.
-//! - Observable progress instead of sleeps: [`io_bytes`] reads what a process has
-//!   written or read so far (`/proc/PID/io`), so a test can act "once the stream is
+//! - Observable progress instead of sleeps: [`written_bytes`] reads what a process
+//!   has written so far (`/proc/PID/io`), so a test can act "once the stream is
 //!   flowing" rather than "1.5 s after the start" on a machine of unknown speed.
 
 use std::ffi::{OsStr, OsString};
@@ -339,41 +339,26 @@ pub fn wait_gone(pids: &[u32], timeout: Duration) -> Result<()> {
     })
 }
 
-/// Which counter of `/proc/PID/io`.
-#[derive(Debug, Clone, Copy)]
-pub enum Io {
-    /// `wchar`: bytes passed to write-like system calls (sockets, pipes, files).
-    Written,
-    /// `rchar`: bytes returned by read-like system calls.
-    Read,
-}
-
-/// What `pid` has written or read so far, by the kernel's count
-/// (`/proc/PID/io`, all threads); 0 once it is gone.
-pub fn io_bytes(pid: u32, which: Io) -> u64 {
-    let key = match which {
-        Io::Written => "wchar: ",
-        Io::Read => "rchar: ",
-    };
+/// What `pid` has written so far by the kernel's count (`wchar` of
+/// `/proc/PID/io`, all threads): bytes passed to `write`, `writev` and
+/// `pwrite` (a writer's `writev` to its socket, a reader's `pwrite` into the
+/// destination RAM file), but not to `send`/`sendmsg`, which std's sockets use
+/// for plain `write` calls; 0 once the process is gone.
+pub fn written_bytes(pid: u32) -> u64 {
     fs::read_to_string(format!("/proc/{pid}/io"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix(key)?.trim().parse().ok())
+        .find_map(|l| l.strip_prefix("wchar: ")?.trim().parse().ok())
         .unwrap_or(0)
 }
 
-/// Waits until `pid` has written (or read) at least `bytes`: the observable
-/// sign that a stream is flowing, on a machine of any speed.
-pub fn wait_io(pid: u32, which: Io, bytes: u64, timeout: Duration) -> Result<()> {
+/// Waits until `pid` has written at least `bytes` ([`written_bytes`]): the
+/// observable sign that a stream is flowing, on a machine of any speed.
+pub fn wait_written(pid: u32, bytes: u64, timeout: Duration) -> Result<()> {
     wait_until(timeout, "the stream to flow", || {
-        io_bytes(pid, which) >= bytes
+        written_bytes(pid) >= bytes
     })
-    .with_context(|| {
-        format!(
-            "pid {pid} moved {} bytes ({which:?}), not {bytes}",
-            io_bytes(pid, which)
-        )
-    })
+    .with_context(|| format!("pid {pid} wrote {} bytes, not {bytes}", written_bytes(pid)))
 }
 
 /// Polls `done` every 10 ms until it holds; fails naming `what` after `timeout`.

@@ -109,19 +109,14 @@ impl Qsd {
     /// these tests need anyway: `apt-get install qemu-system-x86 qemu-utils`).
     fn start(img: &Path, socket: PathBuf) -> Self {
         let bin = "/usr/bin/qemu-storage-daemon";
+        let file = format!("driver=file,node-name=file0,filename={}", img.display());
+        let export = format!(
+            "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
+            socket.display()
+        );
+        let raw = "driver=raw,node-name=disk0,file=file0";
         let child = Command::new(bin)
-            .arg("--blockdev")
-            .arg(format!(
-                "driver=file,node-name=file0,filename={}",
-                img.display()
-            ))
-            .arg("--blockdev")
-            .arg("driver=raw,node-name=disk0,file=file0")
-            .arg("--export")
-            .arg(format!(
-                "type=vhost-user-blk,id=exp0,node-name=disk0,addr.type=unix,addr.path={},writable=on",
-                socket.display()
-            ))
+            .args(["--blockdev", &file, "--blockdev", raw, "--export", &export])
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {bin} (install qemu-utils for it): {e}"));

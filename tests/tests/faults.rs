@@ -35,9 +35,9 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::{loadgen, Guest};
-use ferry_tests::migrate::{self, wait_ends, Ends};
+use ferry_tests::migrate::{self, wait_ends, wait_landed, Ends};
 use ferry_tests::netns::{port_of, wait_established, Tmpfs, TwoHosts};
-use ferry_tests::proc::{self, describe, wait_io, Io, Process};
+use ferry_tests::proc::{self, describe, wait_written, Process};
 use tempfile::TempDir;
 
 /// Both sides' --stall-timeout: far above how fast a broken connection must be
@@ -216,8 +216,7 @@ impl Point {
         match self {
             Point::Setup => {}
             Point::Bulk => {
-                wait_io(writer, Io::Written, 4 << 20, Duration::from_secs(30))
-                    .expect("round 0 under way");
+                wait_written(writer, 4 << 20, Duration::from_secs(30)).expect("round 0 under way");
                 assert!(
                     !s.stderr().contains("round done"),
                     "round 0 ended before the kill: {}",
@@ -595,8 +594,7 @@ fn a_second_sender_at_a_busy_receiver() {
         None,
     );
     wait_established(r.pid(), port, Duration::from_secs(20)).unwrap();
-    let reader = r.wait_actor("reader", Duration::from_secs(5)).unwrap();
-    wait_io(reader, Io::Read, 1 << 20, Duration::from_secs(30)).expect("the first stream flows");
+    wait_landed(&r, 1 << 20, Duration::from_secs(30));
     let t = Instant::now();
     let mut s2 = sender(dir.path(), "send2", &g2, &uri, &[], None);
     let st2 = s2
@@ -645,7 +643,7 @@ fn the_link_bandwidth_drops_mid_run() {
     let mut s = sender(dir.path(), "send", &g, &uri, &[], Some(&hosts.a));
     wait_established(r.pid(), 4444, Duration::from_secs(20)).unwrap();
     let writer = s.wait_actor("writer", Duration::from_secs(5)).unwrap();
-    wait_io(writer, Io::Written, 4 << 20, Duration::from_secs(30)).expect("round 0 flows");
+    wait_written(writer, 4 << 20, Duration::from_secs(30)).expect("round 0 flows");
     let t = Instant::now();
     hosts.shape("80mbit").expect("reshaping the link");
     let e = wait_ends(&mut s, &mut r, t, Duration::from_secs(60));
@@ -688,8 +686,7 @@ fn the_sender_names_the_broken_connection_when_the_receiver_dies() {
             &["--max-bandwidth", "8M"],
             None,
         );
-        let reader = r.wait_actor("reader", Duration::from_secs(20)).unwrap();
-        wait_io(reader, Io::Read, 2 << 20, Duration::from_secs(30)).expect("the stream flows");
+        let reader = wait_landed(&r, 2 << 20, Duration::from_secs(30));
         proc::kill9(reader);
         let st = s.wait(Duration::from_secs(20)).expect("send ends");
         let err = s.last_line();

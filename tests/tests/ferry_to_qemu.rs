@@ -40,6 +40,14 @@ fn load_and_compare(
     assert_same_file(expected, dest_ram);
 }
 
+/// [`load_and_compare`] for a fresh `-M none` destination, RAM in `DIR/dest.ram`.
+fn load_into_none(dir: &Path, size: u64, stream: &Path, expected: &Path, compress: bool) {
+    let dest_ram = dir.join("dest.ram");
+    let _ = fs::remove_file(&dest_ram);
+    let args = none_machine_args(&dest_ram, size);
+    load_and_compare(&args, stream, &dest_ram, expected, compress);
+}
+
 /// Encodes `blocks` with the library encoder into `out`.
 fn encode(out: &Path, blocks: &[(String, Vec<u8>)], device: &Path, level: Option<u32>) {
     let device = DeviceState::from_bytes(fs::read(device).expect("reading the device state"))
@@ -81,15 +89,7 @@ fn none_machine_loads_ferry_encoded_ram_plain_and_compressed() {
     for level in [None, Some(1), Some(9)] {
         let stream = dir.path().join(format!("ferry-{level:?}.mig"));
         encode(&stream, &blocks, &device, level);
-        let dest_ram = dir.path().join("dest.ram");
-        let _ = fs::remove_file(&dest_ram);
-        load_and_compare(
-            &none_machine_args(&dest_ram, size),
-            &stream,
-            &dest_ram,
-            &src_ram,
-            level.is_some(),
-        );
+        load_into_none(dir.path(), size, &stream, &src_ram, level.is_some());
     }
 }
 
@@ -155,14 +155,6 @@ fn ferry_send_to_file_with_device_state_loads_in_qemu() {
             "a file target says it cannot verify: {}",
             out.stderr
         );
-        let dest_ram = dir.path().join("dest.ram");
-        let _ = fs::remove_file(&dest_ram);
-        load_and_compare(
-            &none_machine_args(&dest_ram, size),
-            &stream,
-            &dest_ram,
-            &src_ram,
-            compress,
-        );
+        load_into_none(dir.path(), size, &stream, &src_ram, compress);
     }
 }

@@ -14,7 +14,7 @@ use ferry_proto::stream::parse::{Item, Parser, RamRecord};
 use ferry_proto::transport::FileTransport;
 use ferry_tests::ferry::{run_ferry, Output};
 use ferry_tests::files::{assert_same_file, read_json, tempdir};
-use ferry_tests::migrate::{self, named};
+use ferry_tests::migrate::{self, named, receive_args};
 use ferry_tests::ram::{self, ferry_digest, first_difference};
 
 const MIB: usize = 1 << 20;
@@ -43,18 +43,6 @@ fn send_args(src: &Path, to: &str, extra: &[&str]) -> Vec<String> {
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn receive_args(listen: &str, dest: &Path, stats: &Path) -> Vec<String> {
-    vec![
-        "receive".to_owned(),
-        "--listen".into(),
-        listen.into(),
-        "--ram".into(),
-        named(dest, "ram"),
-        "--stats-json".into(),
-        stats.display().to_string(),
-    ]
 }
 
 /// The number in "integrity verified: N checkpoints".

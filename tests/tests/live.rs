@@ -13,7 +13,7 @@ use ferry_tests::migrate::{
     self, assert_both_succeed, assert_remaining_is_what_the_destination_lacks,
     assert_rounds_resend_what_was_dirty,
 };
-use ferry_tests::proc::{self, wait_io, Io, Process};
+use ferry_tests::proc::{self, wait_written, Process};
 
 const RUN_TIMEOUT: Duration = Duration::from_secs(180);
 const PREFIX: &str = "ferry-live-";
@@ -142,7 +142,7 @@ fn under_way(dir: &Path, actor: (bool, &str)) -> (Guest, Process, Process, u32) 
     let (r, uri) = receiver(dir);
     let s = send(dir, &g, &uri, &["--max-bandwidth", "32M"]);
     let writer = s.wait_actor("writer", Duration::from_secs(20)).unwrap();
-    wait_io(writer, Io::Written, UNDER_WAY, Duration::from_secs(30)).unwrap();
+    wait_written(writer, UNDER_WAY, Duration::from_secs(30)).unwrap();
     let side = if actor.0 { &s } else { &r };
     let pid = side.wait_actor(actor.1, Duration::from_secs(5)).unwrap();
     (g, r, s, pid)

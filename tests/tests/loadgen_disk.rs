@@ -11,7 +11,7 @@ use std::time::Duration;
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{shm_tempdir, tempdir};
 use ferry_tests::guest::{check_throttle, dirty_bits, loadgen, over_a_second, Guest};
-use ferry_tests::proc::{io_bytes, wait_until, Io};
+use ferry_tests::proc::{wait_until, written_bytes};
 
 const CHUNK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
@@ -44,7 +44,7 @@ fn dirty_chunks(g: &Guest) -> Vec<bool> {
 /// it wrote over about a second (`/proc/PID/io`; its RAM writes go through a
 /// mapping and do not count), not by its own meter.
 fn measured_rate(g: &Guest) -> f64 {
-    let (before, after, secs) = over_a_second(|| io_bytes(g.proc.pid(), Io::Written));
+    let (before, after, secs) = over_a_second(|| written_bytes(g.proc.pid()));
     (after - before) as f64 / MIB / secs
 }
 
@@ -191,9 +191,9 @@ fn stop_quiesces_the_disk_and_cont_resumes() {
         c.command("cont", None);
         assert_eq!(c.status()["status"], "running");
         // Written again: 1 MiB more by the kernel's count, and the image changed.
-        let io = io_bytes(g.proc.pid(), Io::Written);
+        let io = written_bytes(g.proc.pid());
         wait_until(Duration::from_secs(5), "disk writes after cont", || {
-            io_bytes(g.proc.pid(), Io::Written) > io + (1 << 20) && image(&g) != img
+            written_bytes(g.proc.pid()) > io + (1 << 20) && image(&g) != img
         })
         .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }

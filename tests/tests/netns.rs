@@ -10,7 +10,7 @@ use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::{loadgen, Guest};
 use ferry_tests::migrate::{self, wait_ends};
 use ferry_tests::netns::{self, TwoHosts};
-use ferry_tests::proc::{self, wait_io, Io, Process};
+use ferry_tests::proc::{self, wait_written, Process};
 
 /// The port the receiver listens on in host B (a fresh namespace: always free).
 const PORT: u16 = 4444;
@@ -108,7 +108,7 @@ fn a_cut_link_fails_both_sides_within_the_stall_timeout() {
     }
     pids.push(r.wait_actor("reader", Duration::from_secs(20)).unwrap());
     netns::wait_established(r.pid(), PORT, Duration::from_secs(20)).expect("connected");
-    wait_io(pids[4], Io::Written, 8 << 20, Duration::from_secs(30)).expect("the stream flows");
+    wait_written(pids[4], 8 << 20, Duration::from_secs(30)).expect("the stream flows");
     assert!(s.try_status().unwrap().is_none(), "{}", s.stderr());
     assert!(r.try_status().unwrap().is_none(), "{}", r.stderr());
 

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir, tempdir};
 use ferry_tests::guest::loadgen;
 use ferry_tests::migrate::{self, assert_remaining_is_what_the_destination_lacks, named};
-use ferry_tests::proc::{self, wait_io, Io, Process};
+use ferry_tests::proc::{self, wait_written, Process};
 use ferry_tests::ram;
 use serde_json::Value;
 
@@ -178,7 +178,7 @@ fn kill_and_check(kind: &str, on_sender: bool) {
     }
     all.push(r.wait_actor("reader", Duration::from_secs(20)).unwrap());
     let writer = s.actor("writer").expect("the writer runs");
-    wait_io(writer, Io::Written, 8 << 20, Duration::from_secs(30)).unwrap();
+    wait_written(writer, 8 << 20, Duration::from_secs(30)).unwrap();
     let victim = match (kind, on_sender) {
         ("orchestrator", true) => s.pid(),
         ("orchestrator", false) => r.pid(),

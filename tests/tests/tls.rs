@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir, tempdir};
 use ferry_tests::migrate::{self, named};
-use ferry_tests::proc::{self, wait_io, Io, Process};
+use ferry_tests::proc::{self, Process};
 use ferry_tests::ram;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
@@ -303,9 +303,8 @@ fn the_stall_timeout_holds_inside_a_tls_session() {
         send_args.extend_from_slice(&stall);
         send_args.extend_from_slice(&slow);
         let mut s = sender(d, &src, &uri, &send_args);
-        // Past the handshake and into the stream: the reader has read 4 MiB.
-        let reader = r.wait_actor("reader", Duration::from_secs(20)).unwrap();
-        wait_io(reader, Io::Read, 4 << 20, Duration::from_secs(30)).unwrap();
+        // Past the handshake and into the stream: 4 MiB have landed.
+        let reader = migrate::wait_landed(&r, 4 << 20, Duration::from_secs(30));
         let (pid, other) = match frozen {
             "writer" => (s.wait_actor("writer", Duration::from_secs(5)), &mut r),
             _ => (Ok(reader), &mut s),
@@ -339,38 +338,23 @@ fn tls_options_are_all_or_nothing_and_not_for_files() {
     let d = dir.path();
     let src = source(d, MIB);
     let p = pki(d, "good");
-    let out = ferry_tests::ferry::run_ferry(
-        [
-            "send",
-            "--ram",
-            &src.display().to_string(),
-            "--to",
-            "tcp:127.0.0.1:9",
-            "--tls-cert",
-            &p.client.cert.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("running ferry send");
-    assert!(!out.status.success());
-    assert!(out.stderr.contains("--tls-key"), "{}", out.stderr);
+    let refused = |args: &[String], needle: &str| {
+        let out = ferry_tests::ferry::run_ferry(args, Duration::from_secs(30)).expect("running");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(out.stderr.contains(needle), "{}", out.stderr);
+    };
+    let send = |to: &str| -> Vec<String> {
+        ["send", "--ram", &src.display().to_string(), "--to", to]
+            .map(String::from)
+            .into()
+    };
+    let mut args = send("tcp:127.0.0.1:9");
+    args.extend(["--tls-cert".into(), p.client.cert.display().to_string()]);
+    refused(&args, "--tls-key");
 
-    let file = format!("file:{}", d.join("s.bin").display());
-    let mut args = vec![
-        "send".to_owned(),
-        "--ram".into(),
-        src.display().to_string(),
-        "--to".into(),
-        file,
-    ];
+    let mut args = send(&format!("file:{}", d.join("s.bin").display()));
     args.extend(tls_args(&p.client, &p.ca.pem));
-    let out = ferry_tests::ferry::run_ferry(&args, Duration::from_secs(30)).expect("running");
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("only with tcp: and unix:"),
-        "{}",
-        out.stderr
-    );
+    refused(&args, "only with tcp: and unix:");
     assert!(!d.join("s.bin").exists(), "the stream file was written");
 
     fs::write(d.join("s.bin"), b"QEVM").expect("writing a stream file");
@@ -382,13 +366,7 @@ fn tls_options_are_all_or_nothing_and_not_for_files() {
         d.join("dest.ram").display().to_string(),
     ];
     args.extend(tls_args(&p.server, &p.ca.pem));
-    let out = ferry_tests::ferry::run_ferry(&args, Duration::from_secs(30)).expect("running");
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("only with tcp: and unix:"),
-        "{}",
-        out.stderr
-    );
+    refused(&args, "only with tcp: and unix:");
 }
 
 /// What TLS costs: 1 GiB of mixed RAM in /dev/shm, raw, plain tcp against
