@@ -143,8 +143,8 @@ fn disk_and_ram_arrive_identical_while_the_guest_writes_vhost_user() {
     let dir = shm_tempdir(PREFIX);
     let g = guest(dir.path(), "256M", "64M");
     let dst = image(&dir.path().join("dst.img"), 64 << 20);
-    let src_q = Qsd::start(g.disk().0, dir.path().join("src.sock"));
-    let dst_q = Qsd::start(&dst, dir.path().join("dst.sock"));
+    let src_q = Qsd::start(g.disk().0, dir.path().join("qsd-src.sock"));
+    let dst_q = Qsd::start(&dst, dir.path().join("qsd-dst.sock"));
     migrate_and_compare(
         dir.path(),
         &g,
