@@ -4,16 +4,19 @@
 //! migration of a dirtying `ferry loadgen` guest:
 //!
 //! - setup: all actors of both sides run and the TCP connection is established;
-//! - bulk: 1.5 s into round 0 (the full copy);
+//! - bulk: in round 0 (the full copy), once its writer has written 4 MiB;
 //! - late round: right after round 1 ended, in round 2 of a guest that outruns the link;
 //! - after stop: the switchover stopped the guest (its log says `loadgen stopped`) and
-//!   the final round is on the wire.
+//!   the final round (~4 s at the capped rate) is on the wire; both sides are
+//!   checked to be running right before the kill, so a kill that came too late fails
+//!   saying so instead of testing the wrong thing.
 //!
 //! Each row checks the guest (running again, never left paused; `postmigrate` only
 //! after a completed migration), both exit statuses, that the receiver never reports a
-//! completed load, that the side that lost a process names it, that the other side
-//! fails promptly on the broken connection (well before `--stall-timeout`), and that
-//! no ferry process is left. Further rows: a receiver RAM file that cannot be written
+//! completed load, that the side that lost a process names it, and that both sides
+//! fail within `PROMPT` (5 s, half the 10 s `--stall-timeout`: the death notice and
+//! the broken connection end the run, not the stall timer; generous for a busy
+//! machine), and that no ferry process is left. Further rows: a receiver RAM file that cannot be written
 //! (read-only, a directory, a full tmpfs), a peer that closes the socket, a second
 //! sender at a busy receiver, and the link's bandwidth dropping mid-run.
 //!
