@@ -52,9 +52,8 @@ const STALL: &str = "10";
 /// the run, with room for a busy two-core machine.
 const PROMPT: Duration = Duration::from_secs(5);
 
-fn tempdir() -> TempDir {
-    shm_tempdir("ferry-faults-")
-}
+/// Temporary directories: in /dev/shm, named so that [`anon`] finds them.
+const PREFIX: &str = "ferry-faults-";
 
 /// `ferry receive --listen LISTEN --ram DEST,name=ram`, here or in `ns`.
 fn receiver(dir: &Path, dest: &Path, listen: &str, ns: Option<&str>) -> (Process, String) {
@@ -249,7 +248,7 @@ struct Run {
 
 impl Run {
     fn start(point: Point) -> Run {
-        let dir = tempdir();
+        let dir = shm_tempdir(PREFIX);
         let (size, rate, ws, extra) = point.scenario();
         let g = loadgen(dir.path(), "guest", size)
             .rate(rate)
@@ -477,7 +476,7 @@ fn unwritable_row(fault: &str, dir: &Path, dest: &Path, needle: &str) {
 #[test]
 fn receiver_ram_file_read_only() {
     // Root writes through file modes, so the file sits on a read-only mount.
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let mnt = dir.path().join("ro");
     fs::create_dir(&mnt).unwrap();
     let tmpfs = Tmpfs::mount(&mnt, "80m").expect("mounting a tmpfs");
@@ -496,7 +495,7 @@ fn receiver_ram_file_read_only() {
 
 #[test]
 fn receiver_ram_file_is_a_directory() {
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let dest = dir.path().join("dst.ram");
     fs::create_dir(&dest).unwrap();
     // The receiver names the path and says what is wrong with it.
@@ -514,7 +513,7 @@ fn receiver_ram_file_on_a_full_tmpfs() {
     // file is created sparse, and once the tmpfs is full the reader's writes
     // fail with ENOSPC, named with the file (pages go in with pwrite, so
     // this is an error, not a SIGBUS).
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let mnt = dir.path().join("small");
     fs::create_dir(&mnt).unwrap();
     let tmpfs = Tmpfs::mount(&mnt, "8m").expect("mounting a tmpfs");
@@ -531,7 +530,7 @@ fn receiver_ram_file_on_a_full_tmpfs() {
 fn peer_closes_the_socket() {
     // A fake receiver: accepts, reads 1 MiB, closes (with unread bytes in its
     // buffer, so the kernel answers the sender with a reset).
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let g = guest(dir.path(), "guest", None, "64M", "4M");
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
@@ -581,7 +580,7 @@ fn peer_closes_the_socket() {
 
 #[test]
 fn a_second_sender_at_a_busy_receiver() {
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let g1 = guest(dir.path(), "guest1", None, "64M", "4M");
     let g2 = guest(dir.path(), "guest2", None, "64M", "0");
     let dest = dir.path().join("dst.ram");
@@ -639,7 +638,7 @@ fn the_link_bandwidth_drops_mid_run() {
     // 80 Mbit/s (10 MB/s) once 4 MiB went out: the migration slows down and
     // completes.
     let hosts = TwoHosts::new("400mbit").expect("two hosts");
-    let dir = tempdir();
+    let dir = shm_tempdir(PREFIX);
     let g = guest(dir.path(), "guest", Some(&hosts.a), "64M", "1M");
     let dest = dir.path().join("dst.ram");
     let (mut r, uri) = receiver(dir.path(), &dest, &hosts.uri_b(4444), Some(&hosts.b));
@@ -677,7 +676,7 @@ fn the_sender_names_the_broken_connection_when_the_receiver_dies() {
     // "compress failed: cannot hand chunks to the writer process:
     // Disconnected". Three runs, as the two reports race.
     for _ in 0..3 {
-        let dir = tempdir();
+        let dir = shm_tempdir(PREFIX);
         let g = guest(dir.path(), "guest", None, "64M", "4M");
         let dest = dir.path().join("dst.ram");
         let (r, uri) = receiver(dir.path(), &dest, "tcp:127.0.0.1:0", None);
