@@ -12,28 +12,19 @@ use ferry_proto::stream::encode::{self, RamWriter};
 use ferry_proto::stream::parse::{Item, Parser, RamRecord};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
 use ferry_proto::transport::{MemTransport, ReadTransport};
+use proptest::prelude::Rng;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 
 const RAM: usize = 64 << 20;
 
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-}
-
-fn text_page(rng: &mut Rng) -> Vec<u8> {
+fn text_page(rng: &mut TestRng) -> Vec<u8> {
     const WORDS: &[&str] = &[
         "request", "user", "session", "timeout", "error", "kernel", "memory", "page", "disk",
         "process", "thread", "failed", "client", "server", "port", "query", "commit", "bytes",
     ];
     let mut out = String::with_capacity(PAGE_SIZE + 64);
     while out.len() < PAGE_SIZE {
-        let r = rng.next();
+        let r = rng.next_u64();
         match r % 6 {
             0 => out.push_str(&format!("{} ", r >> 40)),
             1 => out.push('\n'),
@@ -50,7 +41,7 @@ fn text_page(rng: &mut Rng) -> Vec<u8> {
 
 /// The stream: file header, one RAM section with one 64 MiB block, EOF.
 fn build_stream() -> Vec<u8> {
-    let mut rng = Rng(0x2545_f491_4f6c_dd1d);
+    let mut rng = TestRng::deterministic_rng(RngAlgorithm::XorShift);
     let blocks = [RamBlockInfo {
         idstr: "pc.ram".into(),
         length: RAM as u64,
@@ -67,7 +58,7 @@ fn build_stream() -> Vec<u8> {
         match i % 3 {
             0 => {
                 let page: Vec<u8> = (0..PAGE_SIZE / 8)
-                    .flat_map(|_| rng.next().to_le_bytes())
+                    .flat_map(|_| rng.next_u64().to_le_bytes())
                     .collect();
                 w.put_page(&mut f, "pc.ram", offset, &page).unwrap();
             }

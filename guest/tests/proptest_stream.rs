@@ -9,7 +9,7 @@ use ferry_guest::load::{self, block_file_name, RamImage};
 use ferry_proto::compress;
 use ferry_proto::qemu_file::{self, QemuFileReader, QemuFileWriter};
 use ferry_proto::stream::encode::{self, PageEncoding, RamWriter};
-use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionClass};
+use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionClass, SectionHeader};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE, RAM_IDSTR, RAM_VERSION};
 use ferry_proto::transport::MemTransport;
 use proptest::prelude::*;
@@ -70,30 +70,14 @@ enum Ev {
         machine: String,
         raw: Vec<u8>,
     },
-    Section {
-        kind: SectionKind,
-        id: u32,
-        idstr: String,
-        instance: u32,
-        version: u32,
-        class: SectionClass,
-        start: u64,
-    },
+    Section(SectionHeader),
     MemSize(Vec<RamBlockInfo>),
-    Zero {
-        block: usize,
-        offset: u64,
-        fill: u8,
-    },
-    Page {
-        block: usize,
-        offset: u64,
-        data: Vec<u8>,
-    },
-    Compressed {
-        block: usize,
-        offset: u64,
-    },
+    /// Block index, offset, fill byte.
+    Zero(usize, u64, u8),
+    /// Block index, offset, the page.
+    Page(usize, u64, Vec<u8>),
+    /// Block index, offset (the zlib bytes are checked by the loaded RAM).
+    Compressed(usize, u64),
     Eos,
     Device(Vec<u8>),
     Footer {
@@ -260,7 +244,7 @@ fn put_device(f: &mut QemuFileWriter<'_, MemTransport>, d: &Device, events: &mut
     encode::put_section_start(f, SectionKind::Full, d.id, &d.idstr, d.instance, d.version).unwrap();
     f.put_buffer(&d.body);
     encode::put_footer(f, d.id);
-    events.push(Ev::Section {
+    events.push(Ev::Section(SectionHeader {
         kind: SectionKind::Full,
         id: d.id,
         idstr: d.idstr.clone(),
@@ -268,12 +252,102 @@ fn put_device(f: &mut QemuFileWriter<'_, MemTransport>, d: &Device, events: &mut
         version: d.version,
         class: SectionClass::Device,
         start,
-    });
+    }));
     events.push(Ev::Device(d.body.clone()));
     events.push(Ev::Footer {
         id: d.id,
         end: f.ftell_fast(),
     });
+}
+
+/// A stream being written, with the items and the RAM it must come back as.
+struct Encoder<'a> {
+    /// Holds `put_page_async` pages by reference until they are flushed.
+    f: QemuFileWriter<'a, MemTransport>,
+    infos: Vec<RamBlockInfo>,
+    events: Vec<Ev>,
+    ram: Vec<Vec<u8>>,
+    compressors: [compress::Compress; 2],
+}
+
+impl<'a> Encoder<'a> {
+    /// One RAM section: its header, the block list in START, its records, EOS
+    /// and the footer.
+    fn ram_section(&mut self, case: &Case, kind: SectionKind, records: &'a [PageRec]) {
+        let f = &mut self.f;
+        let start = f.ftell_fast();
+        if kind == SectionKind::Start {
+            let (id, instance) = (case.ram_id, case.ram_instance);
+            encode::put_section_start(f, kind, id, RAM_IDSTR, instance, RAM_VERSION).unwrap();
+        } else {
+            encode::put_section_part(f, kind, case.ram_id);
+        }
+        self.events.push(Ev::Section(SectionHeader {
+            kind,
+            id: case.ram_id,
+            idstr: RAM_IDSTR.into(),
+            instance: case.ram_instance,
+            version: RAM_VERSION,
+            class: SectionClass::Ram,
+            start,
+        }));
+        // The parser expects each section's first page to name its block.
+        let mut w = RamWriter::new();
+        if kind == SectionKind::Start {
+            w.put_mem_size(&mut self.f, &self.infos).unwrap();
+            self.events.push(Ev::MemSize(self.infos.clone()));
+        }
+        for rec in records {
+            self.page(&mut w, case, rec);
+        }
+        w.put_eos(&mut self.f);
+        self.events.push(Ev::Eos);
+        encode::put_footer(&mut self.f, case.ram_id);
+        let end = self.f.ftell_fast();
+        self.events.push(Ev::Footer {
+            id: case.ram_id,
+            end,
+        });
+    }
+
+    /// One page record, and what it does to the RAM.
+    fn page(&mut self, w: &mut RamWriter, case: &Case, rec: &'a PageRec) {
+        let block = rec.block % self.infos.len();
+        let page = rec.page % case.blocks[block].1;
+        let offset = (page * PAGE_SIZE) as u64;
+        let (f, idstr) = (&mut self.f, &self.infos[block].idstr);
+        let dst = &mut self.ram[block][page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
+        let ev = match &rec.kind {
+            PageKind::Zero(fill) => {
+                w.put_zero_page(f, idstr, offset, *fill).unwrap();
+                dst.fill(*fill);
+                Ev::Zero(block, offset, *fill)
+            }
+            PageKind::Raw(data) => {
+                w.put_page(f, idstr, offset, data).unwrap();
+                dst.copy_from_slice(data);
+                Ev::Page(block, offset, data.clone())
+            }
+            PageKind::Async(data) => {
+                w.put_page_async(f, idstr, offset, data).unwrap();
+                dst.copy_from_slice(data);
+                Ev::Page(block, offset, data.clone())
+            }
+            PageKind::Compressed(data, level) => {
+                let c = &mut self.compressors[usize::from(*level != 1)];
+                dst.copy_from_slice(data);
+                match w.put_compressed_page(f, c, idstr, offset, data).unwrap() {
+                    PageEncoding::Compressed(len) => {
+                        assert!(len < PAGE_SIZE);
+                        Ev::Compressed(block, offset)
+                    }
+                    PageEncoding::Raw => Ev::Page(block, offset, data.clone()),
+                    PageEncoding::Zero(_) => unreachable!("compression never makes a ZERO"),
+                }
+            }
+        };
+        self.events.push(ev);
+    }
 }
 
 fn encode_case(case: &Case) -> Encoded {
@@ -285,125 +359,44 @@ fn encode_case(case: &Case) -> Encoded {
             length: (*pages * PAGE_SIZE) as u64,
         })
         .collect();
-    let mut ram: Vec<Vec<u8>> = infos.iter().map(|b| vec![0; b.length as usize]).collect();
-    let mut events = vec![Ev::FileHeader];
-    let mut compressors = [compress::compressor(1), compress::compressor(6)];
-
-    let mut f = QemuFileWriter::new(MemTransport::new());
-    encode::put_file_header(&mut f);
-    encode::put_configuration(&mut f, "none");
-    events.push(Ev::Configuration {
+    let mut e = Encoder {
+        f: QemuFileWriter::new(MemTransport::new()),
+        ram: infos.iter().map(|b| vec![0; b.length as usize]).collect(),
+        infos,
+        events: vec![Ev::FileHeader],
+        compressors: [compress::compressor(1), compress::compressor(6)],
+    };
+    encode::put_file_header(&mut e.f);
+    encode::put_configuration(&mut e.f, "none");
+    e.events.push(Ev::Configuration {
         machine: "none".into(),
         raw: [&[0x07, 0, 0, 0, 4][..], b"none"].concat(),
     });
-
     let n = case.sections.len();
     for (s, records) in case.sections.iter().enumerate() {
         if case.device.position == s {
-            put_device(&mut f, &case.device, &mut events);
+            put_device(&mut e.f, &case.device, &mut e.events);
         }
         let kind = match s {
             0 => SectionKind::Start,
             _ if s == n - 1 => SectionKind::End,
             _ => SectionKind::Part,
         };
-        let start = f.ftell_fast();
-        if kind == SectionKind::Start {
-            encode::put_section_start(
-                &mut f,
-                kind,
-                case.ram_id,
-                RAM_IDSTR,
-                case.ram_instance,
-                RAM_VERSION,
-            )
-            .unwrap();
-        } else {
-            encode::put_section_part(&mut f, kind, case.ram_id);
-        }
-        events.push(Ev::Section {
-            kind,
-            id: case.ram_id,
-            idstr: RAM_IDSTR.into(),
-            instance: case.ram_instance,
-            version: RAM_VERSION,
-            class: SectionClass::Ram,
-            start,
-        });
-        // The parser expects each section's first page to name its block.
-        let mut w = RamWriter::new();
-        if kind == SectionKind::Start {
-            w.put_mem_size(&mut f, &infos).unwrap();
-            events.push(Ev::MemSize(infos.clone()));
-        }
-        for rec in records {
-            let block = rec.block % infos.len();
-            let page = rec.page % case.blocks[block].1;
-            let offset = (page * PAGE_SIZE) as u64;
-            let idstr = &infos[block].idstr;
-            let dst = &mut ram[block][page * PAGE_SIZE..(page + 1) * PAGE_SIZE];
-            match &rec.kind {
-                PageKind::Zero(fill) => {
-                    w.put_zero_page(&mut f, idstr, offset, *fill).unwrap();
-                    dst.fill(*fill);
-                    events.push(Ev::Zero {
-                        block,
-                        offset,
-                        fill: *fill,
-                    });
-                }
-                PageKind::Raw(data) | PageKind::Async(data) => {
-                    if matches!(rec.kind, PageKind::Raw(_)) {
-                        w.put_page(&mut f, idstr, offset, data).unwrap();
-                    } else {
-                        w.put_page_async(&mut f, idstr, offset, data).unwrap();
-                    }
-                    dst.copy_from_slice(data);
-                    events.push(Ev::Page {
-                        block,
-                        offset,
-                        data: data.clone(),
-                    });
-                }
-                PageKind::Compressed(data, level) => {
-                    let c = &mut compressors[usize::from(*level != 1)];
-                    let how = w
-                        .put_compressed_page(&mut f, c, idstr, offset, data)
-                        .unwrap();
-                    dst.copy_from_slice(data);
-                    match how {
-                        PageEncoding::Compressed(len) => {
-                            assert!(len < PAGE_SIZE);
-                            events.push(Ev::Compressed { block, offset });
-                        }
-                        PageEncoding::Raw => events.push(Ev::Page {
-                            block,
-                            offset,
-                            data: data.clone(),
-                        }),
-                        PageEncoding::Zero(_) => unreachable!("compression never makes a ZERO"),
-                    }
-                }
-            }
-        }
-        w.put_eos(&mut f);
-        events.push(Ev::Eos);
-        encode::put_footer(&mut f, case.ram_id);
-        events.push(Ev::Footer {
-            id: case.ram_id,
-            end: f.ftell_fast(),
-        });
+        e.ram_section(case, kind, records);
     }
     if case.device.position == n {
-        put_device(&mut f, &case.device, &mut events);
+        put_device(&mut e.f, &case.device, &mut e.events);
     }
-    encode::put_eof(&mut f);
-    events.push(Ev::Eof);
-    events.push(Ev::End);
-    let total = f.ftell();
-    let bytes = f.into_transport().unwrap().take();
+    encode::put_eof(&mut e.f);
+    e.events.extend([Ev::Eof, Ev::End]);
+    let total = e.f.ftell();
+    let bytes = e.f.into_transport().unwrap().take();
     assert_eq!(bytes.len() as u64, total);
-    Encoded { bytes, events, ram }
+    Encoded {
+        bytes,
+        events: e.events,
+        ram: e.ram,
+    }
 }
 
 fn device_sizes(case: &Case) -> HashMap<(String, u32), u64> {
@@ -455,15 +448,7 @@ fn parse_and_load(
                 machine,
                 raw: raw.to_vec(),
             },
-            Item::Section(h) => Ev::Section {
-                kind: h.kind,
-                id: h.id,
-                idstr: h.idstr,
-                instance: h.instance,
-                version: h.version,
-                class: h.class,
-                start: h.start,
-            },
+            Item::Section(h) => Ev::Section(h),
             Item::Ram(rec) => {
                 if let RamRecord::MemSize(blocks) = &rec {
                     if image.is_none() && loadable(blocks, 64 << 20) {
@@ -484,21 +469,13 @@ fn parse_and_load(
                         block,
                         offset,
                         fill,
-                    } => Ev::Zero {
-                        block,
-                        offset,
-                        fill,
-                    },
+                    } => Ev::Zero(block, offset, fill),
                     RamRecord::Page {
                         block,
                         offset,
                         data,
-                    } => Ev::Page {
-                        block,
-                        offset,
-                        data: data.to_vec(),
-                    },
-                    RamRecord::Compressed { block, offset, .. } => Ev::Compressed { block, offset },
+                    } => Ev::Page(block, offset, data.to_vec()),
+                    RamRecord::Compressed { block, offset, .. } => Ev::Compressed(block, offset),
                     RamRecord::Xbzrle { .. } => panic!("the encoder wrote no XBZRLE record"),
                     RamRecord::Eos => Ev::Eos,
                     RamRecord::MultifdFlush => panic!("the generator writes no multifd flush"),
@@ -683,7 +660,21 @@ fn write_fuzz_corpus() {
 /// Streams with the items the encoder API does not write: configuration
 /// subsections, commands, block sections, XBZRLE pages, a vmdesc trailer.
 fn extra_streams() -> Vec<(&'static str, Vec<u8>)> {
-    use ferry_proto::stream::{marker, ram_flag, xbzrle, BLOCK_IDSTR, BLOCK_VERSION};
+    let mut out = vmdesc_streams();
+    out.push(("extra-block", block_stream()));
+    out.push(("extra-xbzrle", xbzrle_stream()));
+    // A minimal stream: header, EOF.
+    let mut f = QemuFileWriter::new(MemTransport::new());
+    encode::put_file_header(&mut f);
+    encode::put_eof(&mut f);
+    out.push(("extra-minimal", f.into_transport().unwrap().take()));
+    out
+}
+
+/// Configuration subsections, a command, a device and a vmdesc that sizes it
+/// right, too large and absurdly large.
+fn vmdesc_streams() -> Vec<(&'static str, Vec<u8>)> {
+    use ferry_proto::stream::marker;
     let mut out = Vec::new();
 
     // Configuration with every subsection QEMU 7.2 may send, a command, a
@@ -733,8 +724,12 @@ fn extra_streams() -> Vec<(&'static str, Vec<u8>)> {
         "extra-vmdesc-huge",
         with_vmdesc(vmdesc(u64::MAX - 10).as_bytes()),
     ));
+    out
+}
 
-    // A block section: a zero chunk, a progress record, EOS.
+/// A block section: a zero chunk, a progress record, EOS.
+fn block_stream() -> Vec<u8> {
+    use ferry_proto::stream::{BLOCK_IDSTR, BLOCK_VERSION};
     let mut f = QemuFileWriter::new(MemTransport::new());
     encode::put_file_header(&mut f);
     encode::put_section_start(&mut f, SectionKind::Start, 2, BLOCK_IDSTR, 0, BLOCK_VERSION)
@@ -747,9 +742,12 @@ fn extra_streams() -> Vec<(&'static str, Vec<u8>)> {
     encode::put_block_eos(&mut f);
     encode::put_footer(&mut f, 2);
     encode::put_eof(&mut f);
-    out.push(("extra-block", f.into_transport().unwrap().take()));
+    f.into_transport().unwrap().take()
+}
 
-    // RAM with an XBZRLE page after a raw one.
+/// RAM with an XBZRLE page after a raw one.
+fn xbzrle_stream() -> Vec<u8> {
+    use ferry_proto::stream::{ram_flag, xbzrle};
     let blocks = [RamBlockInfo {
         idstr: "pc.ram".into(),
         length: 2 * PAGE_SIZE as u64,
@@ -775,14 +773,7 @@ fn extra_streams() -> Vec<(&'static str, Vec<u8>)> {
     w.put_eos(&mut f);
     encode::put_footer(&mut f, 0);
     encode::put_eof(&mut f);
-    out.push(("extra-xbzrle", f.into_transport().unwrap().take()));
-
-    // A minimal stream: header, EOF.
-    let mut f = QemuFileWriter::new(MemTransport::new());
-    encode::put_file_header(&mut f);
-    encode::put_eof(&mut f);
-    out.push(("extra-minimal", f.into_transport().unwrap().take()));
-    out
+    f.into_transport().unwrap().take()
 }
 
 #[test]

@@ -5,37 +5,21 @@
 //!   shaped with a `tbf` qdisc; the link can be reshaped or cut mid-run. Drop deletes
 //!   both namespaces (which destroys the veth pair); namespaces left behind by a test
 //!   process that was killed are swept by the next one.
-//! - [`Spawn`] / [`Process`]: `ferry ARGS...`, optionally inside a namespace
-//!   (`ip netns exec NAME ferry ...`, which execs without forking, so the pid is
-//!   ferry's and its actors are its children), with extra environment (e.g.
-//!   `RUST_LOG=ferry=info` to see rounds and guest stops), stderr to a file. Killed
-//!   (SIGKILL; its actors follow by PR_SET_PDEATHSIG) on drop.
-//! - [`Guest`]: a `ferry loadgen` guest and its QMP-style control socket. The socket
-//!   serves one connection at a time, so while `ferry send` holds it,
-//!   [`Guest::status`] gets no answer: watch the guest's own log instead
-//!   (`loadgen stopped` / `loadgen resumed` at `RUST_LOG=ferry=info`).
+//! - Processes run inside a namespace with [`crate::proc::Spawn::netns`].
 //! - [`Tmpfs`]: a small tmpfs mounted on a directory (full-disk and read-only-file
 //!   faults), unmounted on drop.
 //! - [`established`]: whether a TCP connection on a port exists in a process's
 //!   network namespace (`/proc/PID/net/tcp`).
 
-use std::ffi::{OsStr, OsString};
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::thread;
-use std::time::{Duration, Instant};
-
-use serde_json::{json, Value};
+use std::time::Duration;
 
 use crate::bail;
 use crate::error::{Context, Error, Result};
-use crate::ferry::try_ferry_bin;
-use crate::proc;
+use crate::proc::wait_until;
 
 /// Namespace pairs made by this process so far (part of their names).
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -183,349 +167,6 @@ fn sweep_stale() {
     }
 }
 
-/// A `ferry` command line to start: where (a namespace or here), with what
-/// environment.
-#[derive(Debug, Clone)]
-pub struct Spawn {
-    ns: Option<String>,
-    env: Vec<(OsString, OsString)>,
-    args: Vec<OsString>,
-}
-
-/// `ferry args...`, not started yet.
-pub fn ferry<S: AsRef<OsStr>>(args: &[S]) -> Spawn {
-    Spawn {
-        ns: None,
-        env: Vec::new(),
-        args: args.iter().map(|a| a.as_ref().to_owned()).collect(),
-    }
-}
-
-impl Spawn {
-    /// Runs it inside network namespace `ns` (None: here).
-    pub fn netns(mut self, ns: Option<&str>) -> Self {
-        self.ns = ns.map(str::to_owned);
-        self
-    }
-
-    /// Adds arguments.
-    pub fn args<S: AsRef<OsStr>>(mut self, args: &[S]) -> Self {
-        self.args.extend(args.iter().map(|a| a.as_ref().to_owned()));
-        self
-    }
-
-    /// Sets an environment variable.
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.env.push((key.into(), value.into()));
-        self
-    }
-
-    /// `RUST_LOG=ferry=info` without colours: rounds (`round done round=N`) and
-    /// guest stops (`loadgen stopped`) show up on stderr.
-    pub fn info_log(self) -> Self {
-        self.env("RUST_LOG", "ferry=info").env("NO_COLOR", "1")
-    }
-
-    /// Starts it, stderr to `stderr`.
-    pub fn start(self, stderr: &Path) -> Result<Process> {
-        let bin = try_ferry_bin()?;
-        let mut cmd = match &self.ns {
-            Some(ns) => {
-                let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns]).arg(&bin);
-                c
-            }
-            None => Command::new(&bin),
-        };
-        let err =
-            fs::File::create(stderr).with_context(|| format!("creating {}", stderr.display()))?;
-        let child = cmd
-            .args(&self.args)
-            .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(err)
-            .spawn()
-            .context("starting ferry")?;
-        Ok(Process {
-            child,
-            stderr: stderr.to_owned(),
-            status: None,
-        })
-    }
-}
-
-/// A running ferry process (orchestrator or loadgen). Killed on drop.
-#[derive(Debug)]
-pub struct Process {
-    child: Child,
-    stderr: PathBuf,
-    status: Option<ExitStatus>,
-}
-
-impl Process {
-    /// Its pid (ferry's own, also inside a namespace).
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// What it wrote to stderr so far.
-    pub fn stderr(&self) -> String {
-        fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Its last line that starts with `ferry` (the one-line error or summary
-    /// rather than a log line).
-    pub fn last_line(&self) -> String {
-        self.stderr()
-            .lines()
-            .rev()
-            .find(|l| l.starts_with("ferry"))
-            .unwrap_or("")
-            .to_owned()
-    }
-
-    /// Its exit status once it has exited.
-    pub fn try_status(&mut self) -> Result<Option<ExitStatus>> {
-        if self.status.is_none() {
-            self.status = self.child.try_wait().context("polling ferry")?;
-        }
-        Ok(self.status)
-    }
-
-    /// Waits until its stderr contains `needle` (ANSI colours ignored); fails
-    /// if it exits first or after `timeout`.
-    pub fn wait_for(&mut self, needle: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if strip_ansi(&self.stderr()).contains(needle) {
-                return Ok(());
-            }
-            if let Some(st) = self.try_status()? {
-                bail!(
-                    "ferry exited ({st}) before saying {needle:?}:\n{}",
-                    self.stderr()
-                );
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "ferry did not say {needle:?} within {timeout:?}:\n{}",
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Waits for `ferry receive` to say where it listens; returns that URI.
-    pub fn wait_listening(&mut self, timeout: Duration) -> Result<String> {
-        self.wait_for("listening on ", timeout)?;
-        let text = self.stderr();
-        Ok(text
-            .lines()
-            .find_map(|l| l.split("listening on ").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or("")
-            .to_owned())
-    }
-
-    /// Waits for the exit; kills it and fails after `timeout`.
-    pub fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(st) = self.try_status()? {
-                return Ok(st);
-            }
-            if Instant::now() > deadline {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                bail!("ferry did not exit within {timeout:?}:\n{}", self.stderr());
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// Pid of its actor process `kind` (scanner, compress, writer, reader).
-    pub fn actor(&self, kind: &str) -> Option<u32> {
-        proc::children(self.pid()).into_iter().find(|&pid| {
-            let cmd = proc::cmdline(pid);
-            cmd.get(1).map(String::as_str) == Some("__actor")
-                && cmd.get(2).map(String::as_str) == Some(kind)
-        })
-    }
-
-    /// Waits until actor `kind` is running; returns its pid.
-    pub fn wait_actor(&self, kind: &str, timeout: Duration) -> Result<u32> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(pid) = self.actor(kind) {
-                return Ok(pid);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "no {kind} process under pid {} within {timeout:?}:\n{}",
-                    self.pid(),
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(10));
-        }
-    }
-
-    /// SIGKILL to the process itself.
-    pub fn kill9(&self) {
-        proc::kill9(self.pid());
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// `text` without ANSI escape sequences (`ESC [ ... letter`).
-pub fn strip_ansi(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    let mut chars = text.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for d in chars.by_ref() {
-                if d.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
-
-/// How a process ended, for tables: `exit 1`, `signal 9`.
-pub fn describe(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exit {c}"),
-        (_, Some(s)) => format!("signal {s}"),
-        _ => status.to_string(),
-    }
-}
-
-/// A `ferry loadgen` guest: its RAM, dirty log and control socket.
-#[derive(Debug)]
-pub struct Guest {
-    /// The loadgen process (stderr at `info` level: stops and resumes).
-    pub proc: Process,
-    /// Its RAM file.
-    pub ram: PathBuf,
-    /// Its dirty log.
-    pub log: PathBuf,
-    /// Its control socket.
-    pub ctl: PathBuf,
-}
-
-impl Guest {
-    /// Starts `ferry loadgen --size SIZE --dirty-rate RATE EXTRA...` with its
-    /// files in `dir` (named `NAME.ram`, `NAME.log`, `NAME.sock`, `NAME.err`),
-    /// inside `ns` if given; returns once its control socket exists.
-    pub fn start(
-        dir: &Path,
-        name: &str,
-        ns: Option<&str>,
-        size: &str,
-        rate: &str,
-        extra: &[&str],
-    ) -> Result<Guest> {
-        let ram = dir.join(format!("{name}.ram"));
-        let log = dir.join(format!("{name}.log"));
-        let ctl = dir.join(format!("{name}.sock"));
-        let mut proc = ferry(&["loadgen", "--size", size, "--dirty-rate", rate])
-            .args(&[
-                OsStr::new("--ram"),
-                ram.as_os_str(),
-                OsStr::new("--dirty-log"),
-                log.as_os_str(),
-                OsStr::new("--control"),
-            ])
-            .args(&[format!("unix:{}", ctl.display())])
-            .args(extra)
-            .netns(ns)
-            .info_log()
-            .start(&dir.join(format!("{name}.err")))?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !ctl.exists() {
-            if let Some(st) = proc.try_status()? {
-                bail!("loadgen exited ({st}):\n{}", proc.stderr());
-            }
-            if Instant::now() > deadline {
-                bail!("loadgen did not start within 60 s:\n{}", proc.stderr());
-            }
-            thread::sleep(Duration::from_millis(20));
-        }
-        Ok(Guest {
-            proc,
-            ram,
-            log,
-            ctl,
-        })
-    }
-
-    /// `ferry send` arguments for this guest: `--ram RAM,name=ram --dirty-log LOG
-    /// --guest-control unix:CTL`.
-    pub fn send_args(&self) -> Vec<String> {
-        vec![
-            "--ram".into(),
-            format!("{},name=ram", self.ram.display()),
-            "--dirty-log".into(),
-            self.log.display().to_string(),
-            "--guest-control".into(),
-            format!("unix:{}", self.ctl.display()),
-        ]
-    }
-
-    /// Asks the guest one QMP-style command. Fails if the socket does not
-    /// answer within 2 s (it serves one client at a time: a running `ferry
-    /// send` holds it).
-    pub fn ask(&self, command: &str) -> Result<Value> {
-        let s = UnixStream::connect(&self.ctl).context("connecting to the guest")?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        s.set_write_timeout(Some(Duration::from_secs(2)))?;
-        writeln!(&s, "{}", json!({ "execute": command }))?;
-        let mut line = String::new();
-        BufReader::new(&s)
-            .read_line(&mut line)
-            .context("the guest did not answer (is another client connected?)")?;
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    /// `query-status`'s `status`: `running`, `paused` or `postmigrate`.
-    pub fn status(&self) -> Result<String> {
-        let v = self.ask("query-status")?;
-        v["return"]["status"]
-            .as_str()
-            .map(str::to_owned)
-            .ok_or_else(|| Error::msg(format!("query-status answered {v}")))
-    }
-
-    /// Waits until the status is `want`; fails with the last answer after `timeout`.
-    pub fn wait_status(&self, want: &str, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let got = self.status();
-            match &got {
-                Ok(s) if s == want => return Ok(()),
-                _ if Instant::now() > deadline => {
-                    bail!("the guest is not {want} after {timeout:?}: {got:?}")
-                }
-                _ => thread::sleep(Duration::from_millis(50)),
-            }
-        }
-    }
-}
-
 /// A tmpfs mounted on a directory; unmounted on drop.
 #[derive(Debug)]
 pub struct Tmpfs {
@@ -533,9 +174,10 @@ pub struct Tmpfs {
 }
 
 impl Tmpfs {
-    /// `mount -t tmpfs -o size=SIZE tmpfs DIR` (DIR must exist).
+    /// `mount -t tmpfs -o size=SIZE tmpfs DIR`, creating DIR.
     pub fn mount(dir: &Path, size: &str) -> Result<Self> {
         require_root()?;
+        fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         let d = dir
             .to_str()
             .ok_or_else(|| Error::msg("the mount point is not UTF-8"))?;
@@ -592,14 +234,9 @@ pub fn established(pid: u32, port: u16) -> bool {
 
 /// Waits until [`established`] holds.
 pub fn wait_established(pid: u32, port: u16, timeout: Duration) -> Result<()> {
-    let deadline = Instant::now() + timeout;
-    while !established(pid, port) {
-        if Instant::now() > deadline {
-            bail!("no TCP connection on port {port} within {timeout:?}");
-        }
-        thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
+    wait_until(timeout, &format!("a TCP connection on port {port}"), || {
+        established(pid, port)
+    })
 }
 
 /// The port of a `tcp:HOST:PORT` URI.

@@ -71,6 +71,175 @@ pub fn none_machine_args(ram_file: &Path, size: u64) -> Vec<String> {
     args
 }
 
+/// Arguments for `-M pc -accel kvm -nodefaults` with RAM from `ram_file`: every device a
+/// PC has, so the device state is realistic. Panics without /dev/kvm (KVM is a
+/// prerequisite of these tests, as QEMU 7.2 is; TCG would take minutes).
+pub fn pc_machine_args(ram_file: &Path, size: u64) -> Vec<String> {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "this test needs /dev/kvm (a -M pc guest under KVM); run it on a host with KVM"
+    );
+    let mut args: Vec<String> = ["-M", "pc", "-accel", "kvm", "-nodefaults"]
+        .map(String::from)
+        .into();
+    args.extend(ram_file_args(ram_file, size));
+    args
+}
+
+/// Arguments that attach `image` (raw) as drive `disk0` of a virtio-blk device: QEMU
+/// 7.2 loads block-migration records only for a drive attached to a device.
+pub fn virtio_disk_args(image: &Path) -> Vec<String> {
+    vec![
+        "-drive".into(),
+        format!("if=none,id=disk0,file={},format=raw", image.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0".into(),
+    ]
+}
+
+/// What [`device_state_from_qemu`] took out of a QEMU source's stream.
+#[derive(Debug)]
+pub struct Extracted {
+    /// QEMU's whole stream.
+    pub stream: PathBuf,
+    /// The device state (configuration and every device section).
+    pub device: PathBuf,
+    /// Every RAM block, in QEMU's order: its name and the file holding it.
+    pub blocks: Vec<(String, PathBuf)>,
+}
+
+impl Extracted {
+    /// `--ram FILE,name=BLOCK` for every block, for `ferry send`.
+    pub fn ram_args(&self) -> Vec<String> {
+        self.blocks
+            .iter()
+            .flat_map(|(n, f)| ["--ram".to_owned(), format!("{},name={n}", f.display())])
+            .collect()
+    }
+}
+
+/// Migrates a source QEMU started with `args` plus `-S` (never run, so its RAM is
+/// exactly its file) to `DIR/qemu.mig`, and extracts the device state
+/// (`DIR/device.state`) and every RAM block (`DIR/blocks/`) with `ferry inspect`.
+pub fn device_state_from_qemu(dir: &Path, args: &[String]) -> Result<Extracted> {
+    let mut args = args.to_vec();
+    args.push("-S".into());
+    let stream = dir.join("qemu.mig");
+    Qemu::spawn(&args)
+        .context("starting the source QEMU")?
+        .migrate_to_file(&stream, None)
+        .context("source QEMU migrating to a file")?;
+    let device = dir.join("device.state");
+    let blocks_dir = dir.join("blocks");
+    let out = crate::ferry::run_ferry(
+        [
+            "inspect".as_ref(),
+            stream.as_os_str(),
+            "--json".as_ref(),
+            "--extract-device-state".as_ref(),
+            device.as_os_str(),
+            "--extract-ram".as_ref(),
+            blocks_dir.as_os_str(),
+        ],
+        MIGRATION_TIMEOUT,
+    )
+    .and_then(|o| o.success())
+    .context("ferry inspect of QEMU's stream")?;
+    let report: Value = serde_json::from_str(&out.stdout)?;
+    let Some(list) = report["ram_blocks"].as_array() else {
+        bail!("ferry inspect --json has no ram_blocks: {report}");
+    };
+    let blocks = list
+        .iter()
+        .map(|b| {
+            let name = b["idstr"].as_str().unwrap_or_default().to_owned();
+            let file = blocks_dir.join(ferry_guest::load::block_file_name(&name));
+            (name, file)
+        })
+        .collect();
+    Ok(Extracted {
+        stream,
+        device,
+        blocks,
+    })
+}
+
+/// A `-M pc` source with mixed RAM and a mixed virtio disk, its device state
+/// extracted: what a test needs to make a stream with a block section that a QEMU
+/// destination with the same command line loads.
+#[derive(Debug)]
+pub struct PcWithDisk {
+    /// Guest RAM size.
+    pub ram_size: u64,
+    /// The source's RAM file.
+    pub ram: PathBuf,
+    /// The source's disk image.
+    pub image: PathBuf,
+    /// The disk's bytes: 1 MiB chunks of mixed data, some all zero.
+    pub disk: Vec<u8>,
+    /// The source's stream, device state and RAM blocks.
+    pub qemu: Extracted,
+}
+
+impl PcWithDisk {
+    /// Writes RAM (`ram_size`, seed `seed`) and a disk (`disk_size`, seed `seed + 1`,
+    /// the 1 MiB chunks `zero_chunks` all zero) into `dir`, and extracts the device
+    /// state from a source QEMU with that machine and drive.
+    pub fn new(
+        dir: &Path,
+        ram_size: u64,
+        disk_size: usize,
+        seed: u64,
+        zero_chunks: &[usize],
+    ) -> Result<Self> {
+        let ram = dir.join("src.ram");
+        crate::ram::write_mixed_image(&ram, ram_size as usize, seed)?;
+        let mut disk = crate::ram::mixed_image(disk_size, seed + 1);
+        for chunk in zero_chunks {
+            disk[chunk << 20..(chunk + 1) << 20].fill(0);
+        }
+        let image = dir.join("src.img");
+        fs::write(&image, &disk).context("writing the source image")?;
+        let qemu = device_state_from_qemu(dir, &Self::args(&ram, ram_size, &image))?;
+        Ok(PcWithDisk {
+            ram_size,
+            ram,
+            image,
+            disk,
+            qemu,
+        })
+    }
+
+    fn args(ram: &Path, size: u64, image: &Path) -> Vec<String> {
+        let mut args = pc_machine_args(ram, size);
+        args.extend(virtio_disk_args(image));
+        args
+    }
+
+    /// Loads `stream` into a destination with the same machine, whose RAM file and
+    /// disk image (filled with 0xa5) are in `dir`; fails unless both end up equal to
+    /// the source's.
+    pub fn load_and_compare(&self, dir: &Path, stream: &Path) -> Result<()> {
+        let (ram, image) = (dir.join("dst.ram"), dir.join("dst.img"));
+        fs::write(&image, vec![0xa5u8; self.disk.len()]).context("writing the image")?;
+        let mut args = Self::args(&ram, self.ram_size, &image);
+        args.extend(["-incoming".into(), "defer".into()]);
+        Qemu::spawn(&args)
+            .context("starting the destination")?
+            .incoming_from_file(stream, true)
+            .context("QEMU loading ferry's stream")?;
+        let got = fs::read(&image).context("reading the destination image")?;
+        if let Some(at) = crate::ram::first_difference(&got, &self.disk) {
+            bail!("the destination disk differs from the source at byte {at:#x}");
+        }
+        let (got, want) = (fs::read(&ram)?, fs::read(&self.ram)?);
+        if let Some(at) = crate::ram::first_difference(&got, &want) {
+            bail!("the destination RAM differs from the source at byte {at:#x}");
+        }
+        Ok(())
+    }
+}
+
 /// A running QEMU. Killed (SIGKILL) and reaped on drop.
 #[derive(Debug)]
 pub struct Qemu {

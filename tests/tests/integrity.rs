@@ -13,34 +13,19 @@ use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::parse::{Item, Parser, RamRecord};
 use ferry_proto::transport::FileTransport;
 use ferry_tests::ferry::{run_ferry, Output};
-use ferry_tests::proc::Background;
-use ferry_tests::ram::{self, first_difference};
-use serde_json::Value;
-use tempfile::TempDir;
+use ferry_tests::files::{assert_same_file, read_json, tempdir};
+use ferry_tests::migrate::{self, named, receive_args};
+use ferry_tests::ram::{self, ferry_digest, first_difference};
 
 const MIB: usize = 1 << 20;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 
-fn tempdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-integrity-")
-        .tempdir()
-        .expect("creating a temporary directory")
-}
+const PREFIX: &str = "ferry-integrity-";
 
 fn source(dir: &Path, size: usize) -> PathBuf {
     let src = dir.join("source.ram");
     ram::write_mixed_image(&src, size, 11).expect("writing the source RAM");
     src
-}
-
-fn stats(path: &Path) -> Value {
-    let text = fs::read_to_string(path).unwrap_or_else(|e| panic!("reading {path:?}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{path:?} is not JSON: {e}"))
-}
-
-fn digest(bytes: &[u8]) -> String {
-    ferry_tests::ram::ferry_digest(bytes)
 }
 
 fn ferry(args: &[String]) -> Output {
@@ -51,25 +36,13 @@ fn send_args(src: &Path, to: &str, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "send".to_owned(),
         "--ram".into(),
-        format!("{},name=ram", src.display()),
+        named(src, "ram"),
         "--to".into(),
         to.into(),
         "--no-progress".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
     args
-}
-
-fn receive_args(listen: &str, dest: &Path, stats: &Path) -> Vec<String> {
-    vec![
-        "receive".to_owned(),
-        "--listen".into(),
-        listen.into(),
-        "--ram".into(),
-        format!("{},name=ram", dest.display()),
-        "--stats-json".into(),
-        stats.display().to_string(),
-    ]
 }
 
 /// The number in "integrity verified: N checkpoints".
@@ -85,34 +58,30 @@ fn checkpoints_verified(stderr: &str) -> Option<u64> {
 
 #[test]
 fn a_migration_with_integrity_succeeds() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, 64 * MIB);
     for compress in [false, true] {
         let dest = d.join("dest.ram");
         let _ = fs::remove_file(&dest);
-        let mut r = Background::spawn(
-            &receive_args("tcp:127.0.0.1:0", &dest, &d.join("receive.json")),
-            &d.join("receive.err"),
-        )
-        .expect("starting ferry receive");
-        let uri = r
-            .wait_listening(Duration::from_secs(20))
-            .expect("listening");
+        let (mut r, uri) = migrate::receive(d, "tcp:127.0.0.1:0", &dest)
+            .start_listening(&d.join("receive.err"))
+            .expect("starting ferry receive");
         let mut extra = vec!["--integrity"];
         if compress {
             extra.push("--compress");
         }
-        let mut s = Background::spawn(&send_args(&src, &uri, &extra), &d.join("send.err"))
+        let mut s = migrate::send(d, "send", &uri)
+            .args(&["--ram", &named(&src, "ram")])
+            .args(&extra)
+            .start(&d.join("send.err"))
             .expect("starting ferry send");
         let sst = s.wait(RUN_TIMEOUT).expect("ferry send ends");
         let rst = r.wait(Duration::from_secs(30)).expect("ferry receive ends");
         assert!(sst.success(), "ferry send failed: {}", s.stderr());
         assert!(rst.success(), "ferry receive failed: {}", r.stderr());
         assert!(s.stderr().contains("RAM digests match"), "{}", s.stderr());
-        let got = fs::read(&dest).expect("reading the destination");
-        let want = fs::read(&src).expect("reading the source");
-        assert!(first_difference(&got, &want).is_none(), "RAM differs");
+        assert_same_file(&src, &dest);
         // One checkpoint after the configuration, one per chunk (at most 256
         // pages, so at least 64 for 64 MiB), one before EOF.
         let n = checkpoints_verified(&r.stderr())
@@ -148,47 +117,14 @@ fn flip(path: &Path, at: u64) {
     fs::write(path, bytes).expect("writing the stream");
 }
 
-#[test]
-fn a_flipped_byte_is_caught_by_the_checkpoints_and_otherwise_only_by_the_digests() {
-    let dir = tempdir();
-    let d = dir.path();
-    let src = source(d, 16 * MIB);
-    let source_bytes = fs::read(&src).expect("reading the source");
-    let sealed = d.join("sealed.stream");
-    let plain = d.join("plain.stream");
-    for (file, extra) in [(&sealed, vec!["--integrity"]), (&plain, vec![])] {
-        let to = format!("file:{}", file.display());
-        ferry(&send_args(&src, &to, &extra))
-            .success()
-            .expect("ferry send to a file");
-    }
-    // Only the sealed stream carries checkpoints.
-    for (file, sealed_stream) in [(&sealed, true), (&plain, false)] {
-        let out = ferry(&[
-            "inspect".to_owned(),
-            "--json".into(),
-            file.display().to_string(),
-        ])
-        .success()
-        .expect("ferry inspect");
-        assert_eq!(out.stdout.contains("ferry-integrity"), sealed_stream);
-    }
-
-    // Untouched, the sealed file loads and verifies.
+/// The sealed stream, flipped at a raw page: refused, naming the bytes
+/// around the flip.
+fn sealed_flip_is_refused(d: &Path, sealed: &Path) {
     let dest = d.join("dest.ram");
     let listen = format!("file:{}", sealed.display());
-    let out = ferry(&receive_args(&listen, &dest, &d.join("ok.json")));
-    let out = out.success().expect("loading the sealed stream");
-    assert!(
-        checkpoints_verified(&out.stderr).is_some(),
-        "{}",
-        out.stderr
-    );
-
-    // Sealed and flipped: refused, naming the bytes around the flip.
-    let at = raw_page_byte(&sealed, 1000);
-    flip(&sealed, at);
-    fs::remove_file(&dest).expect("removing the destination");
+    let at = raw_page_byte(sealed, 1000);
+    flip(sealed, at);
+    let _ = fs::remove_file(&dest);
     let out = ferry(&receive_args(&listen, &dest, &d.join("sealed.json")));
     assert!(!out.status.success(), "a corrupt sealed stream loaded");
     assert!(
@@ -212,32 +148,77 @@ fn a_flipped_byte_is_caught_by_the_checkpoints_and_otherwise_only_by_the_digests
         range.1 - range.0 < 2 * MIB as u64,
         "a checkpoint covers {range:?}"
     );
-    assert_eq!(stats(&d.join("sealed.json"))["status"], "failed");
+    assert_eq!(read_json(&d.join("sealed.json"))["status"], "failed");
+}
 
-    // Plain and flipped: the parser cannot tell, the load "succeeds", and
-    // only the digest of the loaded RAM differs from the source's.
-    let at = raw_page_byte(&plain, 1000);
-    flip(&plain, at);
+/// The plain stream, flipped at a raw page: the parser cannot tell, the load
+/// "succeeds", and only the digest of the loaded RAM differs from the source's.
+fn plain_flip_shows_only_in_the_digest(d: &Path, plain: &Path, source_bytes: &[u8]) {
+    let dest = d.join("dest.ram");
+    let at = raw_page_byte(plain, 1000);
+    flip(plain, at);
     let _ = fs::remove_file(&dest);
     let listen = format!("file:{}", plain.display());
     let out = ferry(&receive_args(&listen, &dest, &d.join("plain.json")));
     out.success()
         .expect("a flipped raw page is undetectable by the parser");
-    let st = stats(&d.join("plain.json"));
+    let st = read_json(&d.join("plain.json"));
     assert_eq!(st["status"], "completed");
     let loaded = fs::read(&dest).expect("reading the destination");
-    let diff = first_difference(&loaded, &source_bytes).expect("the flip reached RAM");
+    let diff = first_difference(&loaded, source_bytes).expect("the flip reached RAM");
     assert!(
         first_difference(&loaded[diff + 1..], &source_bytes[diff + 1..]).is_none(),
         "more than one byte differs"
     );
     assert_ne!(
         st["digests"][0]["xxh3"].as_str(),
-        Some(digest(&source_bytes).as_str()),
+        Some(ferry_digest(source_bytes).as_str()),
         "the digest a sender would compare shows the damage"
     );
     assert_eq!(
         st["digests"][0]["xxh3"].as_str(),
-        Some(digest(&loaded).as_str())
+        Some(ferry_digest(&loaded).as_str())
     );
+}
+
+#[test]
+fn a_flipped_byte_is_caught_by_the_checkpoints_and_otherwise_only_by_the_digests() {
+    let dir = tempdir(PREFIX);
+    let d = dir.path();
+    let src = source(d, 16 * MIB);
+    let source_bytes = fs::read(&src).expect("reading the source");
+    let sealed = d.join("sealed.stream");
+    let plain = d.join("plain.stream");
+    for (file, extra) in [(&sealed, vec!["--integrity"]), (&plain, vec![])] {
+        let to = format!("file:{}", file.display());
+        ferry(&send_args(&src, &to, &extra))
+            .success()
+            .expect("ferry send to a file");
+    }
+    // Only the sealed stream carries checkpoints.
+    for (file, sealed_stream) in [(&sealed, true), (&plain, false)] {
+        let out = ferry(&[
+            "inspect".to_owned(),
+            "--json".into(),
+            file.display().to_string(),
+        ])
+        .success()
+        .expect("ferry inspect");
+        assert_eq!(out.stdout.contains("ferry-integrity"), sealed_stream);
+    }
+    // Untouched, the sealed file loads and verifies.
+    let listen = format!("file:{}", sealed.display());
+    let out = ferry(&receive_args(
+        &listen,
+        &d.join("dest.ram"),
+        &d.join("ok.json"),
+    ));
+    let out = out.success().expect("loading the sealed stream");
+    assert!(
+        checkpoints_verified(&out.stderr).is_some(),
+        "{}",
+        out.stderr
+    );
+    sealed_flip_is_refused(d, &sealed);
+    plain_flip_shows_only_in_the_digest(d, &plain, &source_bytes);
 }

@@ -4,104 +4,48 @@
 //! throttle, and bad flag combinations.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::thread;
 use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
-use ferry_tests::guest_control::GuestControl as Control;
-use ferry_tests::proc::Background;
-use serde_json::json;
-use tempfile::TempDir;
+use ferry_tests::files::{shm_tempdir, tempdir};
+use ferry_tests::guest::{check_throttle, dirty_bits, loadgen, over_a_second, Guest};
+use ferry_tests::proc::{wait_until, written_bytes};
 
 const CHUNK: usize = 1 << 20;
 const MIB: f64 = (1 << 20) as f64;
+const PREFIX: &str = "ferry-loadgen-disk-";
 
-/// A running `ferry loadgen` with a disk, in its own temporary directory.
-struct Guest {
-    proc: Background,
-    disk: PathBuf,
-    disk_log: PathBuf,
-    sock: PathBuf,
-    // Last: removed after the process is killed.
-    _dir: TempDir,
+/// `ferry loadgen --size 4M --disk ... --disk-size DISK_SIZE extra...`, its
+/// files named after `name` in `dir`; returns once it is ready.
+fn guest(dir: &Path, name: &str, disk_size: &str, extra: &[&str]) -> Guest {
+    loadgen(dir, name, "4M")
+        .disk(disk_size)
+        .args(extra)
+        .start()
+        .expect("starting ferry loadgen")
 }
 
-impl Guest {
-    /// Starts `ferry loadgen --size 4M --disk ... --disk-size DISK_SIZE
-    /// extra...`; returns once it is ready.
-    fn start(disk_size: &str, extra: &[&str]) -> Guest {
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-loadgen-disk-")
-            .tempdir()
-            .expect("creating a temporary directory");
-        let d = dir.path();
-        let (disk, disk_log, sock) = (d.join("disk.img"), d.join("disk.log"), d.join("ctl.sock"));
-        let mut args: Vec<String> = vec![
-            "loadgen".into(),
-            "--ram".into(),
-            d.join("guest.ram").display().to_string(),
-            "--size".into(),
-            "4M".into(),
-            "--dirty-log".into(),
-            d.join("dirty.log").display().to_string(),
-            "--control".into(),
-            format!("unix:{}", sock.display()),
-            "--disk".into(),
-            disk.display().to_string(),
-            "--disk-size".into(),
-            disk_size.into(),
-            "--disk-dirty-log".into(),
-            disk_log.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let proc =
-            Background::spawn(&args, &d.join("loadgen.err")).expect("starting ferry loadgen");
-        proc.wait_stderr("ferry loadgen: ready:", Duration::from_secs(60))
-            .unwrap_or_else(|e| panic!("ferry loadgen not ready: {e}"));
-        Guest {
-            proc,
-            disk,
-            disk_log,
-            sock,
-            _dir: dir,
-        }
-    }
+fn image(g: &Guest) -> Vec<u8> {
+    fs::read(g.disk().0).expect("reading the disk image")
+}
 
-    fn control(&self) -> Control {
-        Control::connect(&self.sock)
-    }
+fn log_bytes(g: &Guest) -> Vec<u8> {
+    fs::read(g.disk().1).expect("reading the disk dirty log")
+}
 
-    fn image(&self) -> Vec<u8> {
-        fs::read(&self.disk).expect("reading the disk image")
-    }
+/// The disk dirty log's bits, chunk by chunk.
+fn dirty_chunks(g: &Guest) -> Vec<bool> {
+    dirty_bits(g.disk().1)
+}
 
-    fn log_bytes(&self) -> Vec<u8> {
-        fs::read(&self.disk_log).expect("reading the disk dirty log")
-    }
-
-    /// The disk dirty log's bits, chunk by chunk.
-    fn dirty_chunks(&self) -> Vec<bool> {
-        self.log_bytes()
-            .chunks_exact(8)
-            .flat_map(|w| {
-                let w = u64::from_le_bytes(w.try_into().unwrap());
-                (0..64).map(move |b| w >> b & 1 == 1)
-            })
-            .collect()
-    }
-
-    /// SIGTERM; returns the exit status.
-    fn terminate(&mut self) -> std::process::ExitStatus {
-        // SAFETY: kill has no memory-safety preconditions; the pid is our own
-        // child, still unwaited (so not reused).
-        unsafe {
-            libc::kill(self.proc.pid() as libc::pid_t, libc::SIGTERM);
-        }
-        self.proc
-            .wait(Duration::from_secs(10))
-            .expect("ferry loadgen exits on SIGTERM")
-    }
+/// The guest's disk write rate, MiB/s, by the kernel's count of the bytes
+/// it wrote over about a second (`/proc/PID/io`; its RAM writes go through a
+/// mapping and do not count), not by its own meter.
+fn measured_rate(g: &Guest) -> f64 {
+    let (before, after, secs) = over_a_second(|| written_bytes(g.proc.pid()));
+    (after - before) as f64 / MIB / secs
 }
 
 fn zero(chunk: &[u8]) -> bool {
@@ -122,67 +66,74 @@ fn changed_chunks(before: &[u8], after: &[u8]) -> Vec<usize> {
 
 #[test]
 fn the_image_and_its_log_have_the_right_sizes() {
+    let dir = shm_tempdir(PREFIX);
     // 72 chunks: the log takes two u64 words.
-    let mut g = Guest::start("72M", &[]);
+    let mut g = guest(dir.path(), "g72", "72M", &[]);
     let err = g.proc.stderr();
     assert!(
-        err.contains(&g.disk.display().to_string()) && err.contains("72 chunks"),
+        err.contains(&g.disk().0.display().to_string()) && err.contains("72 chunks"),
         "the ready line does not mention the disk:\n{err}"
     );
-    let image = g.image();
-    assert_eq!(image.len(), 72 * CHUNK);
-    assert_eq!(fs::metadata(&g.disk_log).unwrap().len(), 16);
+    let img = image(&g);
+    assert_eq!(img.len(), 72 * CHUNK);
+    assert_eq!(fs::metadata(g.disk().1).unwrap().len(), 16);
     assert!(
-        g.dirty_chunks().iter().all(|&d| !d),
+        dirty_chunks(&g).iter().all(|&d| !d),
         "the disk dirty log starts clean"
     );
     // The mixed pattern: some chunks zero, most hold data.
-    let zeros = image.chunks(CHUNK).filter(|c| zero(c)).count();
+    let zeros = img.chunks(CHUNK).filter(|c| zero(c)).count();
     assert!((3..36).contains(&zeros), "{zeros} of 72 chunks are zero");
     // Without --disk-rate nothing is written.
     thread::sleep(Duration::from_millis(200));
     let status = g.control().status();
     assert_eq!(status["disk-bytes-written"], 0, "{status}");
     assert_eq!(status["disk-rate"], 0, "{status}");
-    assert!(g.image() == image, "the image changed without a disk rate");
-    assert!(g.dirty_chunks().iter().all(|&d| !d));
+    assert!(image(&g) == img, "the image changed without a disk rate");
+    assert!(dirty_chunks(&g).iter().all(|&d| !d));
     let status = g.terminate();
     assert!(status.success(), "{status}:\n{}", g.proc.stderr());
 
     // Another size: 65 chunks still take two words; 1 MiB takes one.
     for (size, chunks, log) in [("65M", 65, 16), ("1M", 1, 8)] {
-        let g = Guest::start(size, &["--disk-rate", "4M"]);
-        assert_eq!(g.image().len(), chunks * CHUNK, "--disk-size {size}");
+        let g = guest(
+            dir.path(),
+            &format!("g{size}"),
+            size,
+            &["--disk-rate", "4M"],
+        );
+        assert_eq!(image(&g).len(), chunks * CHUNK, "--disk-size {size}");
         assert_eq!(
-            fs::metadata(&g.disk_log).unwrap().len(),
+            fs::metadata(g.disk().1).unwrap().len(),
             log,
             "--disk-size {size}"
         );
     }
     // The same seed gives the same image.
-    let a = Guest::start("16M", &["--seed", "5"]).image();
-    let b = Guest::start("16M", &["--seed", "5"]).image();
+    let a = image(&guest(dir.path(), "a", "16M", &["--seed", "5"]));
+    let b = image(&guest(dir.path(), "b", "16M", &["--seed", "5"]));
     assert!(a == b, "the image is not reproducible");
 }
 
+/// Bound on the measured rate: half to one and a half times the set 32 MiB/s
+/// (a busy machine may fall short; what is checked is that the rate holds,
+/// not how precisely).
 #[test]
 fn disk_writes_land_only_in_chunks_marked_dirty_at_the_set_rate() {
-    let g = Guest::start("64M", &["--disk-rate", "32M"]);
-    let before = g.image();
+    let dir = shm_tempdir(PREFIX);
+    let g = guest(dir.path(), "guest", "64M", &["--disk-rate", "32M"]);
+    let before = image(&g);
     let mut c = g.control();
-    thread::sleep(Duration::from_millis(1300));
-    let status = c.status();
-    let rate = status["disk-rate"].as_f64().unwrap() / MIB;
+    let rate = measured_rate(&g);
     assert!(
-        (32.0 * 0.75..=32.0 * 1.25).contains(&rate),
-        "measured {rate:.1} MiB/s, set 32: {status}"
+        (32.0 * 0.5..=32.0 * 1.5).contains(&rate),
+        "measured {rate:.1} MiB/s, set 32"
     );
-    assert_eq!(status["pages-written"], 0, "RAM dirtied without a rate");
+    assert_eq!(c.status()["pages-written"], 0, "RAM dirtied without a rate");
     // Stopped, image and log are consistent: no write in flight.
-    assert_eq!(c.execute("stop", None), json!({}));
-    let written = c.disk_bytes();
-    let dirty = g.dirty_chunks();
-    let after = g.image();
+    c.command("stop", None);
+    let dirty = dirty_chunks(&g);
+    let after = image(&g);
     let changed = changed_chunks(&before, &after);
     let unmarked: Vec<_> = changed.iter().filter(|&&i| !dirty[i]).collect();
     assert!(
@@ -194,34 +145,34 @@ fn disk_writes_land_only_in_chunks_marked_dirty_at_the_set_rate() {
         "bits beyond the disk's 64 chunks are set"
     );
     let marked = dirty.iter().filter(|&&d| d).count();
-    // ~42 MiB in writes of up to 1 MiB over 64 chunks leave few untouched;
+    // ~32 MiB in writes of up to 1 MiB over 64 chunks leave few untouched;
     // a zero write over a zero chunk changes nothing, so fewer change.
-    assert!(marked > 40, "only {marked} of 64 chunks are marked");
+    assert!(marked > 20, "only {marked} of 64 chunks are marked");
     assert!(
-        changed.len() > 30,
+        changed.len() > 10,
         "only {} of 64 chunks changed",
         changed.len()
     );
-    assert!(
-        (20 << 20..80 << 20).contains(&written),
-        "{written} bytes written in ~1.3 s at 32 MiB/s"
-    );
     eprintln!(
-        "measured {rate:.1} MiB/s (set 32 MiB/s); {written} bytes written, \
-         {marked}/64 chunks marked, {} changed",
+        "measured {rate:.1} MiB/s (set 32 MiB/s); {marked}/64 chunks marked, {} changed",
         changed.len()
     );
 }
 
 #[test]
 fn stop_quiesces_the_disk_and_cont_resumes() {
-    let g = Guest::start("64M", &["--disk-rate", "32M", "--dirty-rate", "16M"]);
+    let dir = shm_tempdir(PREFIX);
+    let g = guest(
+        dir.path(),
+        "guest",
+        "64M",
+        &["--disk-rate", "32M", "--dirty-rate", "16M"],
+    );
     let mut c = g.control();
-    thread::sleep(Duration::from_millis(300));
     for round in 0..3 {
-        assert_eq!(c.execute("stop", None), json!({}));
-        let written = c.disk_bytes();
-        let (image, log) = (g.image(), g.log_bytes());
+        c.command("stop", None);
+        let written = c.status()["disk-bytes-written"].clone();
+        let (img, log) = (image(&g), log_bytes(&g));
         thread::sleep(Duration::from_millis(300));
         let status = c.status();
         assert_eq!(status["status"], "paused", "round {round}: {status}");
@@ -230,150 +181,89 @@ fn stop_quiesces_the_disk_and_cont_resumes() {
             "round {round}: disk written while stopped"
         );
         assert!(
-            g.image() == image,
+            image(&g) == img,
             "round {round}: the image changed while stopped"
         );
         assert!(
-            g.log_bytes() == log,
+            log_bytes(&g) == log,
             "round {round}: the disk log changed while stopped"
         );
-        assert_eq!(c.execute("cont", None), json!({}));
-        thread::sleep(Duration::from_millis(300));
-        let status = c.status();
-        assert_eq!(status["status"], "running");
-        let more = status["disk-bytes-written"].as_u64().unwrap();
-        // 300 ms at 32 MiB/s is ~9.6 MiB.
-        assert!(
-            more > written + (3 << 20),
-            "round {round}: {written} -> {more} bytes after cont"
-        );
-        assert!(
-            g.image() != image,
-            "round {round}: the image did not change after cont"
-        );
+        c.command("cont", None);
+        assert_eq!(c.status()["status"], "running");
+        // Written again: 1 MiB more by the kernel's count, and the image changed.
+        let io = written_bytes(g.proc.pid());
+        wait_until(Duration::from_secs(5), "disk writes after cont", || {
+            written_bytes(g.proc.pid()) > io + (1 << 20) && image(&g) != img
+        })
+        .unwrap_or_else(|e| panic!("round {round}: {e}"));
     }
 }
 
+/// 32 MiB/s measured a second at a time, unthrottled, at 50%, and back at 0.
+/// Bounds: the set rate within a factor of 1.5 either way; 50% between 0.3
+/// and 0.7 of the unthrottled rate.
 #[test]
 fn throttle_slows_the_disk_writer_too() {
-    let g = Guest::start("64M", &["--disk-rate", "32M"]);
-    let mut c = g.control();
-    thread::sleep(Duration::from_millis(1200));
-    let full = c.disk_rate_mib();
-    assert!(
-        (32.0 * 0.75..=32.0 * 1.25).contains(&full),
-        "unthrottled: {full:.1} MiB/s"
-    );
-    let set = c.execute("set-throttle", Some(json!({ "percent": 50 })));
-    assert_eq!(set, json!({}));
-    thread::sleep(Duration::from_millis(1500));
-    let half = c.disk_rate_mib();
-    assert!(
-        (16.0 * 0.7..=16.0 * 1.3).contains(&half),
-        "throttle 50%: {half:.1} MiB/s (unthrottled {full:.1})"
-    );
-    c.execute("set-throttle", Some(json!({ "percent": 0 })));
-    thread::sleep(Duration::from_millis(1500));
-    let back = c.disk_rate_mib();
-    assert!(
-        (32.0 * 0.75..=32.0 * 1.25).contains(&back),
-        "throttle back to 0: {back:.1} MiB/s"
-    );
-    eprintln!("disk: unthrottled {full:.1}, 50%: {half:.1}, back to 0: {back:.1} MiB/s");
+    let dir = shm_tempdir(PREFIX);
+    let g = guest(dir.path(), "guest", "64M", &["--disk-rate", "32M"]);
+    check_throttle(&g, 32.0, &[(50, 0.3..=0.7)], || measured_rate(&g));
 }
 
 #[test]
 fn bad_disk_flag_combinations_are_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir(PREFIX);
     let p = |name: &str| dir.path().join(name).display().to_string();
-    let (img, dlog) = (p("disk.img"), p("disk.log"));
-    let ram = p("guest.ram");
+    let (img, dlog, ram) = (p("disk.img"), p("disk.log"), p("guest.ram"));
+    // `--disk IMAGE --disk-size SIZE --disk-dirty-log LOG`, then `more`.
+    let disk = |image: &str, size: &str, more: &[&str]| -> Vec<String> {
+        [
+            "--disk",
+            image,
+            "--disk-size",
+            size,
+            "--disk-dirty-log",
+            &dlog,
+        ]
+        .iter()
+        .chain(more)
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let owned = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<String>>();
     for (extra, what) in [
         (
-            vec!["--disk", &img, "--disk-dirty-log", &dlog],
+            owned(&["--disk", &img, "--disk-dirty-log", &dlog]),
             "--disk needs --disk-size",
         ),
         (
-            vec!["--disk", &img, "--disk-size", "8M"],
+            owned(&["--disk", &img, "--disk-size", "8M"]),
             "--disk needs --disk-dirty-log",
         ),
+        (disk(&img, "1000000", &[]), "not a whole number of MiB"),
+        (disk(&img, "1.5M", &[]), "not a whole number of MiB"),
+        (disk(&img, "0", &[]), "not a whole number of MiB"),
+        (owned(&["--disk-size", "8M"]), "--disk-size needs --disk"),
+        (owned(&["--disk-rate", "1M"]), "--disk-rate needs --disk"),
         (
-            vec![
-                "--disk",
-                &img,
-                "--disk-size",
-                "1000000",
-                "--disk-dirty-log",
-                &dlog,
-            ],
-            "not a whole number of MiB",
-        ),
-        (
-            vec![
-                "--disk",
-                &img,
-                "--disk-size",
-                "1.5M",
-                "--disk-dirty-log",
-                &dlog,
-            ],
-            "not a whole number of MiB",
-        ),
-        (
-            vec![
-                "--disk",
-                &img,
-                "--disk-size",
-                "0",
-                "--disk-dirty-log",
-                &dlog,
-            ],
-            "not a whole number of MiB",
-        ),
-        (vec!["--disk-size", "8M"], "--disk-size needs --disk"),
-        (vec!["--disk-rate", "1M"], "--disk-rate needs --disk"),
-        (
-            vec!["--disk-dirty-log", &dlog],
+            owned(&["--disk-dirty-log", &dlog]),
             "--disk-dirty-log needs --disk",
         ),
-        (
-            vec![
-                "--disk",
-                &img,
-                "--disk-size",
-                "8M",
-                "--disk-dirty-log",
-                &dlog,
-                "--disk-rate",
-                "fast",
-            ],
-            "disk-rate",
-        ),
-        (
-            vec![
-                "--disk",
-                &ram,
-                "--disk-size",
-                "8M",
-                "--disk-dirty-log",
-                &dlog,
-            ],
-            "given for two of",
-        ),
+        (disk(&img, "8M", &["--disk-rate", "fast"]), "disk-rate"),
+        (disk(&ram, "8M", &[]), "given for two of"),
     ] {
         let (log, ctl) = (p("dirty.log"), format!("unix:{}", p("ctl.sock")));
         let mut args = vec![
-            "loadgen",
-            "--ram",
-            &ram,
-            "--size",
-            "1M",
-            "--dirty-log",
-            &log,
-            "--control",
-            &ctl,
+            "loadgen".to_owned(),
+            "--ram".into(),
+            ram.clone(),
+            "--size".into(),
+            "1M".into(),
+            "--dirty-log".into(),
+            log,
+            "--control".into(),
+            ctl,
         ];
-        args.extend_from_slice(&extra);
+        args.extend(extra.iter().cloned());
         let out = run_ferry(&args, Duration::from_secs(20)).unwrap();
         assert!(!out.status.success(), "{extra:?} was accepted");
         assert!(out.stderr.contains(what), "{extra:?}: {}", out.stderr);

@@ -12,6 +12,7 @@ use ferry_proto::stream::encode::{self, RamWriter};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
 use ferry_proto::transport::MemTransport;
 use ferry_tests::ferry::run_ferry;
+use ferry_tests::files::tempdir;
 use serde_json::Value;
 
 const TIMEOUT: Duration = Duration::from_secs(60);
@@ -145,7 +146,7 @@ fn refused(dir: &Path, name: &str, stream: &[u8], expect: &[&str]) {
 
 #[test]
 fn the_base_stream_loads() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir("ferry-malformed-");
     let (s, _) = base();
     let (ok, err, st) = receive(dir.path(), "base", &s);
     assert!(ok, "{err}");
@@ -154,7 +155,7 @@ fn the_base_stream_loads() {
 
 #[test]
 fn truncation_at_every_section_boundary_names_the_offset() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir("ferry-malformed-");
     let (s, l) = base();
     for (i, &cut) in l.boundaries.iter().chain([s.len() - 1].iter()).enumerate() {
         refused(
@@ -166,33 +167,31 @@ fn truncation_at_every_section_boundary_names_the_offset() {
     }
 }
 
-#[test]
-fn malformed_streams_get_their_expected_errors() {
-    let dir = tempfile::tempdir().unwrap();
-    let (s, l) = base();
-    let d = dir.path();
-    let with = |at: usize, bytes: &[u8]| {
-        let mut m = s.clone();
-        m[at..at + bytes.len()].copy_from_slice(bytes);
-        m
-    };
-    // Flipped bits in headers.
+/// `s` with `bytes` written over it at `at`.
+fn with(s: &[u8], at: usize, bytes: &[u8]) -> Vec<u8> {
+    let mut m = s.to_vec();
+    m[at..at + bytes.len()].copy_from_slice(bytes);
+    m
+}
+
+/// Flipped bits in headers.
+fn bad_headers(d: &Path, s: &[u8], l: &Layout) {
     refused(
         d,
         "magic",
-        &with(0, &[b'Q' ^ 0x20]),
+        &with(s, 0, &[b'Q' ^ 0x20]),
         &["at byte 0", "bad magic"],
     );
     refused(
         d,
         "version",
-        &with(7, &[4]),
+        &with(s, 7, &[4]),
         &["at byte 4", "stream version 4"],
     );
     refused(
         d,
         "marker",
-        &with(l.ram_start, &[0x09]),
+        &with(s, l.ram_start, &[0x09]),
         &[
             &format!("at byte {}", l.ram_start),
             "unknown section type 0x09",
@@ -201,7 +200,7 @@ fn malformed_streams_get_their_expected_errors() {
     refused(
         d,
         "section-id",
-        &with(l.part + 1, &77u32.to_be_bytes()),
+        &with(s, l.part + 1, &77u32.to_be_bytes()),
         &[
             &format!("at byte {}", l.part),
             "section id 77 was never started",
@@ -210,29 +209,32 @@ fn malformed_streams_get_their_expected_errors() {
     refused(
         d,
         "footer",
-        &with(l.start_footer, &[0x7f]),
+        &with(s, l.start_footer, &[0x7f]),
         &[&format!("at byte {}", l.start_footer), "missing footer"],
     );
-    // Lengths that lie.
+}
+
+/// Lengths that lie, an offset past the end of the block, an unknown flag,
+/// and a block list that does not add up.
+fn bad_records(d: &Path, s: &[u8], l: &Layout) {
     refused(
         d,
         "compressed-too-long",
-        &with(l.compressed_len, &5000u32.to_be_bytes()),
+        &with(s, l.compressed_len, &5000u32.to_be_bytes()),
         &[&format!("at byte {}", l.compressed_len), "exceeds 4110"],
     );
     // The rest of the zlib stream is then read as the next record.
     refused(
         d,
         "compressed-short",
-        &with(l.compressed_len, &10u32.to_be_bytes()),
+        &with(s, l.compressed_len, &10u32.to_be_bytes()),
         &["at byte"],
     );
-    // An offset past the end of the block, and an unknown flag.
     let past = (PAGES * PAGE_SIZE as u64) | 0x08;
     refused(
         d,
         "offset-past-end",
-        &with(l.first_page, &past.to_be_bytes()),
+        &with(s, l.first_page, &past.to_be_bytes()),
         &[
             &format!("at byte {}", l.first_page),
             "past the end of block \"mem\"",
@@ -241,26 +243,33 @@ fn malformed_streams_get_their_expected_errors() {
     refused(
         d,
         "unknown-flag",
-        &with(l.first_page, &0x200u64.to_be_bytes()),
+        &with(s, l.first_page, &0x200u64.to_be_bytes()),
         &[
             &format!("at byte {}", l.first_page),
             "unknown RAM record flags 0x200",
         ],
     );
-    // A block list that does not add up.
     let mem_size = l.ram_start + 1 + 4 + 4 + 4 + 4;
     let total = (PAGES * PAGE_SIZE as u64 * 2) | 0x04;
     refused(
         d,
         "mem-size",
-        &with(mem_size, &total.to_be_bytes()),
+        &with(s, mem_size, &total.to_be_bytes()),
         &["RAM blocks add up to"],
     );
 }
 
 #[test]
+fn malformed_streams_get_their_expected_errors() {
+    let dir = tempdir("ferry-malformed-");
+    let (s, l) = base();
+    bad_headers(dir.path(), &s, &l);
+    bad_records(dir.path(), &s, &l);
+}
+
+#[test]
 fn a_block_record_for_an_unknown_device_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir("ferry-malformed-");
     let (s, l) = base();
     // Splice a block section with a chunk for device "nosuch" before EOF.
     let eof = *l.boundaries.last().unwrap();
@@ -278,7 +287,7 @@ fn a_block_record_for_an_unknown_device_is_refused() {
 
 #[test]
 fn a_huge_announced_block_is_not_allocated() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempdir("ferry-malformed-");
     // 1 TiB announced, one page sent at its very end.
     let huge: u64 = 1 << 40;
     let mut f: Writer = QemuFileWriter::new(MemTransport::new());
@@ -309,7 +318,7 @@ fn a_huge_announced_block_is_not_allocated() {
     if ok {
         let anon = st["processes"]["reader"]["peak-anon-bytes"]
             .as_u64()
-            .unwrap_or(0);
+            .unwrap_or_else(|| panic!("no reader memory figure: {st}"));
         assert!(anon < 64 << 20, "the reader used {anon} bytes of memory");
     } else {
         assert!(err.contains("mem"), "a clear error naming the block: {err}");

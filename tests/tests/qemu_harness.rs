@@ -9,18 +9,11 @@ use std::fs;
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_tests::files::{assert_same_file, tempdir};
 use ferry_tests::qemu::{none_machine_args, Qemu};
-use ferry_tests::ram::{self, first_difference};
-use tempfile::TempDir;
+use ferry_tests::ram;
 
 const RAM_SIZE: u64 = 16 << 20;
-
-fn tempdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-harness-")
-        .tempdir()
-        .expect("creating a temporary directory")
-}
 
 /// Migrate mixed RAM from a `-M none -S` source to `stream`; returns the RAM file.
 fn make_stream(dir: &Path, stream: &Path, compress: Option<(u8, u8)>) -> std::path::PathBuf {
@@ -46,17 +39,10 @@ fn destination(dir: &Path) -> Qemu {
     Qemu::spawn(&args).unwrap_or_else(|e| panic!("starting the destination: {e}"))
 }
 
-fn assert_same_file(a: &Path, b: &Path) {
-    let (x, y) = (fs::read(a).unwrap(), fs::read(b).unwrap());
-    if let Some(at) = first_difference(&x, &y) {
-        panic!("{} and {} differ at byte {at}", a.display(), b.display());
-    }
-}
-
 #[test]
 fn qemu_to_qemu_plain_and_compressed() {
     for compress in [None, Some((2, 1))] {
-        let dir = tempdir();
+        let dir = tempdir("ferry-harness-");
         let stream = dir.path().join("stream.mig");
         let source_ram = make_stream(dir.path(), &stream, compress);
         let mut dest = destination(dir.path());
@@ -68,7 +54,7 @@ fn qemu_to_qemu_plain_and_compressed() {
 
 #[test]
 fn compressed_stream_needs_the_capability() {
-    let dir = tempdir();
+    let dir = tempdir("ferry-harness-");
     let stream = dir.path().join("stream.mig");
     make_stream(dir.path(), &stream, Some((1, 1)));
     let mut dest = destination(dir.path());
@@ -84,7 +70,7 @@ fn compressed_stream_needs_the_capability() {
 
 #[test]
 fn empty_stream_hits_the_deadline() {
-    let dir = tempdir();
+    let dir = tempdir("ferry-harness-");
     let stream = dir.path().join("empty.mig");
     fs::write(&stream, b"").unwrap();
     let mut dest = destination(dir.path());
@@ -101,7 +87,7 @@ fn empty_stream_hits_the_deadline() {
 
 #[test]
 fn missing_stream_fails_before_qemu_waits() {
-    let dir = tempdir();
+    let dir = tempdir("ferry-harness-");
     let mut dest = destination(dir.path());
     let err = dest
         .incoming_from_file(&dir.path().join("nope.mig"), false)

@@ -32,10 +32,7 @@ struct Stream {
 
 /// Migrate a `-M none` guest with mixed RAM (seed `seed`) to a file.
 fn qemu_stream(compress: Option<(u8, u8)>, seed: u64) -> Stream {
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-q2f-")
-        .tempdir()
-        .expect("creating a temporary directory");
+    let dir = ferry_tests::files::tempdir("ferry-q2f-");
     let ram = dir.path().join("source.ram");
     ram::write_mixed_image(&ram, RAM_SIZE as usize, seed).expect("writing the RAM image");
     let mut args = none_machine_args(&ram, RAM_SIZE);

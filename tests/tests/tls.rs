@@ -9,23 +9,17 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use ferry_tests::proc::Background;
-use ferry_tests::ram::{self, first_difference};
+use ferry_tests::files::{assert_same_file, read_json, shm_tempdir, tempdir};
+use ferry_tests::migrate::{self, named};
+use ferry_tests::proc::{self, Process};
+use ferry_tests::ram;
 use rcgen::{
     BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair, KeyUsagePurpose,
 };
-use serde_json::Value;
-use tempfile::TempDir;
 
 const MIB: usize = 1 << 20;
 const RUN_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn tempdir() -> TempDir {
-    tempfile::Builder::new()
-        .prefix("ferry-tls-")
-        .tempdir()
-        .expect("creating a temporary directory")
-}
+const PREFIX: &str = "ferry-tls-";
 
 /// A CA: its certificate in `DIR/NAME-ca.pem`, and what signs with it.
 struct Ca {
@@ -104,54 +98,19 @@ fn tls_args(id: &Identity, ca: &Path) -> Vec<String> {
     ]
 }
 
-fn receiver(dir: &Path, listen: &str, dest: &Path, tls: &[String]) -> (Background, String) {
-    let mut args = vec![
-        "receive".to_owned(),
-        "--listen".to_owned(),
-        listen.to_owned(),
-        "--ram".to_owned(),
-        format!("{},name=ram", dest.display()),
-        "--stats-json".to_owned(),
-        dir.join("receive.json").display().to_string(),
-    ];
-    args.extend_from_slice(tls);
-    let mut r = Background::spawn(&args, &dir.join("receive.err")).expect("starting ferry receive");
-    let uri = r
-        .wait_listening(Duration::from_secs(20))
-        .expect("ferry receive listens");
-    (r, uri)
+fn receiver(dir: &Path, listen: &str, dest: &Path, tls: &[String]) -> (Process, String) {
+    migrate::receive(dir, listen, dest)
+        .args(tls)
+        .start_listening(&dir.join("receive.err"))
+        .expect("starting ferry receive")
 }
 
-fn sender(dir: &Path, src: &Path, to: &str, extra: &[String]) -> Background {
-    let mut args = vec![
-        "send".to_owned(),
-        "--ram".to_owned(),
-        format!("{},name=ram", src.display()),
-        "--to".to_owned(),
-        to.to_owned(),
-        "--no-progress".to_owned(),
-        "--stats-json".to_owned(),
-        dir.join("send.json").display().to_string(),
-    ];
-    args.extend_from_slice(extra);
-    Background::spawn(&args, &dir.join("send.err")).expect("starting ferry send")
-}
-
-fn stats(dir: &Path, name: &str) -> Value {
-    let text = fs::read_to_string(dir.join(name)).unwrap_or_else(|e| panic!("reading {name}: {e}"));
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name} is not JSON: {e}"))
-}
-
-fn assert_same(a: &Path, b: &Path) {
-    let (x, y) = (fs::read(a).expect("reading"), fs::read(b).expect("reading"));
-    assert_eq!(x.len(), y.len(), "sizes differ");
-    if let Some(at) = first_difference(&x, &y) {
-        panic!(
-            "{} differs from {} at byte {at:#x}",
-            b.display(),
-            a.display()
-        );
-    }
+fn sender(dir: &Path, src: &Path, to: &str, extra: &[String]) -> Process {
+    migrate::send(dir, "send", to)
+        .args(&["--ram", &named(src, "ram")])
+        .args(extra)
+        .start(&dir.join("send.err"))
+        .expect("starting ferry send")
 }
 
 /// Runs one migration; returns (sender ok, receiver ok, sender stderr, receiver stderr).
@@ -181,7 +140,7 @@ fn assert_refused(dir: &Path, outcome: &(bool, bool, String, String)) {
         !dir.join("dest.ram").exists(),
         "the receiver created its RAM file for a refused peer"
     );
-    assert_eq!(stats(dir, "receive.json")["status"], "failed");
+    assert_eq!(read_json(&dir.join("receive.json"))["status"], "failed");
 }
 
 fn source(dir: &Path, size: usize) -> PathBuf {
@@ -192,7 +151,7 @@ fn source(dir: &Path, size: usize) -> PathBuf {
 
 #[test]
 fn a_migration_over_tls_matches_the_source_over_tcp_and_unix() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, 64 * MIB);
     let p = pki(d, "good");
@@ -210,14 +169,14 @@ fn a_migration_over_tls_matches_the_source_over_tcp_and_unix() {
         assert!(sok, "ferry send over {listen} failed:\n{serr}");
         assert!(rok, "ferry receive on {listen} failed:\n{rerr}");
         assert!(serr.contains("RAM digests match"), "{serr}");
-        assert_same(&src, &d.join("dest.ram"));
-        assert_eq!(stats(d, "send.json")["return-path"], "ferry");
+        assert_same_file(&src, &d.join("dest.ram"));
+        assert_eq!(read_json(&d.join("send.json"))["return-path"], "ferry");
     }
 }
 
 #[test]
 fn the_receiver_must_carry_the_name_the_sender_expects() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, 8 * MIB);
     let p = pki(d, "named");
@@ -239,12 +198,12 @@ fn the_receiver_must_carry_the_name_the_sender_expects() {
     extra.extend(["--tls-hostname".into(), "db.example".into()]);
     let (sok, rok, serr, rerr) = run(d, &src, "tcp:127.0.0.1:0", &recv_tls, &extra);
     assert!(sok && rok, "send:\n{serr}\nreceive:\n{rerr}");
-    assert_same(&src, &d.join("dest.ram"));
+    assert_same_file(&src, &d.join("dest.ram"));
 }
 
 #[test]
 fn a_plain_sender_is_refused_by_a_tls_receiver() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, 64 * MIB);
     let p = pki(d, "good");
@@ -269,75 +228,65 @@ fn a_plain_sender_is_refused_by_a_tls_receiver() {
     );
 }
 
-#[test]
-fn a_sender_with_a_certificate_from_another_ca_is_refused() {
-    let dir = tempdir();
+/// The peers are `good` (a receiver and a sender signed by the CA both trust)
+/// but for one side whose certificate comes from `rogue`: both ends refuse,
+/// the side that checked the rogue certificate saying so, the other that its
+/// own was refused; `says` is what (sender, receiver) must say.
+fn refused_for_another_ca(rogue_receiver: bool, size: usize, says: (&str, &str)) {
+    let dir = tempdir(PREFIX);
     let d = dir.path();
-    let src = source(d, 64 * MIB);
+    let src = source(d, size);
     let good = pki(d, "good");
     let rogue = pki(d, "rogue");
-    // The rogue sender trusts the real receiver's CA, but its own certificate
-    // is signed by another.
+    let (server, client) = if rogue_receiver {
+        (&rogue.server, &good.client)
+    } else {
+        (&good.server, &rogue.client)
+    };
+    // Both trust the real CA; one's own certificate is signed by another.
     let out = run(
         d,
         &src,
         "tcp:127.0.0.1:0",
-        &tls_args(&good.server, &good.ca.pem),
-        &tls_args(&rogue.client, &good.ca.pem),
+        &tls_args(server, &good.ca.pem),
+        &tls_args(client, &good.ca.pem),
     );
     assert_refused(d, &out);
-    assert!(
-        out.3.contains("the sender's certificate is not accepted"),
-        "receiver: {}",
-        out.3
-    );
-    assert!(
-        out.2.contains("the receiver refused our certificate"),
-        "sender: {}",
-        out.2
+    assert!(out.2.contains(says.0), "sender: {}", out.2);
+    assert!(out.3.contains(says.1), "receiver: {}", out.3);
+}
+
+#[test]
+fn a_sender_with_a_certificate_from_another_ca_is_refused() {
+    refused_for_another_ca(
+        false,
+        64 * MIB,
+        (
+            "the receiver refused our certificate",
+            "the sender's certificate is not accepted",
+        ),
     );
 }
 
 #[test]
 fn a_receiver_with_a_certificate_from_another_ca_is_refused_by_the_sender() {
-    let dir = tempdir();
-    let d = dir.path();
-    let src = source(d, 8 * MIB);
-    let good = pki(d, "good");
-    let rogue = pki(d, "rogue");
-    let out = run(
-        d,
-        &src,
-        "tcp:127.0.0.1:0",
-        &tls_args(&rogue.server, &good.ca.pem),
-        &tls_args(&good.client, &good.ca.pem),
-    );
-    assert_refused(d, &out);
-    assert!(
-        out.2.contains("the receiver's certificate is not accepted"),
-        "sender: {}",
-        out.2
-    );
-    assert!(
-        out.3.contains("the sender refused our certificate"),
-        "receiver: {}",
-        out.3
+    refused_for_another_ca(
+        true,
+        8 * MIB,
+        (
+            "the receiver's certificate is not accepted",
+            "the sender refused our certificate",
+        ),
     );
 }
 
-/// Sends SIGSTOP or SIGCONT to `pid`.
-fn signal(pid: u32, sig: &str) {
-    let ok = std::process::Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .expect("running kill")
-        .success();
-    assert!(ok, "kill {sig} {pid} failed");
-}
-
+/// One of the two ends frozen (SIGSTOP) mid-stream: the other names a stall.
+/// Bound: the receiver's read stalls 2 s after the freeze; the sender's write
+/// after the socket buffers fill and 2 s more; 15 s leaves room for a busy
+/// machine while staying far below the run's ~16 s at the capped rate.
 #[test]
 fn the_stall_timeout_holds_inside_a_tls_session() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, 256 * MIB);
     let p = pki(d, "good");
@@ -354,33 +303,26 @@ fn the_stall_timeout_holds_inside_a_tls_session() {
         send_args.extend_from_slice(&stall);
         send_args.extend_from_slice(&slow);
         let mut s = sender(d, &src, &uri, &send_args);
-        // Past the handshake and into the stream.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while fs::metadata(&dest).map_or(0, |m| m.len()) == 0 {
-            assert!(Instant::now() < deadline, "the stream never started");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        let (stopped, other) = match frozen {
+        // Past the handshake and into the stream: 4 MiB have landed.
+        let reader = migrate::wait_landed(&r, 4 << 20, Duration::from_secs(30));
+        let (pid, other) = match frozen {
             "writer" => (s.wait_actor("writer", Duration::from_secs(5)), &mut r),
-            _ => (r.wait_actor("reader", Duration::from_secs(5)), &mut s),
+            _ => (Ok(reader), &mut s),
         };
-        let pid = stopped.expect("the actor to freeze");
-        signal(pid, "-STOP");
+        let pid = pid.expect("the actor to freeze");
+        proc::freeze(pid, true);
         let t = Instant::now();
         let status = other
             .wait(Duration::from_secs(30))
             .expect("the other side ends");
         let took = t.elapsed();
-        signal(pid, "-CONT");
+        proc::freeze(pid, false);
         assert!(
             !status.success(),
             "the other side of a frozen {frozen} succeeded"
         );
         let err = other.stderr();
         assert!(err.contains("stalled"), "frozen {frozen}: {err}");
-        // The receiver's read stalls after 2 s; the sender's write after the
-        // socket buffers fill and 2 s more.
         assert!(
             took < Duration::from_secs(15),
             "frozen {frozen}: took {took:?}"
@@ -392,42 +334,27 @@ fn the_stall_timeout_holds_inside_a_tls_session() {
 
 #[test]
 fn tls_options_are_all_or_nothing_and_not_for_files() {
-    let dir = tempdir();
+    let dir = tempdir(PREFIX);
     let d = dir.path();
     let src = source(d, MIB);
     let p = pki(d, "good");
-    let out = ferry_tests::ferry::run_ferry(
-        [
-            "send",
-            "--ram",
-            &src.display().to_string(),
-            "--to",
-            "tcp:127.0.0.1:9",
-            "--tls-cert",
-            &p.client.cert.display().to_string(),
-        ],
-        Duration::from_secs(30),
-    )
-    .expect("running ferry send");
-    assert!(!out.status.success());
-    assert!(out.stderr.contains("--tls-key"), "{}", out.stderr);
+    let refused = |args: &[String], needle: &str| {
+        let out = ferry_tests::ferry::run_ferry(args, Duration::from_secs(30)).expect("running");
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(out.stderr.contains(needle), "{}", out.stderr);
+    };
+    let send = |to: &str| -> Vec<String> {
+        ["send", "--ram", &src.display().to_string(), "--to", to]
+            .map(String::from)
+            .into()
+    };
+    let mut args = send("tcp:127.0.0.1:9");
+    args.extend(["--tls-cert".into(), p.client.cert.display().to_string()]);
+    refused(&args, "--tls-key");
 
-    let file = format!("file:{}", d.join("s.bin").display());
-    let mut args = vec![
-        "send".to_owned(),
-        "--ram".into(),
-        src.display().to_string(),
-        "--to".into(),
-        file,
-    ];
+    let mut args = send(&format!("file:{}", d.join("s.bin").display()));
     args.extend(tls_args(&p.client, &p.ca.pem));
-    let out = ferry_tests::ferry::run_ferry(&args, Duration::from_secs(30)).expect("running");
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("only with tcp: and unix:"),
-        "{}",
-        out.stderr
-    );
+    refused(&args, "only with tcp: and unix:");
     assert!(!d.join("s.bin").exists(), "the stream file was written");
 
     fs::write(d.join("s.bin"), b"QEVM").expect("writing a stream file");
@@ -439,13 +366,7 @@ fn tls_options_are_all_or_nothing_and_not_for_files() {
         d.join("dest.ram").display().to_string(),
     ];
     args.extend(tls_args(&p.server, &p.ca.pem));
-    let out = ferry_tests::ferry::run_ferry(&args, Duration::from_secs(30)).expect("running");
-    assert!(!out.status.success());
-    assert!(
-        out.stderr.contains("only with tcp: and unix:"),
-        "{}",
-        out.stderr
-    );
+    refused(&args, "only with tcp: and unix:");
 }
 
 /// What TLS costs: 1 GiB of mixed RAM in /dev/shm, raw, plain tcp against
@@ -455,10 +376,7 @@ fn tls_options_are_all_or_nothing_and_not_for_files() {
 #[ignore = "a measurement, about a minute"]
 fn tls_throughput_on_one_gib() {
     // RAM files in memory: a disk-backed destination measures writeback.
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-tls-bench-")
-        .tempdir_in("/dev/shm")
-        .expect("a directory in /dev/shm");
+    let dir = shm_tempdir("ferry-tls-bench-");
     let d = dir.path();
     let src = source(d, 1 << 30);
     let p = pki(d, "good");
@@ -475,7 +393,7 @@ fn tls_throughput_on_one_gib() {
         for (i, (name, r, s)) in modes.iter().enumerate() {
             let (sok, rok, serr, rerr) = run(d, &src, "tcp:127.0.0.1:0", r, s);
             assert!(sok && rok, "{name}: send:\n{serr}\nreceive:\n{rerr}");
-            let st = stats(d, "send.json");
+            let st = read_json(&d.join("send.json"));
             let secs = st["total-time"].as_f64().unwrap() / 1000.0;
             let stream = st["ram"]["transferred"].as_f64().unwrap();
             eprintln!(
