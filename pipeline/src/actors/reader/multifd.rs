@@ -461,7 +461,7 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
         };
         let h = PacketHeader::decode(&header, decoder.as_ref().map(Decoder::method))
             .map_err(packet)?;
-        payload.resize(h.next_packet_size as usize, 0);
+        payload.resize(h.payload_len(), 0);
         if let Some(got) = read_full(t.as_mut(), &mut payload).map_err(io)? {
             return Err(Error::Truncated {
                 channel,
