@@ -227,20 +227,23 @@ impl<'i> Scanner<'i> {
 
 /// Splits `indices` of one block into zero pages, encoded here as ZERO
 /// records, and the rest, passed on by index.
+///
+/// A page of one repeated non-zero byte goes on as a normal page: QEMU 8.2
+/// and later refuse a ZERO record whose fill byte is not 0 ("Found a zero
+/// page with value N").
 fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32]) -> PageBatch {
     let mut zero = QemuFileWriter::new(MemTransport::new());
     let mut writer = RamWriter::new();
     let mut zero_pages = 0;
     let mut pages = Vec::with_capacity(indices.len());
     for &i in indices {
-        match ram.page_fill(i) {
-            Some(fill) => {
-                // Writing to memory cannot fail, and the name was checked at start.
-                let offset = u64::from(i) * PAGE_SIZE as u64;
-                let _ = writer.put_zero_page(&mut zero, name, offset, fill);
-                zero_pages += 1;
-            }
-            None => pages.push(i),
+        if ram.page_fill(i) == Some(0) {
+            // Writing to memory cannot fail, and the name was checked at start.
+            let offset = u64::from(i) * PAGE_SIZE as u64;
+            let _ = writer.put_zero_page(&mut zero, name, offset, 0);
+            zero_pages += 1;
+        } else {
+            pages.push(i);
         }
     }
     let zero_records = zero

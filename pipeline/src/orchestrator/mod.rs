@@ -156,6 +156,16 @@ pub struct SendArgs {
     /// receive --listen file:` loads the file.
     #[arg(long)]
     pub integrity: bool,
+    /// Verify completion with a QEMU destination (any QEMU version with a
+    /// return path; tcp: or unix:): open QEMU's return path
+    /// (MIG_CMD_OPEN_RETURN_PATH) and succeed only when the destination's
+    /// SHUT message says it loaded everything (status 0). A SHUT with an
+    /// error, or a connection closed without SHUT, fails the migration and
+    /// resumes the source guest. Without it, a QEMU destination never says
+    /// whether it loaded the stream: the result is "completed-unverified".
+    /// Not for a ferry receiver, which verifies with RAM digests by itself.
+    #[arg(long, conflicts_with = "integrity")]
+    pub return_path: bool,
     // TLS settings.
     #[command(flatten)]
     pub tls: TlsArgs,
