@@ -147,10 +147,6 @@ pub fn read_qemu_message(r: &mut impl Read) -> Result<Option<QemuMessage>, Error
     if len > qemu_message::MAX_LEN {
         return Err(Error::TooLong { kind, len });
     }
-    let mut payload = vec![0u8; usize::from(len)];
-    if !read_all(r, &mut payload)? && len > 0 {
-        return Err(Error::Truncated);
-    }
     let expected = match kind {
         qemu_message::SHUT | qemu_message::PONG => 4,
         qemu_message::SWITCHOVER_ACK => 0,
@@ -167,6 +163,10 @@ pub fn read_qemu_message(r: &mut impl Read) -> Result<Option<QemuMessage>, Error
             len,
             expected,
         });
+    }
+    let mut payload = vec![0u8; usize::from(len)];
+    if !read_all(r, &mut payload)? && len > 0 {
+        return Err(Error::Truncated);
     }
     let be32 = || u32::from_be_bytes([payload[0], payload[1], payload[2], payload[3]]);
     Ok(Some(match kind {

@@ -1137,6 +1137,70 @@ mod tests {
         );
     }
 
+    /// What the QEMU return-path reader makes of `bytes`.
+    fn qemu_reply(bytes: &[u8]) -> Reply {
+        let rp = ferry_proto::transport::MemTransport::from_bytes(bytes.to_vec());
+        read_qemu_return_path(Box::new(rp), false)
+    }
+
+    #[test]
+    fn qemu_return_path_succeeds_only_on_shut_0() {
+        // PONG and SWITCHOVER_ACK first, as a QEMU with switchover-ack sends.
+        let ok = [
+            &[0u8, 2, 0, 4, 0, 0, 0, 1][..],
+            &[0, 7, 0, 0],
+            &[0, 1, 0, 4, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert!(matches!(qemu_reply(&ok), Reply::Shut(0)));
+        assert!(qemu_reply(&ok).qemu_verdict(true).is_ok());
+
+        let shut1 = [0, 1, 0, 4, 0, 0, 0, 1];
+        let e = qemu_reply(&shut1)
+            .qemu_verdict(true)
+            .expect_err("SHUT 1 is a failure");
+        assert_eq!(
+            e.to_string(),
+            "the destination reported a failure (SHUT 1); see its log"
+        );
+
+        // A close before SHUT, even after a PONG.
+        let pong_only = [0, 2, 0, 4, 0, 0, 0, 1];
+        assert!(matches!(qemu_reply(&pong_only), Reply::NoShut));
+        assert!(matches!(
+            qemu_reply(&pong_only).qemu_verdict(true),
+            Err(Error::NoShut)
+        ));
+    }
+
+    #[test]
+    fn a_ferry_receiver_or_postcopy_on_qemus_return_path_is_a_protocol_error() {
+        for bytes in [ferry_proto::return_path::HELLO, &[0, 4, 0, 12][..]] {
+            let reply = qemu_reply(bytes);
+            assert!(matches!(reply, Reply::BadMessage(_)), "{reply:?}");
+            let verdict = reply.qemu_verdict(true);
+            assert!(
+                matches!(verdict, Err(Error::QemuReturnPath(_))),
+                "{verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shut_before_the_stream_ends_stops_the_writer() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        tx.send(Reply::Shut(0)).unwrap();
+        let mut replies = Replies(Some(&rx));
+        assert!(matches!(replies.hear(rx.recv()), Err(Error::EarlyShut)));
+        tx.send(Reply::Shut(1)).unwrap();
+        assert!(matches!(
+            replies.hear(rx.recv()),
+            Err(Error::DestinationFailed(1))
+        ));
+        tx.send(Reply::NoShut).unwrap();
+        assert!(matches!(replies.hear(rx.recv()), Err(Error::NoShut)));
+    }
+
     #[test]
     fn a_closed_return_path_is_no_longer_listened_to() {
         let (tx, rx) = crossbeam_channel::bounded(1);
