@@ -18,10 +18,11 @@ use std::fs;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::{ferry_bin, run_ferry};
+use ferry_tests::qemu::{none_machine_args, ram_file_args};
 use ferry_tests::ram::{first_difference, write_mixed_image};
 use serde_json::{json, Value};
 use tempfile::TempDir;
@@ -49,32 +50,11 @@ fn tempdir() -> TempDir {
         .expect("creating a temporary directory")
 }
 
-/// A RAM block named `mem` backed by `ram` (shared: the file is guest RAM).
-fn ram_args(ram: &Path, size: u64) -> Vec<String> {
-    vec![
-        "-m".into(),
-        format!("{}M", size >> 20),
-        "-object".into(),
-        format!(
-            "memory-backend-file,id=mem,size={size},mem-path={},share=on",
-            ram.display()
-        ),
-        "-machine".into(),
-        "memory-backend=mem".into(),
-    ]
-}
-
-fn none_args(ram: &Path, size: u64) -> Vec<String> {
-    let mut args: Vec<String> = vec!["-M".into(), "none".into(), "-nodefaults".into()];
-    args.extend(ram_args(ram, size));
-    args
-}
-
 fn pc_args(ram: &Path, size: u64) -> Vec<String> {
     let mut args: Vec<String> = ["-M", "pc", "-accel", "tcg", "-nodefaults"]
         .map(String::from)
         .into();
-    args.extend(ram_args(ram, size));
+    args.extend(ram_file_args(ram, size));
     args
 }
 
@@ -287,6 +267,26 @@ fn stats(dir: &Path) -> Value {
     serde_json::from_str(&text).expect("statistics are JSON")
 }
 
+/// `ferry send --return-path`, which must end with QEMU's SHUT 0 and a
+/// destination whose migration completed.
+fn send_verified(dir: &Path, q: &mut Qemu10, rams: &[String], to: &str, extra: &[&str]) {
+    let args: Vec<&str> = std::iter::once("--return-path")
+        .chain(extra.iter().copied())
+        .collect();
+    let out = send(dir, rams, to, &args);
+    assert!(
+        out.status.success(),
+        "ferry send --return-path failed: {}\nQEMU:\n{}",
+        out.stderr,
+        q.log()
+    );
+    assert!(out.stderr.contains("SHUT 0"), "{}", out.stderr);
+    let st = stats(dir);
+    assert_eq!(st["status"], "completed", "{st}");
+    assert_eq!(st["return-path"], "qemu", "{st}");
+    q.wait_migration_completed();
+}
+
 fn assert_same_ram(dest: &Path, src: &Path) {
     let got = fs::read(dest).expect("reading the destination's RAM");
     let want = fs::read(src).expect("reading the source's RAM");
@@ -305,24 +305,9 @@ fn return_path_send_into_a_none_machine_succeeds_on_shut_0_with_equal_ram() {
     // only as normal pages.
     write_mixed_image(&src, size as usize, 31).expect("writing the RAM image");
     let dst = dir.path().join("dst.ram");
-    let (mut q, to) = destination(dir.path(), &none_args(&dst, size));
-    let out = send(
-        dir.path(),
-        &[format!("{},name=mem", src.display())],
-        &to,
-        &["--return-path"],
-    );
-    assert!(
-        out.status.success(),
-        "ferry send --return-path failed: {}\nQEMU:\n{}",
-        out.stderr,
-        q.log()
-    );
-    assert!(out.stderr.contains("SHUT 0"), "{}", out.stderr);
-    let st = stats(dir.path());
-    assert_eq!(st["status"], "completed", "{st}");
-    assert_eq!(st["return-path"], "qemu", "{st}");
-    q.wait_migration_completed();
+    let (mut q, to) = destination(dir.path(), &none_machine_args(&dst, size));
+    let rams = [format!("{},name=mem", src.display())];
+    send_verified(dir.path(), &mut q, &rams, &to, &[]);
     assert_same_ram(&dst, &src);
 }
 
@@ -344,20 +329,7 @@ fn return_path_send_into_a_pc_machine_with_qemu10_device_state_succeeds_with_equ
     let dst = dir.path().join("dst.ram");
     let (mut q, to) = destination(dir.path(), &pc_args(&dst, size));
     let device = device.to_str().expect("utf-8 path");
-    let out = send(
-        dir.path(),
-        &rams,
-        &to,
-        &["--return-path", "--device-state", device],
-    );
-    assert!(
-        out.status.success(),
-        "ferry send --return-path failed: {}\nQEMU:\n{}",
-        out.stderr,
-        q.log()
-    );
-    assert_eq!(stats(dir.path())["status"], "completed");
-    q.wait_migration_completed();
+    send_verified(dir.path(), &mut q, &rams, &to, &["--device-state", device]);
     assert_same_ram(&dst, &src);
 }
 
@@ -368,7 +340,7 @@ fn without_a_return_path_a_qemu10_destination_leaves_the_send_unverified() {
     let src = dir.path().join("src.ram");
     write_mixed_image(&src, size as usize, 33).expect("writing the RAM image");
     let dst = dir.path().join("dst.ram");
-    let (mut q, to) = destination(dir.path(), &none_args(&dst, size));
+    let (mut q, to) = destination(dir.path(), &none_machine_args(&dst, size));
     let out = send(
         dir.path(),
         &[format!("{},name=mem", src.display())],
@@ -443,74 +415,48 @@ fn unknown_device_section(id: u32) -> Vec<u8> {
     s
 }
 
-#[test]
-fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_runs() {
-    let dir = tempdir();
-    let d = dir.path();
-    let size = 64u64 << 20;
-    // Device state from a QEMU 10 source of the same command line, with an
-    // unknown device placed last: QEMU refuses it after all RAM loaded.
-    let (device, _, _) = from_qemu10_source(d, &none_args(&d.join("qsrc.ram"), size));
-    let mut state = fs::read(&device).expect("reading the device state");
-    state.extend(unknown_device_section(1000));
-    let bad = d.join("bad.state");
-    fs::write(&bad, state).expect("writing the device state");
-
+/// A `ferry loadgen` guest of 64 MiB that keeps dirtying its RAM, and its
+/// RAM file, dirty log and control socket.
+fn live_guest(d: &Path) -> (Background, [PathBuf; 3]) {
     let (ram, log, ctl) = (d.join("g.ram"), d.join("g.log"), d.join("g.sock"));
-    let arg = |p: &Path| p.display().to_string();
-    let _guest = background(
-        &[
-            "loadgen".into(),
-            "--ram".into(),
-            arg(&ram),
-            "--size".into(),
-            "64M".into(),
-            "--dirty-log".into(),
-            arg(&log),
-            "--control".into(),
-            format!("unix:{}", arg(&ctl)),
-            "--dirty-rate".into(),
-            "8M".into(),
-        ],
-        &d.join("loadgen.err"),
-    );
+    let args = [
+        "loadgen".into(),
+        "--ram".into(),
+        ram.display().to_string(),
+        "--size".into(),
+        "64M".into(),
+        "--dirty-log".into(),
+        log.display().to_string(),
+        "--control".into(),
+        format!("unix:{}", ctl.display()),
+        "--dirty-rate".into(),
+        "8M".into(),
+    ];
+    let guest = background(&args, &d.join("loadgen.err"));
     let deadline = Instant::now() + Duration::from_secs(30);
     while !ctl.exists() {
         assert!(Instant::now() < deadline, "loadgen did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let (q, to) = destination(d, &none_args(&d.join("dst.ram"), size));
-    let send_err = d.join("send.err");
-    let mut sender = background(
-        &[
-            "send".into(),
-            "--ram".into(),
-            format!("{},name=mem", arg(&ram)),
-            "--to".into(),
-            to,
-            "--return-path".into(),
-            "--device-state".into(),
-            arg(&bad),
-            "--dirty-log".into(),
-            arg(&log),
-            "--guest-control".into(),
-            format!("unix:{}", arg(&ctl)),
-            "--no-progress".into(),
-            "--stats-json".into(),
-            arg(&d.join("send.json")),
-        ],
-        &send_err,
-    );
-    // Watch both: when QEMU writes its refusal, and when ferry exits.
+    (guest, [ram, log, ctl])
+}
+
+/// Waits for `sender` to exit; returns its status and how long after QEMU
+/// logged its refusal it exited (zero if the refusal was logged only after
+/// the exit, or never).
+fn exit_after_refusal(sender: &mut Background, q: &Qemu10) -> (ExitStatus, Duration) {
     let deadline = Instant::now() + TIMEOUT;
     let mut refused_at = None;
-    let (status, exited_at) = loop {
+    loop {
         let now = Instant::now();
         if refused_at.is_none() && q.log().contains("load of migration failed") {
             refused_at = Some(now);
         }
         if let Some(status) = sender.0.try_wait().expect("waiting for ferry send") {
-            break (status, now);
+            return (
+                status,
+                now.saturating_duration_since(refused_at.unwrap_or(now)),
+            );
         }
         assert!(
             now < deadline,
@@ -518,7 +464,44 @@ fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_ru
             q.log()
         );
         std::thread::sleep(Duration::from_millis(5));
-    };
+    }
+}
+
+#[test]
+fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_runs() {
+    let dir = tempdir();
+    let d = dir.path();
+    let size = 64u64 << 20;
+    // Device state from a QEMU 10 source of the same command line, with an
+    // unknown device placed last: QEMU refuses it after all RAM loaded.
+    let (device, _, _) = from_qemu10_source(d, &none_machine_args(&d.join("qsrc.ram"), size));
+    let mut state = fs::read(&device).expect("reading the device state");
+    state.extend(unknown_device_section(1000));
+    let bad = d.join("bad.state");
+    fs::write(&bad, state).expect("writing the device state");
+
+    let (_guest, [ram, log, ctl]) = live_guest(d);
+    let (q, to) = destination(d, &none_machine_args(&d.join("dst.ram"), size));
+    let send_err = d.join("send.err");
+    let args = [
+        "send".into(),
+        "--ram".into(),
+        format!("{},name=mem", ram.display()),
+        "--to".into(),
+        to,
+        "--return-path".into(),
+        "--device-state".into(),
+        bad.display().to_string(),
+        "--dirty-log".into(),
+        log.display().to_string(),
+        "--guest-control".into(),
+        format!("unix:{}", ctl.display()),
+        "--no-progress".into(),
+        "--stats-json".into(),
+        d.join("send.json").display().to_string(),
+    ];
+    let mut sender = background(&args, &send_err);
+    let (status, delay) = exit_after_refusal(&mut sender, &q);
     let stderr = fs::read_to_string(&send_err).unwrap_or_default();
     assert!(
         !status.success(),
@@ -530,9 +513,6 @@ fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_ru
         "QEMU refused the unknown device: {}",
         q.log()
     );
-    // Seen in the same poll as the exit, or just after: no delay to speak of.
-    let refused_at = refused_at.unwrap_or(exited_at);
-    let delay = exited_at.saturating_duration_since(refused_at);
     assert!(
         delay < Duration::from_secs(1),
         "ferry send exited {delay:?} after QEMU's refusal"
