@@ -83,11 +83,13 @@ pub struct SendArgs {
     )]
     pub disk: Vec<DiskSpec>,
     /// Destination: tcp:HOST:PORT, unix:PATH (a `ferry receive` or a QEMU
-    /// `-incoming`), or file:PATH (a stream QEMU can load with `exec:cat`).
+    /// `-incoming`, QEMU 7.2 to 10), or file:PATH (a stream QEMU can load
+    /// with `exec:cat`).
     #[arg(long, value_name = "URI")]
     pub to: Uri,
     /// Compress pages with zlib (COMPRESS_PAGE records; a QEMU destination
-    /// needs its `compress` capability on). Pages that do not shrink go raw.
+    /// needs its `compress` capability on, which QEMU 9.1 removed: QEMU 7.2
+    /// to 9.0 and ferry receivers only). Pages that do not shrink go raw.
     #[arg(long)]
     pub compress: bool,
     /// zlib level for --compress.
