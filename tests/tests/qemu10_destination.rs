@@ -334,6 +334,44 @@ fn return_path_send_into_a_pc_machine_with_qemu10_device_state_succeeds_with_equ
 }
 
 #[test]
+fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
+    let dir = tempdir();
+    let size = 32u64 << 20;
+    let src = dir.path().join("src.ram");
+    write_mixed_image(&src, size as usize, 34).expect("writing the RAM image");
+    let (mut q, to) = destination(
+        dir.path(),
+        &none_machine_args(&dir.path().join("dst.ram"), size),
+    );
+    // Slow enough (about 5 s) that the destination dies mid-stream.
+    let killer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        q.child.kill().expect("killing QEMU");
+        q
+    });
+    let rams = [format!("{},name=mem", src.display())];
+    let out = send(
+        dir.path(),
+        &rams,
+        &to,
+        &["--return-path", "--max-bandwidth", "4M"],
+    );
+    let _ = killer.join();
+    assert!(
+        !out.status.success(),
+        "ferry send succeeded: {}",
+        out.stderr
+    );
+    assert!(
+        out.stderr
+            .contains("closed the connection without a SHUT message"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(stats(dir.path())["status"], "failed");
+}
+
+#[test]
 fn without_a_return_path_a_qemu10_destination_leaves_the_send_unverified() {
     let dir = tempdir();
     let size = 16u64 << 20;
