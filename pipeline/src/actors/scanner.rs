@@ -258,3 +258,27 @@ fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32])
         pages,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_all_zero_pages_become_zero_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let mut bytes = vec![0u8; 3 * PAGE_SIZE];
+        // Page 1 is one repeated non-zero byte, page 2 is not uniform.
+        bytes[PAGE_SIZE..2 * PAGE_SIZE].fill(0x16);
+        bytes[2 * PAGE_SIZE + 7] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let ram = GuestRam::map(&path).unwrap();
+        let batch = scan_batch(0, 0, "mem", &ram, &[0, 1, 2]);
+        assert_eq!(batch.zero_pages, 1);
+        assert_eq!(batch.pages, [1, 2]);
+        // One record: be64 offset|ZERO, the counted name, fill byte 0.
+        let mut want = (ferry_proto::stream::ram_flag::ZERO).to_be_bytes().to_vec();
+        want.extend_from_slice(b"\x03mem\x00");
+        assert_eq!(batch.zero_records, want);
+    }
+}

@@ -114,3 +114,34 @@ pub fn write_stream_with_disks<T: Transport>(
     f.flush();
     f.error().cloned().map_or(Ok(counts), Err)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::MemTransport;
+
+    #[test]
+    fn a_page_of_one_non_zero_byte_goes_as_a_normal_page() {
+        let mut ram = vec![0u8; 2 * PAGE_SIZE];
+        ram[PAGE_SIZE..].fill(0x16);
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        let counts = write_stream(
+            &mut f,
+            &[("mem", &ram)],
+            &DeviceState::default(),
+            "none",
+            None,
+        )
+        .unwrap();
+        assert_eq!((counts.zero, counts.raw), (1, 1));
+        let counts = write_stream(
+            &mut f,
+            &[("mem", &ram)],
+            &DeviceState::default(),
+            "none",
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!((counts.zero, counts.compressed), (1, 1));
+    }
+}
