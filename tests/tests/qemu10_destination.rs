@@ -267,6 +267,14 @@ fn stats(dir: &Path) -> Value {
     serde_json::from_str(&text).expect("statistics are JSON")
 }
 
+/// A mixed RAM image of `mib` MiB in `dir/src.ram`, and its size. Its pages
+/// of one repeated non-zero byte reach QEMU 10 only as normal pages.
+fn source_ram(dir: &Path, mib: u64, seed: u64) -> (PathBuf, u64) {
+    let src = dir.join("src.ram");
+    write_mixed_image(&src, (mib << 20) as usize, seed).expect("writing the RAM image");
+    (src, mib << 20)
+}
+
 /// `ferry send --return-path`, which must end with QEMU's SHUT 0 and a
 /// destination whose migration completed.
 fn send_verified(dir: &Path, q: &mut Qemu10, rams: &[String], to: &str, extra: &[&str]) {
@@ -299,11 +307,7 @@ fn assert_same_ram(dest: &Path, src: &Path) {
 #[test]
 fn return_path_send_into_a_none_machine_succeeds_on_shut_0_with_equal_ram() {
     let dir = tempdir();
-    let size = 32u64 << 20;
-    let src = dir.path().join("src.ram");
-    // Mixed pages include pages of one non-zero byte, which QEMU 10 takes
-    // only as normal pages.
-    write_mixed_image(&src, size as usize, 31).expect("writing the RAM image");
+    let (src, size) = source_ram(dir.path(), 32, 31);
     let dst = dir.path().join("dst.ram");
     let (mut q, to) = destination(dir.path(), &none_machine_args(&dst, size));
     let rams = [format!("{},name=mem", src.display())];
@@ -314,9 +318,7 @@ fn return_path_send_into_a_none_machine_succeeds_on_shut_0_with_equal_ram() {
 #[test]
 fn return_path_send_into_a_pc_machine_with_qemu10_device_state_succeeds_with_equal_ram() {
     let dir = tempdir();
-    let size = 128u64 << 20;
-    let src = dir.path().join("src.ram");
-    write_mixed_image(&src, size as usize, 32).expect("writing the RAM image");
+    let (src, size) = source_ram(dir.path(), 128, 32);
     let (device, blocks, names) = from_qemu10_source(dir.path(), &pc_args(&src, size));
     assert!(names.len() >= 4, "-M pc has several RAM blocks: {names:?}");
     let rams: Vec<String> = names
@@ -336,9 +338,7 @@ fn return_path_send_into_a_pc_machine_with_qemu10_device_state_succeeds_with_equ
 #[test]
 fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
     let dir = tempdir();
-    let size = 32u64 << 20;
-    let src = dir.path().join("src.ram");
-    write_mixed_image(&src, size as usize, 34).expect("writing the RAM image");
+    let (src, size) = source_ram(dir.path(), 32, 34);
     let (mut q, to) = destination(
         dir.path(),
         &none_machine_args(&dir.path().join("dst.ram"), size),
@@ -374,9 +374,7 @@ fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
 #[test]
 fn without_a_return_path_a_qemu10_destination_leaves_the_send_unverified() {
     let dir = tempdir();
-    let size = 16u64 << 20;
-    let src = dir.path().join("src.ram");
-    write_mixed_image(&src, size as usize, 33).expect("writing the RAM image");
+    let (src, size) = source_ram(dir.path(), 16, 33);
     let dst = dir.path().join("dst.ram");
     let (mut q, to) = destination(dir.path(), &none_machine_args(&dst, size));
     let out = send(
