@@ -343,9 +343,18 @@ fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
         dir.path(),
         &none_machine_args(&dir.path().join("dst.ram"), size),
     );
-    // Slow enough (about 5 s) that the destination dies mid-stream.
+    // Slow enough (about 5 s) that the destination dies mid-stream: once
+    // it is loading.
     let killer = std::thread::spawn(move || {
-        std::thread::sleep(Duration::from_secs(1));
+        let deadline = Instant::now() + TIMEOUT;
+        while q.qmp("query-migrate", json!({}))["status"] != "active" {
+            assert!(
+                Instant::now() < deadline,
+                "the destination never started loading"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(Duration::from_millis(500));
         q.child.kill().expect("killing QEMU");
         q
     });
