@@ -227,20 +227,23 @@ impl<'i> Scanner<'i> {
 
 /// Splits `indices` of one block into zero pages, encoded here as ZERO
 /// records, and the rest, passed on by index.
+///
+/// A page of one repeated non-zero byte goes on as a normal page: QEMU 8.2
+/// and later refuse a ZERO record whose fill byte is not 0 ("Found a zero
+/// page with value N").
 fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32]) -> PageBatch {
     let mut zero = QemuFileWriter::new(MemTransport::new());
     let mut writer = RamWriter::new();
     let mut zero_pages = 0;
     let mut pages = Vec::with_capacity(indices.len());
     for &i in indices {
-        match ram.page_fill(i) {
-            Some(fill) => {
-                // Writing to memory cannot fail, and the name was checked at start.
-                let offset = u64::from(i) * PAGE_SIZE as u64;
-                let _ = writer.put_zero_page(&mut zero, name, offset, fill);
-                zero_pages += 1;
-            }
-            None => pages.push(i),
+        if ram.page_fill(i) == Some(0) {
+            // Writing to memory cannot fail, and the name was checked at start.
+            let offset = u64::from(i) * PAGE_SIZE as u64;
+            let _ = writer.put_zero_page(&mut zero, name, offset, 0);
+            zero_pages += 1;
+        } else {
+            pages.push(i);
         }
     }
     let zero_records = zero
@@ -253,5 +256,29 @@ fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32])
         zero_records,
         zero_pages,
         pages,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_all_zero_pages_become_zero_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("ram");
+        let mut bytes = vec![0u8; 3 * PAGE_SIZE];
+        // Page 1 is one repeated non-zero byte, page 2 is not uniform.
+        bytes[PAGE_SIZE..2 * PAGE_SIZE].fill(0x16);
+        bytes[2 * PAGE_SIZE + 7] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let ram = GuestRam::map(&path).unwrap();
+        let batch = scan_batch(0, 0, "mem", &ram, &[0, 1, 2]);
+        assert_eq!(batch.zero_pages, 1);
+        assert_eq!(batch.pages, [1, 2]);
+        // One record: be64 offset|ZERO, the counted name, fill byte 0.
+        let mut want = (ferry_proto::stream::ram_flag::ZERO).to_be_bytes().to_vec();
+        want.extend_from_slice(b"\x03mem\x00");
+        assert_eq!(batch.zero_records, want);
     }
 }

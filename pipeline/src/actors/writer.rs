@@ -5,7 +5,7 @@
 //! EOF), writes chunks strictly in sequence order so that an older copy of a
 //! page can never overtake a newer one, enforces the rate limit in QEMU's
 //! 100 ms windows, and listens on the return path for a ferry receiver's
-//! acknowledgement.
+//! acknowledgement, or with `--return-path` for a QEMU destination's SHUT.
 //!
 //! With TLS the connection is a TLS session in both directions (see
 //! [`crate::channel::tls`]); with `--integrity` the writer seals the stream with
@@ -19,12 +19,12 @@ use std::time::{Duration, Instant};
 use crate::supervisor::messages::{ActorEvent, ActorKind, Chunk, DiskChunk, Event, PageCounts};
 use crossbeam_channel::{select, Receiver};
 use ferry_proto::qemu_file::{self, QemuFileWriter};
-use ferry_proto::return_path::{Ack, ReturnPath};
+use ferry_proto::return_path::{self, Ack, QemuMessage, ReturnPath};
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::encode::{self, RamWriter};
 use ferry_proto::stream::{
-    block_flag, parse, RamBlockInfo, SectionKind, BLOCK_CHUNK_SIZE, BLOCK_IDSTR, BLOCK_VERSION,
-    PAGE_SIZE, RAM_IDSTR, RAM_VERSION, SECTOR_SIZE,
+    block_flag, command, parse, RamBlockInfo, SectionKind, BLOCK_CHUNK_SIZE, BLOCK_IDSTR,
+    BLOCK_VERSION, PAGE_SIZE, RAM_IDSTR, RAM_VERSION, SECTOR_SIZE,
 };
 use ferry_proto::transport::Transport;
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
@@ -37,7 +37,8 @@ use ferry_guest::ram::{self, BlockFile, GuestRam};
 
 /// QEMU's rate-limit window.
 const WINDOW: Duration = Duration::from_millis(100);
-/// How long a ferry receiver may take to acknowledge after EOF.
+/// How long a ferry receiver may take to acknowledge after EOF, or a QEMU
+/// destination to send its SHUT.
 const ACK_TIMEOUT: Duration = Duration::from_secs(120);
 /// How long to wait for a silent peer (QEMU) to close after EOF.
 const SILENT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -86,6 +87,9 @@ pub struct Init {
     pub tls: Option<TlsInit>,
     /// Seal the stream with integrity checkpoints (a ferry receiver only).
     pub integrity: bool,
+    /// Open QEMU's return path and take the destination's SHUT as the
+    /// verdict (a QEMU destination only).
+    pub return_path: bool,
     /// Chunks from the compress stage.
     pub chunks: IpcReceiver<Chunk>,
     /// One credit back per chunk written.
@@ -153,6 +157,23 @@ pub enum Error {
     /// The destination closed the connection without acknowledging.
     #[error("the destination closed the connection before acknowledging the stream")]
     NoAck,
+    /// A QEMU destination's SHUT said it failed. QEMU's status is a mere
+    /// boolean; its reason is only in its own log.
+    #[error("the destination reported a failure (SHUT {0}); see its log")]
+    DestinationFailed(u32),
+    /// A QEMU destination said it was done before the stream was.
+    #[error("the destination sent SHUT 0 before the stream was complete")]
+    EarlyShut,
+    /// A QEMU destination closed its return path without a SHUT: it died,
+    /// or failed before it opened the return path.
+    #[error("the destination closed the connection without a SHUT message: it failed or died; see its log")]
+    NoShut,
+    /// A QEMU destination sent no SHUT in time after the stream ended.
+    #[error("the destination sent no SHUT message within {0} s after the stream ended")]
+    NoShutWithin(u64),
+    /// What came back on QEMU's return path is not a precopy message.
+    #[error("the destination's return path is not QEMU's (is it a ferry receiver? --return-path is for QEMU destinations)")]
+    QemuReturnPath(#[source] return_path::Error),
     /// The destination sent something that is not an acknowledgement.
     #[error("the destination sent an unreadable acknowledgement: {0:?}")]
     BadAck(String),
@@ -196,9 +217,28 @@ enum Reply {
     /// The TLS session failed (an alert, a bad record).
     Failed(io::Error),
     Closed,
+    /// QEMU's SHUT and its status.
+    Shut(u32),
+    /// QEMU's return path ended without a SHUT.
+    NoShut,
+    /// QEMU's return path carried something a precopy source cannot take.
+    BadMessage(return_path::Error),
 }
 
 impl Reply {
+    /// What a reply on QEMU's return path means, once the stream is
+    /// complete (`done`) or before: only a SHUT 0 after the end is success.
+    fn qemu_verdict(self, done: bool) -> Result<(), Error> {
+        match self {
+            Reply::Shut(0) if done => Ok(()),
+            Reply::Shut(0) => Err(Error::EarlyShut),
+            Reply::Shut(status) => Err(Error::DestinationFailed(status)),
+            Reply::BadMessage(e) => Err(Error::QemuReturnPath(e)),
+            Reply::Failed(e) => Err(Error::Session(e)),
+            _ => Err(Error::NoShut),
+        }
+    }
+
     /// A TLS record (alert 0x15 or handshake 0x16, version 3.x) where a line
     /// of text was expected: the peer speaks TLS and we do not.
     fn is_tls_record(line: &str) -> bool {
@@ -230,6 +270,36 @@ fn spawn_return_path(rp: Box<dyn Transport>, tls: bool) -> Receiver<Reply> {
     let (tx, rx) = crossbeam_channel::bounded(REPLY_QUEUE);
     std::thread::spawn(move || read_return_path(rp, &tx, tls));
     rx
+}
+
+/// Starts the thread that reads QEMU's return path: one reply, the SHUT or
+/// why there is none.
+fn spawn_qemu_return_path(rp: Box<dyn Transport>, tls: bool) -> Receiver<Reply> {
+    let (tx, rx) = crossbeam_channel::bounded(1);
+    std::thread::spawn(move || {
+        let _ = tx.send(read_qemu_return_path(rp, tls));
+    });
+    rx
+}
+
+/// Reads QEMU's return path up to its SHUT. PONG and SWITCHOVER_ACK carry
+/// nothing a precopy source acts on; an end or a failed read before SHUT
+/// means the destination is gone without a verdict.
+fn read_qemu_return_path(rp: Box<dyn Transport>, tls: bool) -> Reply {
+    let mut r = TransportRead(rp);
+    loop {
+        match return_path::read_qemu_message(&mut r) {
+            Ok(Some(QemuMessage::Shut(status))) => return Reply::Shut(status),
+            Ok(Some(QemuMessage::Pong(_) | QemuMessage::SwitchoverAck)) => {}
+            Err(return_path::Error::Io(e)) if tls && e.kind() == io::ErrorKind::InvalidData => {
+                return Reply::Failed(e)
+            }
+            Ok(None) | Err(return_path::Error::Io(_) | return_path::Error::Truncated) => {
+                return Reply::NoShut
+            }
+            Err(e) => return Reply::BadMessage(e),
+        }
+    }
 }
 
 /// Reads the return path. Over TLS, a failed session (`InvalidData`, what
@@ -321,15 +391,15 @@ fn forward<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
 }
 
 /// Runs the writer until the stream is complete and acknowledged.
-pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
+pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let to: Uri = init.to.parse()?;
-    let device = device_state(init.device_state)?;
+    let device = device_state(init.device_state.take())?;
     let maps = init
         .blocks
         .iter()
         .map(|b| GuestRam::map(&b.path))
         .collect::<Result<Vec<_>, _>>()?;
-    let link = Link::open(&to, init.stall_timeout, init.tls.as_ref(), init.integrity)?;
+    let link = Link::open(&to, &init)?;
     let slots = init
         .disk_slots
         .as_ref()
@@ -359,6 +429,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         block_id: section_id + 2,
         ram_done: None,
         disk_done: None,
+        return_path: init.return_path,
     };
     w.limiter.set_rate(&mut w.f, init.rate);
     w.start(&device, &init.machine)?;
@@ -389,7 +460,14 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     // the acknowledgement, overlaps the teardown of its page tables with the
     // destination's digest instead of adding it to the end of the migration.
     std::thread::spawn(move || drop(maps));
-    let (ack, return_path) = verdict(&to, transport, bytes, link.replies, events)?;
+    let (ack, return_path) = verdict(
+        &to,
+        transport,
+        bytes,
+        link.replies,
+        events,
+        init.return_path,
+    )?;
     let _ = events.send(ActorEvent {
         actor: ActorKind::Writer,
         event: Event::Finished {
@@ -425,24 +503,24 @@ struct Link {
 }
 
 impl Link {
-    fn open(
-        to: &Uri,
-        stall_timeout: Option<Duration>,
-        tls: Option<&TlsInit>,
-        integrity: bool,
-    ) -> Result<Self, Error> {
-        let client = tls
+    fn open(to: &Uri, init: &Init) -> Result<Self, Error> {
+        let client = init
+            .tls
+            .as_ref()
             .map(TlsInit::client)
             .transpose()
             .map_err(|e| Error::Tls(Box::new(e)))?;
         let conn = to
-            .connect(Duration::from_secs(10), stall_timeout, client.as_ref())
+            .connect(Duration::from_secs(10), init.stall_timeout, client.as_ref())
             .map_err(|source| Error::Connect {
                 uri: to.to_string(),
                 source,
             })?;
-        let replies = conn.return_path.map(|rp| spawn_return_path(rp, conn.tls));
-        let (transport, sealer): (Box<dyn Transport>, _) = if integrity {
+        let replies = conn.return_path.map(|rp| match init.return_path {
+            true => spawn_qemu_return_path(rp, conn.tls),
+            false => spawn_return_path(rp, conn.tls),
+        });
+        let (transport, sealer): (Box<dyn Transport>, _) = if init.integrity {
             let (tap, sealer) = WriteTap::new(conn.transport);
             (Box::new(tap), Some(sealer))
         } else {
@@ -479,6 +557,9 @@ fn rejection(rx: &Receiver<Reply>) -> Result<(), Error> {
             Reply::Ack(ack) if !ack.ok => {
                 return Err(Error::Rejected(ack.error.unwrap_or_default()))
             }
+            r @ (Reply::Shut(_) | Reply::NoShut | Reply::BadMessage(_)) => {
+                return r.qemu_verdict(false)
+            }
             Reply::Closed | Reply::Failed(_) => break,
             _ => {}
         }
@@ -493,6 +574,7 @@ fn verdict(
     bytes: u64,
     replies: Option<Receiver<Reply>>,
     events: &IpcSender<ActorEvent>,
+    qemu: bool,
 ) -> Result<(Option<Ack>, ReturnPath), Error> {
     match replies {
         _ if matches!(to, Uri::File(_)) => {
@@ -506,7 +588,20 @@ fn verdict(
             Ok((None, ReturnPath::None))
         }
         None => Ok((None, ReturnPath::Silent)),
+        Some(rx) if qemu => await_shut(&rx),
         Some(rx) => await_ack(&rx, events),
+    }
+}
+
+/// Waits for a QEMU destination's SHUT after EOF: status 0 is the only
+/// success.
+fn await_shut(rx: &Receiver<Reply>) -> Result<(Option<Ack>, ReturnPath), Error> {
+    match rx.recv_timeout(ACK_TIMEOUT) {
+        Ok(r) => r.qemu_verdict(true).map(|()| (None, ReturnPath::Qemu)),
+        Err(crossbeam_channel::RecvTimeoutError::Disconnected) => Err(Error::NoShut),
+        Err(crossbeam_channel::RecvTimeoutError::Timeout) => {
+            Err(Error::NoShutWithin(ACK_TIMEOUT.as_secs()))
+        }
     }
 }
 
@@ -540,6 +635,9 @@ fn await_ack(
             }
             Ok(Reply::Garbage(line)) => return Err(Error::BadAck(line)),
             Ok(Reply::Failed(e)) => return Err(Error::Session(e)),
+            Ok(r @ (Reply::Shut(_) | Reply::NoShut | Reply::BadMessage(_))) => {
+                return r.qemu_verdict(true).map(|()| (None, ReturnPath::Qemu))
+            }
             Ok(Reply::Closed) | Err(_) if ferry => return Err(Error::NoAck),
             Ok(Reply::Closed) | Err(_) => return Ok((None, ReturnPath::Silent)),
         }
@@ -566,6 +664,9 @@ impl Replies<'_> {
             Ok(Reply::Ack(ack)) if !ack.ok => Err(Error::Rejected(ack.error.unwrap_or_default())),
             Ok(Reply::Failed(e)) => Err(Error::Session(e)),
             Ok(Reply::Garbage(line)) if Reply::is_tls_record(&line) => Err(Error::PeerWantsTls),
+            Ok(r @ (Reply::Shut(_) | Reply::NoShut | Reply::BadMessage(_))) => {
+                r.qemu_verdict(false)
+            }
             Ok(Reply::Closed) | Err(_) => {
                 self.0 = None;
                 Ok(())
@@ -614,6 +715,8 @@ struct Writer<'m, 'e> {
     ram_done: Option<(u32, bool)>,
     /// The last disk round written.
     disk_done: Option<(u32, bool)>,
+    /// Open QEMU's return path.
+    return_path: bool,
 }
 
 impl<'m> Writer<'m, '_> {
@@ -650,10 +753,16 @@ impl<'m> Writer<'m, '_> {
             .map_err(|e| self.wrap(e))
     }
 
-    /// Header, configuration and the RAM section's setup part.
+    /// Header, configuration, with `--return-path` the command that opens
+    /// QEMU's return path (QEMU flushes after it; so do we), and the RAM
+    /// section's setup part.
     fn start(&mut self, device: &DeviceState, machine: &str) -> Result<(), Error> {
         encode::put_file_header(&mut self.f);
         device.put_configuration(&mut self.f, machine);
+        if self.return_path {
+            encode::put_command(&mut self.f, command::OPEN_RETURN_PATH, &[]);
+            self.f.flush();
+        }
         self.checkpoint()?;
         let f = &mut self.f;
         let infos: Vec<RamBlockInfo> = self.blocks.iter().map(BlockFile::info).collect();
@@ -919,7 +1028,8 @@ impl<'m> Writer<'m, '_> {
         Ok(false)
     }
 
-    /// The RAM section's last part, the device sections and EOF.
+    /// The RAM section's last part, the device sections, EOF and the vmdesc
+    /// trailer (which QEMU reads before it reports success).
     fn finish(&mut self, device: &DeviceState) -> Result<(), Error> {
         self.close_part();
         encode::put_section_part(&mut self.f, SectionKind::End, self.section_id);
@@ -933,6 +1043,7 @@ impl<'m> Writer<'m, '_> {
         device.put_sections(&mut self.f).map_err(|e| self.wrap(e))?;
         self.checkpoint()?;
         encode::put_eof(&mut self.f);
+        encode::put_vmdesc(&mut self.f, encode::MINIMAL_VMDESC);
         self.f.flush();
         self.check()
     }
@@ -1024,6 +1135,70 @@ mod tests {
             read <= MAX_LINE + READ_AHEAD,
             "read {read} bytes of one line"
         );
+    }
+
+    /// What the QEMU return-path reader makes of `bytes`.
+    fn qemu_reply(bytes: &[u8]) -> Reply {
+        let rp = ferry_proto::transport::MemTransport::from_bytes(bytes.to_vec());
+        read_qemu_return_path(Box::new(rp), false)
+    }
+
+    #[test]
+    fn qemu_return_path_succeeds_only_on_shut_0() {
+        // PONG and SWITCHOVER_ACK first, as a QEMU with switchover-ack sends.
+        let ok = [
+            &[0u8, 2, 0, 4, 0, 0, 0, 1][..],
+            &[0, 7, 0, 0],
+            &[0, 1, 0, 4, 0, 0, 0, 0],
+        ]
+        .concat();
+        assert!(matches!(qemu_reply(&ok), Reply::Shut(0)));
+        assert!(qemu_reply(&ok).qemu_verdict(true).is_ok());
+
+        let shut1 = [0, 1, 0, 4, 0, 0, 0, 1];
+        let e = qemu_reply(&shut1)
+            .qemu_verdict(true)
+            .expect_err("SHUT 1 is a failure");
+        assert_eq!(
+            e.to_string(),
+            "the destination reported a failure (SHUT 1); see its log"
+        );
+
+        // A close before SHUT, even after a PONG.
+        let pong_only = [0, 2, 0, 4, 0, 0, 0, 1];
+        assert!(matches!(qemu_reply(&pong_only), Reply::NoShut));
+        assert!(matches!(
+            qemu_reply(&pong_only).qemu_verdict(true),
+            Err(Error::NoShut)
+        ));
+    }
+
+    #[test]
+    fn a_ferry_receiver_or_postcopy_on_qemus_return_path_is_a_protocol_error() {
+        for bytes in [ferry_proto::return_path::HELLO, &[0, 4, 0, 12][..]] {
+            let reply = qemu_reply(bytes);
+            assert!(matches!(reply, Reply::BadMessage(_)), "{reply:?}");
+            let verdict = reply.qemu_verdict(true);
+            assert!(
+                matches!(verdict, Err(Error::QemuReturnPath(_))),
+                "{verdict:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_shut_before_the_stream_ends_stops_the_writer() {
+        let (tx, rx) = crossbeam_channel::bounded(1);
+        tx.send(Reply::Shut(0)).unwrap();
+        let mut replies = Replies(Some(&rx));
+        assert!(matches!(replies.hear(rx.recv()), Err(Error::EarlyShut)));
+        tx.send(Reply::Shut(1)).unwrap();
+        assert!(matches!(
+            replies.hear(rx.recv()),
+            Err(Error::DestinationFailed(1))
+        ));
+        tx.send(Reply::NoShut).unwrap();
+        assert!(matches!(replies.hear(rx.recv()), Err(Error::NoShut)));
     }
 
     #[test]

@@ -83,11 +83,13 @@ pub struct SendArgs {
     )]
     pub disk: Vec<DiskSpec>,
     /// Destination: tcp:HOST:PORT, unix:PATH (a `ferry receive` or a QEMU
-    /// `-incoming`), or file:PATH (a stream QEMU can load with `exec:cat`).
+    /// `-incoming`, QEMU 7.2 to 10), or file:PATH (a stream QEMU can load
+    /// with `exec:cat`).
     #[arg(long, value_name = "URI")]
     pub to: Uri,
     /// Compress pages with zlib (COMPRESS_PAGE records; a QEMU destination
-    /// needs its `compress` capability on). Pages that do not shrink go raw.
+    /// needs its `compress` capability on, which QEMU 9.1 removed: QEMU 7.2
+    /// to 9.0 and ferry receivers only). Pages that do not shrink go raw.
     #[arg(long)]
     pub compress: bool,
     /// zlib level for --compress.
@@ -156,6 +158,16 @@ pub struct SendArgs {
     /// receive --listen file:` loads the file.
     #[arg(long)]
     pub integrity: bool,
+    /// Verify completion with a QEMU destination (any QEMU version with a
+    /// return path; tcp: or unix:): open QEMU's return path
+    /// (MIG_CMD_OPEN_RETURN_PATH) and succeed only when the destination's
+    /// SHUT message says it loaded everything (status 0). A SHUT with an
+    /// error, or a connection closed without SHUT, fails the migration and
+    /// resumes the source guest. Without it, a QEMU destination never says
+    /// whether it loaded the stream: the result is "completed-unverified".
+    /// Not for a ferry receiver, which verifies with RAM digests by itself.
+    #[arg(long, conflicts_with = "integrity")]
+    pub return_path: bool,
     // TLS settings.
     #[command(flatten)]
     pub tls: TlsArgs,

@@ -199,6 +199,9 @@ impl Source {
 
 /// Runs `ferry send`.
 pub fn run(args: SendArgs) -> anyhow::Result<()> {
+    if args.return_path && matches!(args.to, Uri::File(_)) {
+        bail!("--return-path needs a tcp: or unix: destination; a file has nobody to answer");
+    }
     let start = Instant::now();
     crate::supervisor::start_memory_sampler();
     let mut src = Source::open(&args)?;
@@ -247,8 +250,11 @@ fn summary(args: &SendArgs, report: &Report, seconds: f64, live: bool) {
             eprintln!("ferry: destination verified: RAM and disk digests match")
         }
         Some(ReturnPath::Ferry) => eprintln!("ferry: destination verified: RAM digests match"),
+        Some(ReturnPath::Qemu) => {
+            eprintln!("ferry: destination verified: QEMU loaded the whole stream (SHUT 0)")
+        }
         Some(ReturnPath::Silent) => eprintln!(
-            "ferry: the destination has no return path (a QEMU -incoming?): completion is not verified"
+            "ferry: completed-unverified: the destination has no return path (a QEMU -incoming? give --return-path): completion is not verified"
         ),
         _ => eprintln!(
             "ferry: stream written to {}; a file has no return path, so nothing was verified",
@@ -270,8 +276,13 @@ fn write_stats(
     sup: &Supervisor,
 ) -> anyhow::Result<()> {
     let ok = result.is_ok();
+    let status = match (ok, r.return_path) {
+        (false, _) => "failed",
+        (true, Some(ReturnPath::Silent)) => "completed-unverified",
+        (true, _) => "completed",
+    };
     let mut v = json!({
-        "status": if ok { "completed" } else { "failed" },
+        "status": status,
         "total-time": (seconds * 1000.0) as u64,
         "setup-time": r.setup.as_millis() as u64,
         "ram": stats::ram(src.total, r.bytes, remaining, &r.counts, seconds),
@@ -336,6 +347,7 @@ impl Actors {
                 stall_timeout: super::stall(args.stall_timeout),
                 tls,
                 integrity: args.integrity,
+                return_path: args.return_path,
                 chunks: chunk_rx,
                 credits: credit_tx,
                 commands: cmd_rx,

@@ -1,4 +1,5 @@
-//! Writing a stream a QEMU 7.2 destination loads.
+//! Writing a stream a QEMU destination loads: QEMU 7.2, and with fill byte 0
+//! in ZERO records and the vmdesc trailer, QEMU 8.2 to 10.
 //!
 //! The free functions write the framing (file header, configuration, section
 //! headers and footers, EOF); [`RamWriter`] writes RAM records and keeps track
@@ -74,6 +75,13 @@ pub fn put_command<T: Transport>(f: &mut QemuFileWriter<'_, T>, cmd: u16, payloa
     f.put_be16(len);
     f.put_buffer(payload);
 }
+
+/// The vmdesc trailer ferry writes after EOF. QEMU (7.2 and 10 alike)
+/// reads the byte after EOF before it reports success, and only skips the
+/// JSON: without a trailer it waits for that byte, or reports a failure if
+/// the connection ends. The device list is empty because ferry cannot
+/// describe device sections it only copies.
+pub const MINIMAL_VMDESC: &[u8] = br#"{"page_size":4096,"devices":[]}"#;
 
 /// Writes the JSON trailer that describes the device sections.
 pub fn put_vmdesc<T: Transport>(f: &mut QemuFileWriter<'_, T>, json: &[u8]) {
@@ -317,4 +325,18 @@ pub fn uniform_fill(page: &[u8]) -> Option<u8> {
         return is_zero(page).then_some(0);
     }
     page.iter().all(|&b| b == first).then_some(first)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_minimal_vmdesc_names_the_page_size_and_no_device() {
+        let v: serde_json::Value = serde_json::from_slice(MINIMAL_VMDESC).unwrap();
+        assert_eq!(v["page_size"], PAGE_SIZE);
+        assert!(super::super::vmdesc::section_sizes(MINIMAL_VMDESC)
+            .unwrap()
+            .is_empty());
+    }
 }

@@ -14,7 +14,8 @@ use crate::transport::Transport;
 /// How pages went out.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct PageCounts {
-    /// Pages sent as ZERO records (any fill byte).
+    /// Pages sent as ZERO records (all zero: QEMU 8.2 and later refuse any
+    /// other fill byte).
     pub zero: u64,
     /// Pages sent raw.
     pub raw: u64,
@@ -66,9 +67,9 @@ pub fn write_stream_with_disks<T: Transport>(
     for (name, data) in blocks {
         for (i, page) in data.chunks_exact(PAGE_SIZE).enumerate() {
             let offset = (i * PAGE_SIZE) as u64;
-            let how = if let Some(fill) = encode::uniform_fill(page) {
-                ram.put_zero_page(f, name, offset, fill)?;
-                PageEncoding::Zero(fill)
+            let how = if encode::is_zero(page) {
+                ram.put_zero_page(f, name, offset, 0)?;
+                PageEncoding::Zero(0)
             } else if let Some(c) = compressor.as_mut() {
                 ram.put_compressed_page(f, c, name, offset, page)?
             } else {
@@ -112,4 +113,35 @@ pub fn write_stream_with_disks<T: Transport>(
     encode::put_eof(f);
     f.flush();
     f.error().cloned().map_or(Ok(counts), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::transport::MemTransport;
+
+    #[test]
+    fn a_page_of_one_non_zero_byte_goes_as_a_normal_page() {
+        let mut ram = vec![0u8; 2 * PAGE_SIZE];
+        ram[PAGE_SIZE..].fill(0x16);
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        let counts = write_stream(
+            &mut f,
+            &[("mem", &ram)],
+            &DeviceState::default(),
+            "none",
+            None,
+        )
+        .unwrap();
+        assert_eq!((counts.zero, counts.raw), (1, 1));
+        let counts = write_stream(
+            &mut f,
+            &[("mem", &ram)],
+            &DeviceState::default(),
+            "none",
+            Some(1),
+        )
+        .unwrap();
+        assert_eq!((counts.zero, counts.compressed), (1, 1));
+    }
 }
