@@ -42,6 +42,51 @@ pub fn qemu_binary() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("qemu-system-x86_64"))
 }
 
+/// Which QEMU a test runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Build {
+    /// The system's QEMU 7.2 (Debian 12), or `$FERRY_QEMU`.
+    System,
+    /// QEMU 10.0.2 unpacked into `$FERRY_QEMU10_PREFIX` (default
+    /// /opt/qemu-10.0.2) by `.ci/run`, beside the system's.
+    Qemu10,
+}
+
+/// The QEMU 10 install tree; panics naming what is missing.
+pub fn qemu10_prefix() -> PathBuf {
+    let prefix = std::env::var_os("FERRY_QEMU10_PREFIX")
+        .map_or_else(|| PathBuf::from("/opt/qemu-10.0.2"), PathBuf::from);
+    let bin = prefix.join("usr/bin/qemu-system-x86_64");
+    assert!(
+        bin.is_file(),
+        "QEMU 10 is missing: no {} (set FERRY_QEMU10_PREFIX, or install it as .ci/run does)",
+        bin.display()
+    );
+    prefix
+}
+
+impl Build {
+    /// The command that starts this QEMU, before the test's own arguments.
+    fn command(self) -> Command {
+        match self {
+            Build::System => Command::new(qemu_binary()),
+            Build::Qemu10 => {
+                let prefix = qemu10_prefix();
+                let mut c = Command::new(prefix.join("usr/bin/qemu-system-x86_64"));
+                c.env(
+                    "QEMU_MODULE_DIR",
+                    prefix.join("usr/lib/x86_64-linux-gnu/qemu"),
+                )
+                .arg("-L")
+                .arg(prefix.join("usr/share/qemu"))
+                .arg("-L")
+                .arg(prefix.join("usr/share/seabios"));
+                c
+            }
+        }
+    }
+}
+
 /// Arguments for a RAM block backed by `ram_file` (shared, so the file *is* guest RAM:
 /// a source migrates its contents, a destination's file receives the loaded pages).
 /// The block's idstr in the stream is `mem`. `size` must be a whole number of MiB.
@@ -260,6 +305,15 @@ impl Qemu {
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
     {
+        Self::spawn_build(Build::System, args)
+    }
+
+    /// [`Qemu::spawn`] for the QEMU `build`.
+    pub fn spawn_build<I, S>(build: Build, args: I) -> Result<Qemu>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let dir = tempfile::Builder::new()
             .prefix("ferry-qemu-")
             .tempdir()
@@ -267,8 +321,8 @@ impl Qemu {
         let socket = dir.path().join("qmp.sock");
         let stderr_path = dir.path().join("stderr.log");
         let stderr = fs::File::create(&stderr_path).context("creating QEMU's stderr log")?;
-        let binary = qemu_binary();
-        let mut command = Command::new(&binary);
+        let mut command = build.command();
+        let binary = PathBuf::from(command.get_program());
         command
             .args(args)
             .arg("-display")
