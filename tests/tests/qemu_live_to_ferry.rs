@@ -46,7 +46,12 @@ fn migrate(build: Build, machine: &str, mode: Mode) {
     let d = dir.path();
     let source_ram = d.join("source.ram");
     write_mixed_image(&source_ram, RAM as usize, 7).expect("writing the source RAM");
-    let mut args: Vec<String> = vec!["-M".into(), machine.into(), "-nodefaults".into(), "-S".into()];
+    let mut args: Vec<String> = vec![
+        "-M".into(),
+        machine.into(),
+        "-nodefaults".into(),
+        "-S".into(),
+    ];
     if machine != "none" {
         args.extend(["-accel".into(), "tcg".into()]);
     }
@@ -55,7 +60,8 @@ fn migrate(build: Build, machine: &str, mode: Mode) {
         .unwrap_or_else(|e| panic!("starting the {build:?} source ({machine}): {e}"));
     let (mut receiver, addr) = receive(d, machine != "none", mode);
     if let Mode::Multifd(channels, compression) = mode {
-        qemu.set_capability("multifd", true).expect("multifd capability");
+        qemu.set_capability("multifd", true)
+            .expect("multifd capability");
         qemu.execute(
             "migrate-set-parameters",
             Some(json!({"multifd-channels": channels, "multifd-compression": compression})),
@@ -88,7 +94,10 @@ fn receive(d: &Path, pc: bool, mode: Mode) -> (Process, String) {
     if pc {
         for (i, block) in PC_BLOCKS.iter().enumerate() {
             args.push("--ram".into());
-            args.push(format!("{},name={block}", d.join(format!("rom{i}.ram")).display()));
+            args.push(format!(
+                "{},name={block}",
+                d.join(format!("rom{i}.ram")).display()
+            ));
         }
     }
     if let Mode::Multifd(channels, _) = mode {

@@ -1084,10 +1084,10 @@ mod tests {
         assert!(matches!(r, Err(Error::Incomplete(_))), "{r:?}");
     }
 
-    /// QEMU 10 sends SWITCHOVER_START before the last RAM section and, with
-    /// multifd, MULTIFD_FLUSH among the RAM records: both carry nothing to load.
+    /// QEMU 10 sends SWITCHOVER_START before the last RAM section; a source
+    /// with its return-path capability opens it first. Neither carries state.
     #[test]
-    fn current_qemus_stateless_commands_and_flushes_load() {
+    fn current_qemus_stateless_commands_load() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("b.ram");
         let blocks = [RamBlockInfo {
@@ -1100,10 +1100,8 @@ mod tests {
         encode::put_command(&mut f, command::OPEN_RETURN_PATH, &[]);
         encode::put_command(&mut f, command::SWITCHOVER_START, &[]);
         encode::put_section_part(&mut f, SectionKind::End, 2);
-        ram.put_multifd_flush(&mut f);
         ram.put_page(&mut f, "b", PAGE_SIZE as u64, &text_page(7))
             .unwrap();
-        ram.put_multifd_flush(&mut f);
         ram.put_eos(&mut f);
         encode::put_footer(&mut f, 2);
         encode::put_eof(&mut f);
@@ -1133,6 +1131,24 @@ mod tests {
             let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
             assert!(msg.contains(name), "{name}: {msg}");
         }
+    }
+
+    /// A multifd sync point without channels to sync says what to do.
+    #[test]
+    fn a_multifd_flush_without_channels_asks_for_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocks = [RamBlockInfo {
+            idstr: "b".into(),
+            length: PAGE_SIZE as u64,
+        }];
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        let mut ram = RamWriter::new();
+        preamble(&mut f, &mut ram, &blocks);
+        encode::put_section_part(&mut f, SectionKind::End, 2);
+        ram.put_multifd_flush(&mut f);
+        let r = load_bytes(finish(f), &[("b".into(), dir.path().join("b.ram"))], 1);
+        let msg = r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(msg.contains("--multifd-channels"), "{msg}");
     }
 
     #[test]
