@@ -326,7 +326,11 @@ impl Packets {
         let n = self.encoders.len();
         let mut slots: Vec<Vec<Slot<'_>>> = vec![Vec::new(); n];
         let mut channel_of = Vec::new();
-        for (i, pages) in batch.pages.chunks(PAGES_PER_PACKET).enumerate() {
+        // Packets of even size: full ones and a short last one would load
+        // the channels unevenly, the same channels getting the short ones.
+        let packets = batch.pages.len().div_ceil(PAGES_PER_PACKET);
+        let size = batch.pages.len().div_ceil(packets.max(1)).max(1);
+        for (i, pages) in batch.pages.chunks(size).enumerate() {
             slots[self.next].push((i, pages));
             channel_of.push(self.next);
             self.next = (self.next + 1) % n;
@@ -355,7 +359,7 @@ impl Packets {
             ..PageCounts::default()
         };
         for (i, bytes) in encoded.into_iter().flatten() {
-            let pages = batch.pages.len().min((i + 1) * PAGES_PER_PACKET) - i * PAGES_PER_PACKET;
+            let pages = batch.pages.len().min((i + 1) * size) - i * size;
             match self.encoders[0].method() {
                 Compression::None => counts.raw += pages as u64,
                 _ => {
