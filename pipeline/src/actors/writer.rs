@@ -385,6 +385,14 @@ struct Limiter {
 }
 
 impl Limiter {
+    fn new() -> Self {
+        Self {
+            rate: 0,
+            window_start: Instant::now(),
+            extra: 0,
+        }
+    }
+
     fn set_rate<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>, rate: u64) {
         self.rate = rate;
         f.set_rate_limit(rate / 10);
@@ -462,11 +470,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         uri: to.to_string(),
         blocks: &init.blocks,
         maps: &maps,
-        limiter: Limiter {
-            rate: 0,
-            window_start: Instant::now(),
-            extra: 0,
-        },
+        limiter: Limiter::new(),
         counts: PageCounts::default(),
         section_id,
         in_part: false,
@@ -497,8 +501,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         rejection(rx)?;
     }
     streamed?;
-    w.finish(&device)?;
-    let channel_bytes = w.multifd.take().map(Channels::close).unwrap_or_default();
+    let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
         tracing::info!(checkpoints = s.count(), "stream sealed");
@@ -891,26 +894,36 @@ impl<'m> Writer<'m, '_> {
         self.f.flush();
     }
 
+    /// A multifd chunk: its ZERO records on the main channel, its packets
+    /// on theirs.
+    fn write_packets(
+        &mut self,
+        seq: u64,
+        zero_records: &[u8],
+        packets: Vec<Packet>,
+    ) -> Result<(), Error> {
+        if !zero_records.is_empty() {
+            self.open_part();
+            self.limiter.throttle(&mut self.f);
+            self.f.put_buffer(zero_records);
+        }
+        packets
+            .into_iter()
+            .try_for_each(|p| self.put_packet(seq, p))
+    }
+
     /// Writes one packet on its channel, numbered in write order, under the
     /// one bandwidth budget.
     fn put_packet(&mut self, seq: u64, p: Packet) -> Result<(), Error> {
-        let bad = Error::BadChannel {
+        let bad = || Error::BadChannel {
             seq,
             channel: p.channel,
         };
-        let m = self.multifd.as_mut().ok_or(bad)?;
-        let Some(f) = m.files.get_mut(usize::from(p.channel)) else {
-            return Err(Error::BadChannel {
-                seq,
-                channel: p.channel,
-            });
-        };
+        let m = self.multifd.as_mut().ok_or_else(bad)?;
+        let f = m.files.get_mut(usize::from(p.channel)).ok_or_else(bad)?;
         let mut bytes = p.bytes;
         if bytes.len() < HEADER_LEN {
-            return Err(Error::BadChannel {
-                seq,
-                channel: p.channel,
-            });
+            return Err(bad());
         }
         bytes[24..32].copy_from_slice(&m.packet_num.to_be_bytes());
         m.packet_num += 1;
@@ -1159,8 +1172,13 @@ impl<'m> Writer<'m, '_> {
     }
 
     fn close_part(&mut self) {
+        self.close_part_at(false);
+    }
+
+    /// Closes the RAM part, at the end of a round a sync point.
+    fn close_part_at(&mut self, round_end: bool) {
         if self.in_part {
-            self.put_ram_eos(false);
+            self.put_ram_eos(round_end);
             encode::put_footer(&mut self.f, self.section_id);
             self.in_part = false;
         }
@@ -1222,14 +1240,7 @@ impl<'m> Writer<'m, '_> {
                 packets,
                 counts,
             } => {
-                if !zero_records.is_empty() {
-                    self.open_part();
-                    self.limiter.throttle(&mut self.f);
-                    self.f.put_buffer(&zero_records);
-                }
-                for p in packets {
-                    self.put_packet(seq, p)?;
-                }
+                self.write_packets(seq, &zero_records, packets)?;
                 self.counts.add(&counts);
             }
             Chunk::RoundEnd { round, last, .. } => {
@@ -1237,11 +1248,8 @@ impl<'m> Writer<'m, '_> {
                 if self.multifd.is_some() {
                     // Every round ends at a sync point, in a RAM part.
                     self.open_part();
-                    self.put_ram_eos(true);
-                    encode::put_footer(&mut self.f, self.section_id);
-                    self.in_part = false;
                 }
-                self.close_part();
+                self.close_part_at(true);
                 self.f.flush();
                 self.check()?;
                 self.ram_done = Some((round, last));
@@ -1258,7 +1266,8 @@ impl<'m> Writer<'m, '_> {
 
     /// The RAM section's last part, the device sections, EOF and the vmdesc
     /// trailer (which QEMU reads before it reports success).
-    fn finish(&mut self, device: &DeviceState) -> Result<(), Error> {
+    /// Returns the bytes written on each multifd channel, which it closes.
+    fn finish(&mut self, device: &DeviceState) -> Result<Vec<u64>, Error> {
         self.close_part();
         encode::put_section_part(&mut self.f, SectionKind::End, self.section_id);
         self.put_ram_eos(true);
@@ -1273,7 +1282,8 @@ impl<'m> Writer<'m, '_> {
         encode::put_eof(&mut self.f);
         encode::put_vmdesc(&mut self.f, encode::MINIMAL_VMDESC);
         self.f.flush();
-        self.check()
+        self.check()?;
+        Ok(self.multifd.take().map(Channels::close).unwrap_or_default())
     }
 }
 

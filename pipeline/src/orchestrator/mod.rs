@@ -226,7 +226,7 @@ pub struct MultifdArgs {
 impl MultifdArgs {
     /// The settings for the actors, with multifd on.
     pub fn settings(&self) -> Option<crate::supervisor::messages::MultifdSend> {
-        (self.multifd_channels > 0).then(|| crate::supervisor::messages::MultifdSend {
+        (self.multifd_channels > 0).then_some(crate::supervisor::messages::MultifdSend {
             channels: self.multifd_channels,
             compression: self.multifd_compression,
             level: match self.multifd_compression {
