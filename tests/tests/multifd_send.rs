@@ -144,6 +144,28 @@ fn legacy_sync_mode_into_ferry_receive() {
     ferry_to_ferry(d, &src, 3, "zlib", &["--multifd-flush-after-each-section"]);
 }
 
+/// The bandwidth cap counts the channels' bytes: 64 MiB of mixed RAM is
+/// about 48 MiB on the channels, so at 24 MiB/s the run cannot take less
+/// than about 2 s (minus the first window's burst), though uncapped it
+/// takes a fraction of that. A cap on the main stream alone would let it
+/// finish at once.
+#[test]
+fn the_bandwidth_cap_covers_the_channels() {
+    let dir = shm_tempdir(PREFIX);
+    let d = dir.path();
+    let src = d.join("source.ram");
+    ram::write_mixed_image(&src, 64 << 20, 45).expect("writing RAM");
+    let cap = 24u64 << 20;
+    let st = ferry_to_ferry(d, &src, 2, "none", &["--max-bandwidth", "24M"]);
+    let bytes = st["ram"]["transferred"].as_u64().expect("transferred");
+    let ms = st["total-time"].as_u64().expect("total-time");
+    let floor = bytes * 1000 / cap - 200;
+    assert!(
+        ms >= floor,
+        "{bytes} bytes in {ms} ms: faster than {cap} bytes/s allows ({floor} ms): {st}"
+    );
+}
+
 #[test]
 fn multifd_send_refuses_what_it_cannot_combine() {
     let dir = shm_tempdir(PREFIX);

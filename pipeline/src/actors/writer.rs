@@ -495,12 +495,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         init.disk_credits.as_ref(),
         link.replies.as_ref(),
     );
-    if let (Err(Error::Write { .. }), Some(rx)) = (&streamed, link.replies.as_ref()) {
-        // A receiver that gives up (a disk too small, an I/O error on its
-        // side) says why before it closes: that beats our broken pipe.
-        rejection(rx)?;
-    }
-    streamed?;
+    explained(streamed, link.replies.as_ref())?;
     let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
@@ -604,6 +599,17 @@ fn gather_mail(
         forward(rx, mail_tx, Mail::Disk);
     }
     mail
+}
+
+/// A failed write, explained: a receiver that gives up (a disk too small,
+/// an I/O error on its side) says why before it closes, and that beats our
+/// broken pipe.
+fn explained(streamed: Result<(), Error>, replies: Option<&Receiver<Reply>>) -> Result<(), Error> {
+    if let (Err(Error::Write { .. } | Error::ChannelWrite { .. }), Some(rx)) = (&streamed, replies)
+    {
+        rejection(rx)?;
+    }
+    streamed
 }
 
 /// After a failed write: the receiver's reason, if it gives one within 2 s.

@@ -273,6 +273,14 @@ fn summary(args: &SendArgs, report: &Report, seconds: f64, live: bool) {
             None => String::new(),
         }
     );
+    if !report.channel_bytes.is_empty() {
+        eprintln!(
+            "ferry: {} multifd channels carried {:.1} MB of it ({})",
+            report.channel_bytes.len(),
+            report.channel_bytes.iter().sum::<u64>() as f64 / 1e6,
+            args.multifd.multifd_compression.name()
+        );
+    }
     match report.return_path {
         Some(ReturnPath::Ferry) if !args.disk.is_empty() => {
             eprintln!("ferry: destination verified: RAM and disk digests match")
