@@ -1,6 +1,6 @@
 //! `ferry send --multifd-channels N`: RAM pages in multifd packets over N
 //! extra connections, none / zlib / zstd, into `ferry receive
-//! --multifd-channels N` and into a real QEMU 10 destination with the same
+//! --multifd-channels N` and into real QEMU 10 and 7.2 destinations with the same
 //! multifd settings, and live while the guest dirties its RAM. Every run
 //! must leave the destination's RAM equal to the source's byte for byte,
 //! and the sender's statistics must show the bytes really went over the
@@ -248,7 +248,7 @@ fn live_multifd_zstd_send_while_the_guest_dirties() {
     assert_channels_carried_the_pages(&st, 2, "zstd");
 }
 
-// ---- QEMU 10 destination (copied from qemu10_destination.rs) ----
+// ---- QEMU destinations (adapted from qemu10_destination.rs) ----
 
 /// The QEMU 10 install tree.
 fn prefix() -> PathBuf {
@@ -263,28 +263,44 @@ fn prefix() -> PathBuf {
     prefix
 }
 
-/// A QEMU 10 process with a QMP session; killed on drop.
-struct Qemu10 {
+/// Which QEMU a destination runs.
+#[derive(Clone, Copy)]
+enum Version {
+    /// QEMU 10 from [`prefix`].
+    Qemu10,
+    /// The system's QEMU 7.2.
+    Qemu72,
+}
+
+/// A QEMU process with a QMP session; killed on drop.
+struct Qemu {
     child: Child,
     log: PathBuf,
     qmp: BufReader<UnixStream>,
 }
 
-impl Qemu10 {
-    /// Starts QEMU 10 with `args`, its stderr in `dir/NAME.log`.
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Self {
-        let prefix = prefix();
+impl Qemu {
+    /// Starts QEMU with `args`, its stderr in `dir/NAME.log`.
+    fn spawn(version: Version, dir: &Path, name: &str, args: &[String]) -> Self {
         let log = dir.join(format!("{name}.log"));
         let sock = dir.join(format!("{name}.qmp"));
-        let mut child = Command::new(prefix.join("usr/bin/qemu-system-x86_64"))
-            .env(
-                "QEMU_MODULE_DIR",
-                prefix.join("usr/lib/x86_64-linux-gnu/qemu"),
-            )
-            .arg("-L")
-            .arg(prefix.join("usr/share/qemu"))
-            .arg("-L")
-            .arg(prefix.join("usr/share/seabios"))
+        let mut cmd = match version {
+            Version::Qemu72 => Command::new("qemu-system-x86_64"),
+            Version::Qemu10 => {
+                let prefix = prefix();
+                let mut cmd = Command::new(prefix.join("usr/bin/qemu-system-x86_64"));
+                cmd.env(
+                    "QEMU_MODULE_DIR",
+                    prefix.join("usr/lib/x86_64-linux-gnu/qemu"),
+                )
+                .arg("-L")
+                .arg(prefix.join("usr/share/qemu"))
+                .arg("-L")
+                .arg(prefix.join("usr/share/seabios"));
+                cmd
+            }
+        };
+        let mut child = cmd
             .args(["-display", "none", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", sock.display()))
             .args(args)
@@ -292,7 +308,7 @@ impl Qemu10 {
             .stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("creating QEMU's log"))
             .spawn()
-            .expect("starting QEMU 10");
+            .expect("starting QEMU");
         let deadline = Instant::now() + Duration::from_secs(30);
         let stream = loop {
             if let Ok(s) = UnixStream::connect(&sock) {
@@ -300,20 +316,20 @@ impl Qemu10 {
             }
             if let Ok(Some(status)) = child.try_wait() {
                 panic!(
-                    "QEMU 10 {name} exited at start ({status}): {}",
+                    "QEMU {name} exited at start ({status}): {}",
                     fs::read_to_string(&log).unwrap_or_default()
                 );
             }
             if Instant::now() > deadline {
                 let _ = child.kill();
-                panic!("QEMU 10 {name} opened no QMP socket within 30 s");
+                panic!("QEMU {name} opened no QMP socket within 30 s");
             }
             std::thread::sleep(Duration::from_millis(20));
         };
         stream
             .set_read_timeout(Some(Duration::from_secs(30)))
             .expect("QMP read timeout");
-        let mut q = Qemu10 {
+        let mut q = Qemu {
             child,
             log,
             qmp: BufReader::new(stream),
@@ -327,7 +343,7 @@ impl Qemu10 {
         loop {
             let mut line = String::new();
             let n = self.qmp.read_line(&mut line).unwrap_or(0);
-            assert!(n > 0, "QEMU 10 closed QMP; its log:\n{}", self.log());
+            assert!(n > 0, "QEMU closed QMP; its log:\n{}", self.log());
             let v: Value = serde_json::from_str(&line).expect("QMP speaks JSON");
             if v.get("event").is_none() {
                 return v;
@@ -368,30 +384,31 @@ impl Qemu10 {
     }
 }
 
-impl Drop for Qemu10 {
+impl Drop for Qemu {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// A QEMU 10 `-M none` destination with the multifd capability, `channels`
+/// A QEMU `-M none` destination with the multifd capability, `channels`
 /// channels and `compression`, set before `migrate-incoming` on
 /// `dir/in.sock` (`extra` QEMU arguments too); returns it and the URI.
 fn multifd_destination(
+    version: Version,
     dir: &Path,
     dst: &Path,
     size: u64,
     channels: u8,
     compression: &str,
     extra: &[&str],
-) -> (Qemu10, String) {
+) -> (Qemu, String) {
     let sock = dir.join("in.sock");
     let _ = fs::remove_file(&sock);
     let mut args = none_machine_args(dst, size);
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args.extend(["-incoming".into(), "defer".into()]);
-    let mut q = Qemu10::spawn(dir, "dest", &args);
+    let mut q = Qemu::spawn(version, dir, "dest", &args);
     q.qmp(
         "migrate-set-capabilities",
         json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
@@ -417,13 +434,18 @@ fn assert_same_ram(dest: &Path, src: &Path) {
 /// `ferry send --return-path --multifd-channels 2` into a QEMU 10 `-M none`
 /// destination set up the same way: exit 0 on SHUT 0 only, RAM equal.
 fn into_qemu10(compression: &str, send_extra: &[&str], qemu_extra: &[&str]) {
+    into_qemu(Version::Qemu10, compression, send_extra, qemu_extra);
+}
+
+/// [`into_qemu10`] for either QEMU.
+fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extra: &[&str]) {
     let dir = shm_tempdir(PREFIX);
     let d = dir.path();
     let size = 64u64 << 20;
     let src = d.join("src.ram");
     write_mixed_image(&src, size as usize, 44).expect("writing the RAM image");
     let dst = d.join("dst.ram");
-    let (mut q, to) = multifd_destination(d, &dst, size, 2, compression, qemu_extra);
+    let (mut q, to) = multifd_destination(version, d, &dst, size, 2, compression, qemu_extra);
     let stats = d.join("send.json");
     let ram = format!("{},name=mem", src.display());
     let mut args = vec![
@@ -445,7 +467,7 @@ fn into_qemu10(compression: &str, send_extra: &[&str], qemu_extra: &[&str]) {
     let out = run_ferry(&args, TIMEOUT).expect("running ferry send");
     assert!(
         out.status.success(),
-        "ferry send {compression} into QEMU 10 failed: {}\nQEMU:\n{}",
+        "ferry send {compression} into QEMU failed: {}\nQEMU:\n{}",
         out.stderr,
         q.log()
     );
@@ -481,5 +503,17 @@ fn multifd_legacy_sync_into_qemu10() {
         "zstd",
         &["--multifd-flush-after-each-section"],
         &["-global", "migration.multifd-flush-after-each-section=on"],
+    );
+}
+
+/// QEMU 7.2 knows only the legacy sync mode (and no MULTIFD_FLUSH); its
+/// packet header has the same layout, zero_pages unused.
+#[test]
+fn multifd_legacy_sync_into_qemu72() {
+    into_qemu(
+        Version::Qemu72,
+        "zstd",
+        &["--multifd-flush-after-each-section"],
+        &[],
     );
 }

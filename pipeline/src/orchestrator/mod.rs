@@ -196,8 +196,8 @@ pub struct SendArgs {
 pub struct MultifdArgs {
     /// Send RAM pages over N extra connections to the same address, as QEMU's
     /// multifd capability with its multifd-channels parameter (QEMU's default
-    /// of 2 when given without a value; 0 = off). For a QEMU 8.2 to 10
-    /// destination with the multifd capability on and the same
+    /// of 2 when given without a value; 0 = off). For a QEMU destination
+    /// (7.2 to 10) with the multifd capability on and the same
     /// multifd-channels and multifd-compression, or `ferry receive
     /// --multifd-channels N`. tcp: and unix: only; not with TLS, --compress,
     /// --integrity or --disk. Zero pages stay on the main stream as ZERO
@@ -216,9 +216,10 @@ pub struct MultifdArgs {
     #[arg(long, value_name = "0-20", default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=20), requires = "multifd_channels")]
     pub multifd_zstd_level: i32,
     /// QEMU's multifd-flush-after-each-section: a sync point at every RAM
-    /// section end and no MULTIFD_FLUSH record. A QEMU destination uses it on
-    /// machine types up to 8.0 (pc-i440fx-7.2, say) and both ends must agree;
-    /// the default is the current mode of later machine types.
+    /// section end and no MULTIFD_FLUSH record, as QEMU 7.2 to 8.0 have it,
+    /// and later QEMUs on machine types up to 8.0 (pc-i440fx-7.2, say); both
+    /// ends must agree. The default is the mode of QEMU 8.1 and later on
+    /// their own machine types.
     #[arg(long, requires = "multifd_channels")]
     pub multifd_flush_after_each_section: bool,
 }
