@@ -567,12 +567,9 @@ impl RamImage {
         Ok(self.blocks.iter().map(|b| LoadedBlock {
             info: &b.info,
             path: &b.path,
-            written: b.fresh.then(|| {
-                b.written
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .clone()
-            }),
+            written: b
+                .fresh
+                .then(|| b.written.lock().unwrap_or_else(PoisonError::into_inner).clone()),
         }))
     }
 

@@ -33,10 +33,7 @@ fn header_is_qemus_size_and_layout() {
     assert_eq!(be32(&b[..], 32), 1, "zero_pages at 32, after packet_num");
     assert_eq!(&b[64..71], b"pc.ram\0");
     assert_eq!(be64(&b[..], 320 + 16), 0x8000, "zero pages' offsets follow");
-    assert_eq!(
-        PacketHeader::decode(&b, Some(Compression::Zstd)).unwrap(),
-        h
-    );
+    assert_eq!(PacketHeader::decode(&b, Some(Compression::Zstd)).unwrap(), h);
 }
 
 #[test]

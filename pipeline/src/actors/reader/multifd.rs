@@ -208,10 +208,7 @@ pub fn accept(
         let mut init = [0u8; INIT_LEN];
         let header = |source| Error::Header { conn, source };
         let eof = || header(std::io::ErrorKind::UnexpectedEof.into());
-        if read_full(c.transport.as_mut(), &mut init[..4])
-            .map_err(header)?
-            .is_some()
-        {
+        if read_full(c.transport.as_mut(), &mut init[..4]).map_err(header)?.is_some() {
             return Err(eof());
         }
         let first: [u8; 4] = init[..4].try_into().expect("4 bytes");
@@ -230,10 +227,7 @@ pub fn accept(
         if !multifd::is_channel_magic(first) {
             return Err(Error::Unrecognised { conn, first });
         }
-        if read_full(c.transport.as_mut(), &mut init[4..])
-            .map_err(header)?
-            .is_some()
-        {
+        if read_full(c.transport.as_mut(), &mut init[4..]).map_err(header)?.is_some() {
             return Err(eof());
         }
         let id = ChannelInit::decode(&init)
@@ -247,12 +241,7 @@ pub fn accept(
         *slot = Some(c.transport);
     }
     let main = main.expect("N+1 connections, N of them data channels, so one is the main stream");
-    Ok((
-        main,
-        data.into_iter()
-            .map(|c| c.expect("every id seen"))
-            .collect(),
-    ))
+    Ok((main, data.into_iter().map(|c| c.expect("every id seen")).collect()))
 }
 
 #[derive(Default)]
@@ -295,7 +284,10 @@ impl Shared {
                     what: "sent a SYNC the main stream never announced",
                 });
             }
-            s = self.changed.wait(s).unwrap_or_else(PoisonError::into_inner);
+            s = self
+                .changed
+                .wait(s)
+                .unwrap_or_else(PoisonError::into_inner);
         }
         Ok(())
     }
@@ -467,8 +459,8 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
             offset,
             source,
         };
-        let h =
-            PacketHeader::decode(&header, decoder.as_ref().map(Decoder::method)).map_err(packet)?;
+        let h = PacketHeader::decode(&header, decoder.as_ref().map(Decoder::method))
+            .map_err(packet)?;
         payload.resize(h.payload_len(), 0);
         if let Some(got) = read_full(t.as_mut(), &mut payload).map_err(io)? {
             return Err(Error::Truncated {
