@@ -135,12 +135,18 @@ fn multifd_send_into_ferry_receive_with_2_and_4_channels_none_zlib_zstd() {
     }
 }
 
+/// A directory in tmpfs with `MIB` MiB of mixed RAM in `source.ram`.
+fn source(mib: usize, seed: u64) -> (tempfile::TempDir, PathBuf) {
+    let dir = shm_tempdir(PREFIX);
+    let src = dir.path().join("source.ram");
+    ram::write_mixed_image(&src, mib << 20, seed).expect("writing RAM");
+    (dir, src)
+}
+
 #[test]
 fn legacy_sync_mode_into_ferry_receive() {
-    let dir = shm_tempdir(PREFIX);
+    let (dir, src) = source(64, 42);
     let d = dir.path();
-    let src = d.join("source.ram");
-    ram::write_mixed_image(&src, 64 << 20, 42).expect("writing RAM");
     ferry_to_ferry(d, &src, 3, "zlib", &["--multifd-flush-after-each-section"]);
 }
 
@@ -151,10 +157,8 @@ fn legacy_sync_mode_into_ferry_receive() {
 /// finish at once.
 #[test]
 fn the_bandwidth_cap_covers_the_channels() {
-    let dir = shm_tempdir(PREFIX);
+    let (dir, src) = source(64, 45);
     let d = dir.path();
-    let src = d.join("source.ram");
-    ram::write_mixed_image(&src, 64 << 20, 45).expect("writing RAM");
     let cap = 24u64 << 20;
     let st = ferry_to_ferry(d, &src, 2, "none", &["--max-bandwidth", "24M"]);
     let bytes = st["ram"]["transferred"].as_u64().expect("transferred");
