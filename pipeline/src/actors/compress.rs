@@ -9,10 +9,21 @@
 //! batches go on to the writer as page indices and the writer copies the pages
 //! from its own mapping straight into the stream: one copy, and one process
 //! hop, fewer on the hot path.
+//!
+//! With multifd the non-zero pages of a batch go into packets of at most
+//! [`PAGES_PER_PACKET`] pages, dealt round robin over the channels. Each
+//! channel has one compression stream for the whole migration, as in QEMU,
+//! so a channel's packets are encoded in the order the writer sends them;
+//! the channels of a batch are encoded in parallel.
 
 use std::cell::RefCell;
 
-use crate::supervisor::messages::{ActorEvent, Chunk, PageBatch, PageCounts, Work};
+use crate::supervisor::messages::{
+    ActorEvent, Chunk, MultifdSend, Packet, PageBatch, PageCounts, Work,
+};
+use ferry_proto::multifd::{
+    self, Compression, Encoder, PacketHeader, HEADER_LEN, PAGES_PER_PACKET,
+};
 use ferry_proto::qemu_file::QemuFileWriter;
 use ferry_proto::stream::encode::{PageEncoding, RamWriter};
 use ferry_proto::stream::PAGE_SIZE;
@@ -35,6 +46,8 @@ pub struct Init {
     pub level: Option<u32>,
     /// Threads in the pool.
     pub workers: usize,
+    /// Pages go in multifd packets (`level` is then unused).
+    pub multifd: Option<MultifdSend>,
     /// Batches from the scanner (the mailbox).
     pub work: IpcReceiver<Work>,
     /// One credit back to the scanner per batch taken.
@@ -75,6 +88,31 @@ pub enum Error {
         #[source]
         source: qemu_file::Error,
     },
+    /// A multifd compressor cannot be set up.
+    #[error("cannot set up {method} compression at level {level} for multifd")]
+    Encoder {
+        /// The method.
+        method: &'static str,
+        /// The level asked for.
+        level: i32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A block name does not fit a multifd packet header.
+    #[error("block name {0:?} is longer than the {max} bytes a multifd packet holds", max = multifd::MAX_BLOCK_NAME)]
+    BlockName(String),
+    /// Compressing a multifd packet failed.
+    #[error("cannot compress a multifd packet of batch {seq} for channel {channel}")]
+    Packet {
+        /// The batch.
+        seq: u64,
+        /// The channel.
+        channel: u8,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The scanner's channel broke.
     #[error("lost the scanner's batches")]
     Work(#[source] std::io::Error),
@@ -100,6 +138,10 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .thread_name(|i| format!("compress-{i}"))
         .build()
         .map_err(|e| Error::Pool(init.workers, e))?;
+    let mut packets = init
+        .multifd
+        .map(|m| Packets::new(&m, &init.blocks))
+        .transpose()?;
     let mut credits = init.window.max(1);
     loop {
         let work = match init.work.recv() {
@@ -114,15 +156,20 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 // The scanner may be gone after its last batch; that is fine.
                 let _ = init.scan_credits.send(1);
                 check(&batch, &maps)?;
-                match init.level {
-                    None => Chunk::RawPages {
+                match (&mut packets, init.level) {
+                    (Some(p), _) => {
+                        let name = &init.blocks[batch.block as usize].name;
+                        let map = &maps[batch.block as usize];
+                        pool.install(|| p.encode(batch, name, map))?
+                    }
+                    (None, None) => Chunk::RawPages {
                         seq: batch.seq,
                         block: batch.block,
                         zero_records: batch.zero_records,
                         zero_pages: batch.zero_pages,
                         pages: batch.pages,
                     },
-                    Some(level) => {
+                    (None, Some(level)) => {
                         let name = &init.blocks[batch.block as usize].name;
                         let map = &maps[batch.block as usize];
                         pool.install(|| encode(&batch, name, map, level, init.workers))?
@@ -242,4 +289,192 @@ fn encode_part(
         }
         Ok((f, counts))
     })
+}
+
+/// The multifd channels' compressors and whose turn it is.
+struct Packets {
+    encoders: Vec<Encoder>,
+    next: usize,
+}
+
+/// One packet to build: its place in the batch's packets, and its pages.
+type Slot<'b> = (usize, &'b [u32]);
+
+impl Packets {
+    fn new(m: &MultifdSend, blocks: &[BlockFile]) -> Result<Self, Error> {
+        if let Some(b) = blocks
+            .iter()
+            .find(|b| b.name.len() > multifd::MAX_BLOCK_NAME)
+        {
+            return Err(Error::BlockName(b.name.clone()));
+        }
+        let encoders = (0..m.channels.max(1))
+            .map(|_| Encoder::new(m.compression, m.level))
+            .collect::<Result<_, _>>()
+            .map_err(|source| Error::Encoder {
+                method: m.compression.name(),
+                level: m.level,
+                source,
+            })?;
+        Ok(Self { encoders, next: 0 })
+    }
+
+    /// The batch's pages in packets, in round-robin channel order; every
+    /// channel's packets are compressed on the pool in parallel with the
+    /// other channels'.
+    fn encode(&mut self, batch: PageBatch, name: &str, map: &GuestRam) -> Result<Chunk, Error> {
+        let n = self.encoders.len();
+        let mut slots: Vec<Vec<Slot<'_>>> = vec![Vec::new(); n];
+        let mut channel_of = Vec::new();
+        // Packets of even size: full ones and a short last one would load
+        // the channels unevenly, the same channels getting the short ones.
+        let packets = batch.pages.len().div_ceil(PAGES_PER_PACKET);
+        let size = batch.pages.len().div_ceil(packets.max(1)).max(1);
+        for (i, pages) in batch.pages.chunks(size).enumerate() {
+            slots[self.next].push((i, pages));
+            channel_of.push(self.next);
+            self.next = (self.next + 1) % n;
+        }
+        let seq = batch.seq;
+        let encoded: Vec<Vec<(usize, Vec<u8>)>> = self
+            .encoders
+            .par_iter_mut()
+            .zip(slots)
+            .enumerate()
+            .map(|(channel, (enc, slots))| {
+                slots
+                    .into_iter()
+                    .map(|(i, pages)| Ok((i, packet(enc, name, map, pages)?)))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .map_err(|source| Error::Packet {
+                        seq,
+                        channel: channel as u8,
+                        source,
+                    })
+            })
+            .collect::<Result<_, _>>()?;
+        let mut packets: Vec<Option<Vec<u8>>> = vec![None; channel_of.len()];
+        let mut counts = PageCounts {
+            zero: batch.zero_pages,
+            ..PageCounts::default()
+        };
+        for (i, bytes) in encoded.into_iter().flatten() {
+            let pages = batch.pages.len().min((i + 1) * size) - i * size;
+            match self.encoders[0].method() {
+                Compression::None => counts.raw += pages as u64,
+                _ => {
+                    counts.compressed += pages as u64;
+                    counts.compressed_bytes += (bytes.len() - HEADER_LEN) as u64;
+                }
+            }
+            packets[i] = Some(bytes);
+        }
+        let packets = packets
+            .into_iter()
+            .zip(channel_of)
+            .map(|(bytes, channel)| Packet {
+                channel: channel as u8,
+                bytes: bytes.expect("every packet was encoded"),
+            })
+            .collect();
+        Ok(Chunk::Packets {
+            seq,
+            zero_records: batch.zero_records,
+            packets,
+            counts,
+        })
+    }
+}
+
+/// One packet: the header, then the pages (copied out of guest RAM first, as
+/// QEMU does, so the guest cannot change them under the compressor) as the
+/// channel's compressor makes them.
+fn packet(
+    enc: &mut Encoder,
+    name: &str,
+    map: &GuestRam,
+    pages: &[u32],
+) -> std::io::Result<Vec<u8>> {
+    let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
+    for (&i, dst) in pages.iter().zip(raw.chunks_exact_mut(PAGE_SIZE)) {
+        map.read_page(i, dst.try_into().expect("a page"))
+            .expect("`check` saw every index inside the block");
+    }
+    let mut out = vec![0u8; HEADER_LEN];
+    let len = enc.encode(&raw, &mut out)?;
+    let header = PacketHeader {
+        flags: enc.method().flag(),
+        normal_pages: pages.len() as u32,
+        next_packet_size: len as u32,
+        block: name.to_owned(),
+        offsets: pages
+            .iter()
+            .map(|&i| u64::from(i) * PAGE_SIZE as u64)
+            .collect(),
+        ..PacketHeader::default()
+    };
+    header.encode((&mut out[..HEADER_LEN]).try_into().expect("header length"));
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ferry_proto::multifd::Decoder;
+
+    /// Packets of a batch decode, on one decoder per channel in the order
+    /// of each channel's packets, to the very pages they name; the packets
+    /// are even, alternate channels, and the stream carries over batches.
+    #[test]
+    fn packets_decode_per_channel_to_their_pages() {
+        for method in [Compression::None, Compression::Zlib, Compression::Zstd] {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("b.ram");
+            let pages = 300u32;
+            let bytes: Vec<u8> = (0..pages as usize * PAGE_SIZE)
+                .map(|i| ((i / PAGE_SIZE) as u8).wrapping_mul(7) ^ (i % 251) as u8)
+                .collect();
+            std::fs::write(&path, &bytes).unwrap();
+            let map = GuestRam::map(&path).unwrap();
+            let m = MultifdSend {
+                channels: 2,
+                compression: method,
+                level: 1,
+                legacy_sync: false,
+            };
+            let mut p = Packets::new(&m, &[]).unwrap();
+            let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
+            let mut seen = Vec::new();
+            for (seq, range) in [(0u64, 0..pages), (1, 0..40)] {
+                let batch = PageBatch {
+                    seq,
+                    block: 0,
+                    zero_records: Vec::new(),
+                    zero_pages: 0,
+                    pages: range.collect(),
+                };
+                let Chunk::Packets { packets, .. } = p.encode(batch, "b", &map).unwrap() else {
+                    panic!("not packets");
+                };
+                for pk in packets {
+                    let head: &[u8; HEADER_LEN] = pk.bytes[..HEADER_LEN].try_into().unwrap();
+                    let h = PacketHeader::decode(head, Some(method)).unwrap();
+                    assert_eq!(h.block, "b");
+                    assert_eq!(pk.bytes.len(), HEADER_LEN + h.payload_len());
+                    let mut out = vec![0u8; h.normal_pages as usize * PAGE_SIZE];
+                    decoders[usize::from(pk.channel)]
+                        .decode(&pk.bytes[HEADER_LEN..], &mut out)
+                        .unwrap();
+                    for (off, page) in h.normal().iter().zip(out.chunks(PAGE_SIZE)) {
+                        let at = *off as usize;
+                        assert_eq!(page, &bytes[at..at + PAGE_SIZE], "{method:?} {off}");
+                    }
+                    seen.push((pk.channel, h.normal_pages));
+                }
+            }
+            // 300 pages: three packets of 100; then one of 40. Round robin
+            // carries on from one batch to the next.
+            assert_eq!(seen, [(0, 100), (1, 100), (0, 100), (1, 40)], "{method:?}");
+        }
+    }
 }

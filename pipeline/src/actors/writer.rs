@@ -11,13 +11,24 @@
 //! [`crate::channel::tls`]); with `--integrity` the writer seals the stream with
 //! checkpoints (see [`crate::channel::integrity`]) after the configuration, after
 //! every chunk (closing the RAM section part around it) and before EOF.
+//!
+//! With multifd it also owns the N data channels: it opens them right after
+//! the main stream's header, writes each chunk's packets on their channels,
+//! and at every sync point (the RAM setup section, each round's end, the END
+//! section; in QEMU's legacy mode every RAM EOS) writes a SYNC packet on
+//! every channel before the main channel's MULTIFD_FLUSH or EOS, so the
+//! destination never lets a page of one round land after one of the next.
+//! The bandwidth budget counts every channel's bytes.
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read};
 use std::time::{Duration, Instant};
 
-use crate::supervisor::messages::{ActorEvent, ActorKind, Chunk, DiskChunk, Event, PageCounts};
+use crate::supervisor::messages::{
+    ActorEvent, ActorKind, Chunk, DiskChunk, Event, MultifdSend, Packet, PageCounts,
+};
 use crossbeam_channel::{select, Receiver};
+use ferry_proto::multifd::{self, ChannelInit, PacketHeader, HEADER_LEN};
 use ferry_proto::qemu_file::{self, QemuFileWriter};
 use ferry_proto::return_path::{self, Ack, QemuMessage, ReturnPath};
 use ferry_proto::stream::device_state::DeviceState;
@@ -105,6 +116,8 @@ pub struct Init {
     pub disk_credits: Option<IpcSender<u32>>,
     /// The shared disk chunk buffers and how many chunks they hold.
     pub disk_slots: Option<(std::path::PathBuf, u32)>,
+    /// multifd data channels to open beside the main stream.
+    pub multifd: Option<MultifdSend>,
 }
 
 /// Everything that reaches the writer, on one queue.
@@ -203,6 +216,37 @@ pub enum Error {
     /// A disk chunk names a disk that does not exist.
     #[error("disk chunk for disk {0}, which does not exist")]
     BadDisk(u32),
+    /// A multifd channel cannot be opened.
+    #[error("cannot open multifd channel {channel} to {uri}")]
+    ChannelConnect {
+        /// The channel.
+        channel: u8,
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: uri::OpenError,
+    },
+    /// Writing a multifd channel failed.
+    #[error("cannot write multifd channel {channel} to {uri}")]
+    ChannelWrite {
+        /// The channel.
+        channel: u8,
+        /// The destination.
+        uri: String,
+        /// Why.
+        #[source]
+        source: qemu_file::Error,
+    },
+    /// A multifd chunk reached a writer without multifd channels, or names
+    /// a channel that does not exist.
+    #[error("chunk {seq} has a packet for multifd channel {channel}, which does not exist")]
+    BadChannel {
+        /// The chunk.
+        seq: u64,
+        /// The channel.
+        channel: u8,
+    },
     /// The compress stage or orchestrator is gone.
     #[error("lost the {0} channel")]
     Channel(&'static str, #[source] io::Error),
@@ -335,9 +379,20 @@ fn read_return_path(rp: Box<dyn Transport>, tx: &crossbeam_channel::Sender<Reply
 struct Limiter {
     rate: u64,
     window_start: Instant,
+    /// Bytes written on the multifd channels in this window: the main
+    /// stream's file counts its own.
+    extra: u64,
 }
 
 impl Limiter {
+    fn new() -> Self {
+        Self {
+            rate: 0,
+            window_start: Instant::now(),
+            extra: 0,
+        }
+    }
+
     fn set_rate<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>, rate: u64) {
         self.rate = rate;
         f.set_rate_limit(rate / 10);
@@ -367,8 +422,10 @@ impl Limiter {
                     now
                 };
                 f.reset_rate_limit();
+                self.extra = 0;
             }
-            if f.error().is_some() || !f.rate_limit_exceeded() {
+            let spent = f.bytes_xfer() + self.extra;
+            if f.error().is_some() || f.rate_limit() == 0 || spent <= f.rate_limit() {
                 return;
             }
             std::thread::sleep((self.window_start + WINDOW).saturating_duration_since(now));
@@ -413,10 +470,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         uri: to.to_string(),
         blocks: &init.blocks,
         maps: &maps,
-        limiter: Limiter {
-            rate: 0,
-            window_start: Instant::now(),
-        },
+        limiter: Limiter::new(),
         counts: PageCounts::default(),
         section_id,
         in_part: false,
@@ -430,23 +484,20 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         ram_done: None,
         disk_done: None,
         return_path: init.return_path,
+        multifd: None,
     };
     w.limiter.set_rate(&mut w.f, init.rate);
-    w.start(&device, &init.machine)?;
+    let channels = init.multifd.map(|m| (m, init.stall_timeout));
+    w.start(&device, &init.machine, &to, channels)?;
     let streamed = w.stream(
         &mail,
         &init.credits,
         init.disk_credits.as_ref(),
         link.replies.as_ref(),
     );
-    if let (Err(Error::Write { .. }), Some(rx)) = (&streamed, link.replies.as_ref()) {
-        // A receiver that gives up (a disk too small, an I/O error on its
-        // side) says why before it closes: that beats our broken pipe.
-        rejection(rx)?;
-    }
-    streamed?;
-    w.finish(&device)?;
-    let (bytes, counts) = (w.f.ftell(), w.counts);
+    explained(streamed, link.replies.as_ref())?;
+    let channel_bytes = w.finish(&device)?;
+    let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
         tracing::info!(checkpoints = s.count(), "stream sealed");
     }
@@ -472,6 +523,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         actor: ActorKind::Writer,
         event: Event::Finished {
             bytes,
+            channel_bytes,
             counts,
             ack,
             return_path,
@@ -547,6 +599,17 @@ fn gather_mail(
         forward(rx, mail_tx, Mail::Disk);
     }
     mail
+}
+
+/// A failed write, explained: a receiver that gives up (a disk too small,
+/// an I/O error on its side) says why before it closes, and that beats our
+/// broken pipe.
+fn explained(streamed: Result<(), Error>, replies: Option<&Receiver<Reply>>) -> Result<(), Error> {
+    if let (Err(Error::Write { .. } | Error::ChannelWrite { .. }), Some(rx)) = (&streamed, replies)
+    {
+        rejection(rx)?;
+    }
+    streamed
 }
 
 /// After a failed write: the receiver's reason, if it gives one within 2 s.
@@ -717,6 +780,89 @@ struct Writer<'m, 'e> {
     disk_done: Option<(u32, bool)>,
     /// Open QEMU's return path.
     return_path: bool,
+    /// The multifd data channels, once open.
+    multifd: Option<Channels<'m>>,
+}
+
+/// The multifd data channels as the writer drives them.
+struct Channels<'m> {
+    files: Vec<QemuFileWriter<'m>>,
+    /// Bytes written on each.
+    bytes: Vec<u64>,
+    /// A sync point at every RAM EOS (QEMU's legacy mode).
+    legacy: bool,
+    /// The next packet's number: QEMU counts every packet, SYNC included,
+    /// over all channels.
+    packet_num: u64,
+}
+
+impl<'m> Channels<'m> {
+    /// Connects the N channels to the main stream's address, each opening
+    /// with its `MultiFDInit` at once: a QEMU destination peeks at the first
+    /// bytes of every connection to tell the channels from the main stream.
+    fn open(to: &Uri, stall: Option<Duration>, m: &MultifdSend) -> Result<Self, Error> {
+        let mut files = Vec::with_capacity(m.channels.into());
+        for id in 0..m.channels {
+            let conn = to
+                .connect(Duration::from_secs(10), stall, None)
+                .map_err(|source| Error::ChannelConnect {
+                    channel: id,
+                    uri: to.to_string(),
+                    source,
+                })?;
+            let mut f = QemuFileWriter::new(conn.transport);
+            f.put_buffer(&ChannelInit { uuid: [0; 16], id }.encode());
+            f.flush();
+            files.push(f);
+        }
+        Ok(Self {
+            bytes: vec![multifd::INIT_LEN as u64; files.len()],
+            files,
+            legacy: m.legacy_sync,
+            packet_num: 0,
+        })
+    }
+
+    fn sent(&self) -> u64 {
+        self.bytes.iter().sum()
+    }
+
+    /// The first channel error, if any.
+    fn error(&self, uri: &str) -> Result<(), Error> {
+        for (id, f) in self.files.iter().enumerate() {
+            if let Some(e) = f.error() {
+                return Err(Error::ChannelWrite {
+                    channel: id as u8,
+                    uri: uri.to_owned(),
+                    source: e.clone(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// A SYNC packet on every channel, on the wire before the main channel
+    /// names the sync point.
+    fn sync(&mut self) {
+        let mut header = [0u8; HEADER_LEN];
+        for (f, bytes) in self.files.iter_mut().zip(&mut self.bytes) {
+            PacketHeader::sync(self.packet_num).encode(&mut header);
+            self.packet_num += 1;
+            f.put_buffer(&header);
+            f.flush();
+            *bytes += HEADER_LEN as u64;
+        }
+    }
+
+    /// Ends every channel after the stream: nothing follows the last sync.
+    /// Returns the bytes written on each.
+    fn close(self) -> Vec<u64> {
+        for mut f in self.files {
+            f.flush();
+            let _ = f.transport_mut().shutdown_write();
+        }
+        self.bytes
+    }
 }
 
 impl<'m> Writer<'m, '_> {
@@ -726,8 +872,74 @@ impl<'m> Writer<'m, '_> {
                 uri: self.uri.clone(),
                 source: e.clone(),
             }),
-            None => Ok(()),
+            None => self.multifd.as_ref().map_or(Ok(()), |m| m.error(&self.uri)),
         }
+    }
+
+    /// Stream bytes so far, the multifd channels' included.
+    fn sent(&self) -> u64 {
+        self.f.ftell_fast() + self.multifd.as_ref().map_or(0, Channels::sent)
+    }
+
+    /// A RAM EOS. At a sync point (`round_end`, or every EOS in QEMU's
+    /// legacy mode) with multifd, the channels' SYNC packets come first and,
+    /// in the current mode, MULTIFD_FLUSH; the main stream is then flushed
+    /// too, since the destination's channels wait at their SYNC until its
+    /// main channel reaches the sync point.
+    fn put_ram_eos(&mut self, round_end: bool) {
+        let mut ram = RamWriter::new();
+        let Some(m) = self.multifd.as_mut().filter(|m| m.legacy || round_end) else {
+            ram.put_eos(&mut self.f);
+            return;
+        };
+        m.sync();
+        if !m.legacy {
+            ram.put_multifd_flush(&mut self.f);
+        }
+        ram.put_eos(&mut self.f);
+        self.f.flush();
+    }
+
+    /// A multifd chunk: its ZERO records on the main channel, its packets
+    /// on theirs.
+    fn write_packets(
+        &mut self,
+        seq: u64,
+        zero_records: &[u8],
+        packets: Vec<Packet>,
+    ) -> Result<(), Error> {
+        if !zero_records.is_empty() {
+            self.open_part();
+            self.limiter.throttle(&mut self.f);
+            self.f.put_buffer(zero_records);
+        }
+        packets
+            .into_iter()
+            .try_for_each(|p| self.put_packet(seq, p))
+    }
+
+    /// Writes one packet on its channel, numbered in write order, under the
+    /// one bandwidth budget.
+    fn put_packet(&mut self, seq: u64, p: Packet) -> Result<(), Error> {
+        let bad = || Error::BadChannel {
+            seq,
+            channel: p.channel,
+        };
+        let m = self.multifd.as_mut().ok_or_else(bad)?;
+        let f = m.files.get_mut(usize::from(p.channel)).ok_or_else(bad)?;
+        let mut bytes = p.bytes;
+        if bytes.len() < HEADER_LEN {
+            return Err(bad());
+        }
+        bytes[24..32].copy_from_slice(&m.packet_num.to_be_bytes());
+        m.packet_num += 1;
+        for piece in bytes.chunks(self.limiter.slice()) {
+            self.limiter.throttle(&mut self.f);
+            f.put_buffer(piece);
+            self.limiter.extra += piece.len() as u64;
+        }
+        m.bytes[usize::from(p.channel)] += bytes.len() as u64;
+        Ok(())
     }
 
     fn wrap(&self, source: qemu_file::Error) -> Error {
@@ -753,11 +965,23 @@ impl<'m> Writer<'m, '_> {
             .map_err(|e| self.wrap(e))
     }
 
-    /// Header, configuration, with `--return-path` the command that opens
-    /// QEMU's return path (QEMU flushes after it; so do we), and the RAM
-    /// section's setup part.
-    fn start(&mut self, device: &DeviceState, machine: &str) -> Result<(), Error> {
+    /// Header, with multifd the data channels (after the header, which a
+    /// QEMU destination peeks at before it accepts another connection),
+    /// configuration, with `--return-path` the command that opens QEMU's
+    /// return path (QEMU flushes after it; so do we), and the RAM section's
+    /// setup part.
+    fn start(
+        &mut self,
+        device: &DeviceState,
+        machine: &str,
+        to: &Uri,
+        multifd: Option<(MultifdSend, Option<Duration>)>,
+    ) -> Result<(), Error> {
         encode::put_file_header(&mut self.f);
+        if let Some((m, stall)) = multifd {
+            self.f.flush();
+            self.multifd = Some(Channels::open(to, stall, &m)?);
+        }
         device.put_configuration(&mut self.f, machine);
         if self.return_path {
             encode::put_command(&mut self.f, command::OPEN_RETURN_PATH, &[]);
@@ -772,7 +996,7 @@ impl<'m> Writer<'m, '_> {
         let mut ram = RamWriter::new();
         ram.put_mem_size(&mut self.f, &infos)
             .map_err(|e| self.wrap(e))?;
-        ram.put_eos(&mut self.f);
+        self.put_ram_eos(true);
         encode::put_footer(&mut self.f, id);
         if !self.disks.is_empty() {
             let bid = self.block_id;
@@ -857,7 +1081,7 @@ impl<'m> Writer<'m, '_> {
             actor: ActorKind::Writer,
             event: Event::RoundSent {
                 round,
-                bytes: self.f.ftell_fast(),
+                bytes: self.sent(),
             },
         });
         Ok(last)
@@ -939,7 +1163,7 @@ impl<'m> Writer<'m, '_> {
             let _ = self.events.send(ActorEvent {
                 actor: ActorKind::Writer,
                 event: Event::Progress {
-                    bytes: self.f.ftell_fast(),
+                    bytes: self.sent(),
                     counts: self.counts,
                 },
             });
@@ -954,8 +1178,13 @@ impl<'m> Writer<'m, '_> {
     }
 
     fn close_part(&mut self) {
+        self.close_part_at(false);
+    }
+
+    /// Closes the RAM part, at the end of a round a sync point.
+    fn close_part_at(&mut self, round_end: bool) {
         if self.in_part {
-            RamWriter::new().put_eos(&mut self.f);
+            self.put_ram_eos(round_end);
             encode::put_footer(&mut self.f, self.section_id);
             self.in_part = false;
         }
@@ -1011,9 +1240,22 @@ impl<'m> Writer<'m, '_> {
                 self.counts.zero += zero_pages;
                 self.counts.raw += pages.len() as u64;
             }
+            Chunk::Packets {
+                seq,
+                zero_records,
+                packets,
+                counts,
+            } => {
+                self.write_packets(seq, &zero_records, packets)?;
+                self.counts.add(&counts);
+            }
             Chunk::RoundEnd { round, last, .. } => {
                 // With --integrity the chunk before was sealed already.
-                self.close_part();
+                if self.multifd.is_some() {
+                    // Every round ends at a sync point, in a RAM part.
+                    self.open_part();
+                }
+                self.close_part_at(true);
                 self.f.flush();
                 self.check()?;
                 self.ram_done = Some((round, last));
@@ -1030,10 +1272,11 @@ impl<'m> Writer<'m, '_> {
 
     /// The RAM section's last part, the device sections, EOF and the vmdesc
     /// trailer (which QEMU reads before it reports success).
-    fn finish(&mut self, device: &DeviceState) -> Result<(), Error> {
+    /// Returns the bytes written on each multifd channel, which it closes.
+    fn finish(&mut self, device: &DeviceState) -> Result<Vec<u64>, Error> {
         self.close_part();
         encode::put_section_part(&mut self.f, SectionKind::End, self.section_id);
-        RamWriter::new().put_eos(&mut self.f);
+        self.put_ram_eos(true);
         encode::put_footer(&mut self.f, self.section_id);
         if !self.disks.is_empty() {
             encode::put_section_part(&mut self.f, SectionKind::End, self.block_id);
@@ -1045,7 +1288,8 @@ impl<'m> Writer<'m, '_> {
         encode::put_eof(&mut self.f);
         encode::put_vmdesc(&mut self.f, encode::MINIMAL_VMDESC);
         self.f.flush();
-        self.check()
+        self.check()?;
+        Ok(self.multifd.take().map(Channels::close).unwrap_or_default())
     }
 }
 

@@ -11,6 +11,8 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use ferry_proto::multifd::Compression;
+
 use crate::channel::tls;
 use crate::channel::uri::Uri;
 use crate::options::{host_memory, parse_rate, parse_size, DiskSpec, RamSpec};
@@ -24,6 +26,15 @@ fn parse_level(s: &str) -> Result<u32, String> {
     match s.parse::<u32>() {
         Ok(n) if n <= 9 => Ok(n),
         _ => Err(format!("{s:?}: expected a zlib level from 0 to 9")),
+    }
+}
+
+fn parse_multifd_compression(s: &str) -> Result<Compression, String> {
+    match s {
+        "none" => Ok(Compression::None),
+        "zlib" => Ok(Compression::Zlib),
+        "zstd" => Ok(Compression::Zstd),
+        _ => Err(format!("{s:?}: expected none, zlib or zstd")),
     }
 }
 
@@ -175,6 +186,57 @@ pub struct SendArgs {
     /// SAN for an address), instead of the tcp: host or "ferry" for unix:.
     #[arg(long, value_name = "NAME", requires = "tls_cert")]
     pub tls_hostname: Option<String>,
+    // multifd settings.
+    #[command(flatten)]
+    pub multifd: MultifdArgs,
+}
+
+/// `ferry send`'s multifd settings, named after QEMU's migration parameters.
+#[derive(Debug, Clone, Args)]
+pub struct MultifdArgs {
+    /// Send RAM pages over N extra connections to the same address, as QEMU's
+    /// multifd capability with its multifd-channels parameter (QEMU's default
+    /// of 2 when given without a value; 0 = off). For a QEMU destination
+    /// (7.2 to 10) with the multifd capability on and the same
+    /// multifd-channels and multifd-compression, or `ferry receive
+    /// --multifd-channels N`. tcp: and unix: only; not with TLS, --compress,
+    /// --integrity or --disk. Zero pages stay on the main stream as ZERO
+    /// records.
+    #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "2")]
+    pub multifd_channels: u8,
+    /// multifd compression, one stream per channel as QEMU's
+    /// multifd-compression: none, zlib or zstd.
+    #[arg(long, value_name = "METHOD", default_value = "none", value_parser = parse_multifd_compression, requires = "multifd_channels")]
+    pub multifd_compression: Compression,
+    /// zlib level for --multifd-compression zlib (QEMU's multifd-zlib-level).
+    #[arg(long, value_name = "0-9", default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=9), requires = "multifd_channels")]
+    pub multifd_zlib_level: i32,
+    /// zstd level for --multifd-compression zstd (QEMU's
+    /// multifd-zstd-level; 0 is libzstd's default, 3).
+    #[arg(long, value_name = "0-20", default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=20), requires = "multifd_channels")]
+    pub multifd_zstd_level: i32,
+    /// QEMU's multifd-flush-after-each-section: a sync point at every RAM
+    /// section end and no MULTIFD_FLUSH record, as QEMU 7.2 to 8.0 have it,
+    /// and later QEMUs on machine types up to 8.0 (pc-i440fx-7.2, say); both
+    /// ends must agree. The default is the mode of QEMU 8.1 and later on
+    /// their own machine types.
+    #[arg(long, requires = "multifd_channels")]
+    pub multifd_flush_after_each_section: bool,
+}
+
+impl MultifdArgs {
+    /// The settings for the actors, with multifd on.
+    pub fn settings(&self) -> Option<crate::supervisor::messages::MultifdSend> {
+        (self.multifd_channels > 0).then_some(crate::supervisor::messages::MultifdSend {
+            channels: self.multifd_channels,
+            compression: self.multifd_compression,
+            level: match self.multifd_compression {
+                Compression::Zstd => self.multifd_zstd_level,
+                _ => self.multifd_zlib_level,
+            },
+            legacy_sync: self.multifd_flush_after_each_section,
+        })
+    }
 }
 
 /// `ferry receive`

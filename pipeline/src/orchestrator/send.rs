@@ -96,6 +96,8 @@ pub struct RoundStats {
 #[derive(Debug, Default)]
 struct Report {
     bytes: u64,
+    /// Bytes on each multifd channel (part of `bytes`).
+    channel_bytes: Vec<u64>,
     counts: PageCounts,
     return_path: Option<ReturnPath>,
     setup: Duration,
@@ -202,6 +204,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     if args.return_path && matches!(args.to, Uri::File(_)) {
         bail!("--return-path needs a tcp: or unix: destination; a file has nobody to answer");
     }
+    check_multifd(&args)?;
     let start = Instant::now();
     crate::supervisor::start_memory_sampler();
     let mut src = Source::open(&args)?;
@@ -222,6 +225,31 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     result?;
     summary(&args, &report, seconds, src.guest.is_some());
     Ok(())
+}
+
+/// multifd goes over plain tcp: or unix: connections, RAM only, without
+/// the legacy COMPRESS_PAGE records or ferry's integrity seal.
+fn check_multifd(args: &SendArgs) -> anyhow::Result<()> {
+    if args.multifd.multifd_channels == 0 {
+        return Ok(());
+    }
+    let clash = if matches!(args.to, Uri::File(_)) {
+        Some(format!("a file: destination ({})", args.to))
+    } else if args.tls.tls_cert.is_some() {
+        Some("TLS (--tls-cert)".to_owned())
+    } else if args.compress {
+        Some("--compress (use --multifd-compression)".to_owned())
+    } else if args.integrity {
+        Some("--integrity".to_owned())
+    } else if !args.disk.is_empty() {
+        Some("--disk (QEMU 9.1 and later have no block migration)".to_owned())
+    } else {
+        None
+    };
+    match clash {
+        Some(what) => bail!("--multifd-channels does not work with {what}"),
+        None => Ok(()),
+    }
 }
 
 /// The lines a successful run prints.
@@ -245,6 +273,14 @@ fn summary(args: &SendArgs, report: &Report, seconds: f64, live: bool) {
             None => String::new(),
         }
     );
+    if !report.channel_bytes.is_empty() {
+        eprintln!(
+            "ferry: {} multifd channels carried {:.1} MB of it ({})",
+            report.channel_bytes.len(),
+            report.channel_bytes.iter().sum::<u64>() as f64 / 1e6,
+            args.multifd.multifd_compression.name()
+        );
+    }
     match report.return_path {
         Some(ReturnPath::Ferry) if !args.disk.is_empty() => {
             eprintln!("ferry: destination verified: RAM and disk digests match")
@@ -297,6 +333,9 @@ fn write_stats(
     }
     if let Some(e) = r.expected_downtime_ms {
         v["expected-downtime"] = json!(e as u64);
+    }
+    if !r.channel_bytes.is_empty() {
+        v["multifd"] = stats::multifd(&r.channel_bytes);
     }
     if let Some(rp) = r.return_path {
         v["return-path"] = serde_json::to_value(rp)?;
@@ -355,6 +394,7 @@ impl Actors {
                 disk_chunks: has_disks.then_some(disk_chunk_rx),
                 disk_credits: has_disks.then_some(disk_credit_tx),
                 disk_slots: slots_path.clone().map(|p| (p, DISK_WINDOW)),
+                multifd: args.multifd.settings(),
             },
         )?;
         if let Some(slots) = slots_path {
@@ -376,6 +416,7 @@ impl Actors {
                 blocks: src.blocks.clone(),
                 level: args.compress.then_some(args.compress_level),
                 workers: args.compress_workers,
+                multifd: args.multifd.settings(),
                 work: work_rx,
                 scan_credits: scan_credit_tx,
                 chunks: chunk_tx,
@@ -564,12 +605,14 @@ impl<'a> Migration<'a> {
             Event::PeerLoaded => self.peer_loaded()?,
             Event::Finished {
                 bytes,
+                channel_bytes,
                 counts,
                 ack,
                 return_path,
             } => {
                 self.finished(ack)?;
                 self.report.bytes = bytes;
+                self.report.channel_bytes = channel_bytes;
                 self.report.counts = counts;
                 self.report.return_path = Some(return_path);
                 return Ok(true);

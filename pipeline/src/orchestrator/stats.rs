@@ -64,6 +64,16 @@ pub fn compression(counts: &PageCounts) -> Value {
     })
 }
 
+/// The `multifd` object: bytes per channel and in all (these are part of
+/// `ram.transferred` too).
+pub fn multifd(channel_bytes: &[u64]) -> Value {
+    json!({
+        "channels": channel_bytes.len(),
+        "bytes": channel_bytes,
+        "total-bytes": channel_bytes.iter().sum::<u64>(),
+    })
+}
+
 /// Writes `stats` to `path` as pretty JSON.
 pub fn write(path: &Path, stats: &Value) -> anyhow::Result<()> {
     let text = serde_json::to_string_pretty(stats)?;

@@ -4,6 +4,7 @@
 //! chunks for the writer and events for the orchestrator. Bulk bytes travel as
 //! byte buffers inside a chunk, never one message per page.
 
+use ferry_proto::multifd::Compression;
 use ferry_proto::return_path::{Ack, BlockDigest, ReturnPath};
 use serde::{Deserialize, Serialize};
 
@@ -122,6 +123,33 @@ pub enum Work {
     },
 }
 
+/// multifd on the sending side, as QEMU's parameters of the same names
+/// set it; the compress stage and the writer both get it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MultifdSend {
+    /// Data channels beside the main stream (`multifd-channels`).
+    pub channels: u8,
+    /// `multifd-compression`.
+    pub compression: Compression,
+    /// `multifd-zlib-level` or `multifd-zstd-level`, whichever applies.
+    pub level: i32,
+    /// QEMU's `multifd-flush-after-each-section`: a sync point at every RAM
+    /// EOS and no MULTIFD_FLUSH (machine types up to 8.0), instead of one
+    /// per round with MULTIFD_FLUSH.
+    pub legacy_sync: bool,
+}
+
+/// One multifd packet (header and payload) and the channel it goes on.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    /// The channel, 0 to N-1.
+    pub channel: u8,
+    /// Header and payload; the writer sets the packet number, which counts
+    /// packets in the order they are written, SYNC packets included.
+    #[serde(with = "serde_bytes")]
+    pub bytes: Vec<u8>,
+}
+
 /// What the writer receives, in sequence order.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Chunk {
@@ -150,6 +178,19 @@ pub enum Chunk {
         /// Page indices to send raw.
         pages: Vec<u32>,
     },
+    /// With multifd: ZERO records for the main channel, and the other
+    /// pages in packets, in the order they go out on their channels.
+    Packets {
+        /// Place in the stream.
+        seq: u64,
+        /// ZERO records to write on the main channel.
+        #[serde(with = "serde_bytes")]
+        zero_records: Vec<u8>,
+        /// The packets.
+        packets: Vec<Packet>,
+        /// Pages they carry, zero pages included.
+        counts: PageCounts,
+    },
     /// End of a round: the writer closes the section part, and after the
     /// last round ends the stream.
     RoundEnd {
@@ -168,6 +209,7 @@ impl Chunk {
         match self {
             Chunk::Records { seq, .. }
             | Chunk::RawPages { seq, .. }
+            | Chunk::Packets { seq, .. }
             | Chunk::RoundEnd { seq, .. } => *seq,
         }
     }
@@ -232,8 +274,10 @@ pub enum Event {
     PeerLoaded,
     /// Writer: the stream is complete and the peer answered (or cannot).
     Finished {
-        /// Stream bytes.
+        /// Stream bytes, the multifd channels' included.
         bytes: u64,
+        /// Bytes written on each multifd channel.
+        channel_bytes: Vec<u64>,
         /// Pages by kind.
         counts: PageCounts,
         /// What the peer said, if it is ferry.
