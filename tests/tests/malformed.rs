@@ -243,11 +243,19 @@ fn bad_records(d: &Path, s: &[u8], l: &Layout) {
     refused(
         d,
         "unknown-flag",
-        &with(s, l.first_page, &0x200u64.to_be_bytes()),
+        &with(s, l.first_page, &0x400u64.to_be_bytes()),
         &[
             &format!("at byte {}", l.first_page),
-            "unknown RAM record flags 0x200",
+            "unknown RAM record flags 0x400",
         ],
+    );
+    // MULTIFD_FLUSH is known, but without multifd channels it is refused
+    // with what to do about it.
+    refused(
+        d,
+        "multifd-flush",
+        &with(s, l.first_page, &0x200u64.to_be_bytes()),
+        &[&format!("at byte {}", l.first_page), "--multifd-channels"],
     );
     let mem_size = l.ram_start + 1 + 4 + 4 + 4 + 4;
     let total = (PAGES * PAGE_SIZE as u64 * 2) | 0x04;

@@ -273,3 +273,30 @@ fn a_channel_id_beyond_the_count_is_refused() {
         &["id 2", "out of range"],
     );
 }
+
+/// A source with multifd off (only the main stream comes) fails within the
+/// stall timeout, saying how many connections came, instead of waiting.
+#[test]
+fn channels_that_never_come_fail_within_the_stall_timeout() {
+    let dir = shm_tempdir("ferry-mfrecv-");
+    let args = [
+        "receive".to_owned(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--ram".into(),
+        format!("{},name=ram", dir.path().join("ram.ram").display()),
+        "--multifd-channels".into(),
+        "2".into(),
+        "--stall-timeout".into(),
+        "2".into(),
+    ];
+    let (mut receiver, uri) = ferry(&args)
+        .start_listening(&dir.path().join("receive.log"))
+        .expect("ferry receive starts");
+    let mut main = TcpStream::connect(uri.trim_start_matches("tcp:")).expect("connecting");
+    let _ = main.write_all(&main_stream());
+    let status = receiver.wait(TIMEOUT).expect("ferry receive ends");
+    assert!(!status.success());
+    let stderr = receiver.stderr();
+    assert!(stderr.contains("1 of the 3 connections"), "{stderr}");
+}

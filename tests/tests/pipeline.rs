@@ -61,10 +61,10 @@ fn migrate(dir: &Path, src: &Path, listen: &str, compress: bool, workers: usize)
     assert_eq!(st["ram"]["total"], GIB as u64);
     assert_remaining_is_what_the_destination_lacks(&st, src, &dest);
     let census = ram::census(GIB);
-    // Zero and one-byte pages go as ZERO records.
+    // Only all-zero pages go as ZERO records (QEMU 8.2+ refuses another
+    // fill byte); pages of one other byte go as normal pages.
     assert_eq!(
-        st["ram"]["duplicate"],
-        census.zero + census.fill,
+        st["ram"]["duplicate"], census.zero,
         "ZERO records for mixed RAM"
     );
     if compress {

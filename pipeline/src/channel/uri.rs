@@ -6,6 +6,7 @@ use std::fmt;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::net::{TcpListener, TcpStream, ToSocketAddrs};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::str::FromStr;
@@ -281,12 +282,56 @@ impl Listener {
         }
     }
 
+    /// Waits for a peer until `deadline` (`None`: for ever), then as
+    /// [`Listener::accept`]; `Ok(None)` when the deadline passed first.
+    /// Sockets only: a file is always there.
+    pub fn accept_until(
+        &self,
+        deadline: Option<std::time::Instant>,
+        stall: Option<Duration>,
+    ) -> Result<Option<Connection>, OpenError> {
+        let Some(deadline) = deadline else {
+            return self.accept(stall, None).map(Some);
+        };
+        let fd = match self {
+            Listener::Tcp(l) => l.as_fd(),
+            Listener::Unix(l, _) => l.as_fd(),
+            Listener::File(_) => return self.accept(stall, None).map(Some),
+        };
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Ok(None);
+            }
+            let mut fds = [poll_in(fd)];
+            let ms = libc::c_int::try_from(left.as_millis().max(1)).unwrap_or(libc::c_int::MAX);
+            // SAFETY: `fds` is one valid pollfd on our stack, for a listening
+            // socket this listener owns, and poll reads and writes only it.
+            let n = unsafe { libc::poll(fds.as_mut_ptr(), 1, ms) };
+            if n > 0 {
+                return self.accept(stall, None).map(Some);
+            }
+            if n < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+                return Err(io::Error::last_os_error().into());
+            }
+        }
+    }
+
     /// The local address, for `tcp:HOST:0` listeners.
     pub fn local_addr(&self) -> Option<String> {
         match self {
             Listener::Tcp(l) => l.local_addr().ok().map(|a| a.to_string()),
             _ => None,
         }
+    }
+}
+
+fn poll_in(fd: std::os::fd::BorrowedFd<'_>) -> libc::pollfd {
+    use std::os::fd::AsRawFd;
+    libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
     }
 }
 

@@ -199,12 +199,7 @@ impl Supervisor {
         let sender = loop {
             match rx.recv_timeout(Duration::from_millis(50)) {
                 Ok(Ok((_, sender))) => break sender,
-                Ok(Err(e)) => {
-                    return Err(Error::Bootstrap {
-                        actor,
-                        reason: format!("{e:?}"),
-                    })
-                }
+                Ok(Err(e)) => return Err(self.start_failed(actor, format!("{e:?}"))),
                 Err(_) => {
                     self.check_children()?;
                     if Instant::now() > deadline {
@@ -216,17 +211,28 @@ impl Supervisor {
                 }
             }
         };
-        sender
-            .send(Bootstrap {
-                events: self.events_tx.clone(),
-                init,
-            })
-            .map_err(|e| Error::Bootstrap {
-                actor,
-                reason: format!("{e:?}"),
-            })?;
+        if let Err(e) = sender.send(Bootstrap {
+            events: self.events_tx.clone(),
+            init,
+        }) {
+            return Err(self.start_failed(actor, format!("{e:?}")));
+        }
         tracing::debug!(actor, pid, "actor started");
         Ok(pid)
+    }
+
+    /// Why `actor` did not start: a child that died while it was being
+    /// wired up (killed, say) is reported as that death, which is what a
+    /// broken bootstrap channel means then.
+    fn start_failed(&mut self, actor: &'static str, reason: String) -> Error {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            if let Err(died) = self.check_children() {
+                return died;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Error::Bootstrap { actor, reason }
     }
 
     /// Process ids of the actors, by kind.

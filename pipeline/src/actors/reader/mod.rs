@@ -49,7 +49,7 @@ use std::time::{Duration, Instant};
 use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageCounts};
 use ferry_guest::load::{self, RamImage};
 use ferry_proto::compress;
-use ferry_proto::qemu_file::QemuFileReader;
+use ferry_proto::qemu_file::{self, QemuFileReader};
 use ferry_proto::return_path::{Ack, BlockDigest};
 use ferry_proto::stream::command;
 use ferry_proto::stream::integrity as checkpoint;
@@ -230,6 +230,13 @@ pub enum Error {
     /// The multifd channels failed, or disagree with the main stream.
     #[error(transparent)]
     Multifd(#[from] multifd::Error),
+    /// The peer closed without a byte: a QEMU source whose multifd channels
+    /// were refused gives up like that.
+    #[error(
+        "the source closed the connection before sending anything (a QEMU source \
+         with multifd on needs ferry receive --multifd-channels N)"
+    )]
+    NothingSent,
     /// A multifd sync point in a stream received without multifd channels.
     #[error(
         "at byte {0}: the source uses multifd (MULTIFD_FLUSH); \
@@ -595,6 +602,11 @@ impl Loader {
                 // A channel's fault makes the source give up, and its main
                 // stream end: the fault is the news.
                 Some(fault) => Error::Multifd(fault),
+                None if at == 0
+                    && matches!(e, parse::Error::File(qemu_file::Error::Eof { .. })) =>
+                {
+                    Error::NothingSent
+                }
                 None => stream_error(e),
             });
             match next? {
@@ -607,12 +619,14 @@ impl Loader {
             }
         }
         self.flush()?;
+        let mut channel_bytes = 0;
         if let Some(channels) = self.multifd.take() {
             let carried = channels.finish()?;
             self.counts.raw += carried.normal;
             self.counts.zero += carried.zero;
+            channel_bytes = carried.bytes;
         }
-        let bytes = parser.offset();
+        let bytes = parser.offset() + channel_bytes;
         drop(parser);
         // Every disk written and flushed before anything is acknowledged.
         let disks = self.disks.finish().map_err(Error::Disk)?;

@@ -38,6 +38,21 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// The first connection came, the rest did not within the stall timeout.
+    #[error(
+        "{got} of the {want} connections of a multifd migration arrived within {secs} s \
+         (is multifd on at the source, with multifd-channels {channels}?)"
+    )]
+    Missing {
+        /// Connections that arrived.
+        got: usize,
+        /// Main stream and channels.
+        want: usize,
+        /// N.
+        channels: u8,
+        /// The stall timeout.
+        secs: u64,
+    },
     /// A connection that is neither the main stream nor a multifd channel.
     #[error("connection {conn} opens with {first:02x?}: neither \"QEVM\" nor a multifd channel")]
     Unrecognised {
@@ -195,7 +210,8 @@ impl Transport for Prefixed {
 }
 
 /// The connections of one migration, in any order: the main stream, and the
-/// `channels` data channels by id.
+/// `channels` data channels by id. The first may take as long as it takes;
+/// the others must follow within the stall timeout.
 pub fn accept(
     listener: &Listener,
     channels: u8,
@@ -203,8 +219,21 @@ pub fn accept(
 ) -> Result<(Connection, Vec<Box<dyn Transport>>), Error> {
     let mut main = None;
     let mut data: Vec<Option<Box<dyn Transport>>> = (0..channels).map(|_| None).collect();
-    for conn in 1..=usize::from(channels) + 1 {
-        let mut c = listener.accept(stall, None).map_err(Error::Accept)?;
+    let want = usize::from(channels) + 1;
+    let mut deadline = None;
+    for conn in 1..=want {
+        let Some(mut c) = listener
+            .accept_until(deadline, stall)
+            .map_err(Error::Accept)?
+        else {
+            return Err(Error::Missing {
+                got: conn - 1,
+                want,
+                channels,
+                secs: stall.unwrap_or_default().as_secs(),
+            });
+        };
+        deadline = stall.map(|s| std::time::Instant::now() + s);
         let mut init = [0u8; INIT_LEN];
         let header = |source| Error::Header { conn, source };
         let eof = || header(std::io::ErrorKind::UnexpectedEof.into());
