@@ -167,10 +167,15 @@ impl Extracted {
 /// exactly its file) to `DIR/qemu.mig`, and extracts the device state
 /// (`DIR/device.state`) and every RAM block (`DIR/blocks/`) with `ferry inspect`.
 pub fn device_state_from_qemu(dir: &Path, args: &[String]) -> Result<Extracted> {
+    device_state_from(Build::System, dir, args)
+}
+
+/// [`device_state_from_qemu`] for the QEMU `build`.
+pub fn device_state_from(build: Build, dir: &Path, args: &[String]) -> Result<Extracted> {
     let mut args = args.to_vec();
     args.push("-S".into());
     let stream = dir.join("qemu.mig");
-    Qemu::spawn(&args)
+    Qemu::spawn_build(build, &args)
         .context("starting the source QEMU")?
         .migrate_to_file(&stream, None)
         .context("source QEMU migrating to a file")?;

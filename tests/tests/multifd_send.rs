@@ -20,7 +20,7 @@ use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::loadgen;
 use ferry_tests::migrate::{self, assert_both_succeed, named};
-use ferry_tests::qemu::none_machine_args;
+use ferry_tests::qemu::{device_state_from, none_machine_args, ram_file_args, Build};
 use ferry_tests::ram::{self, first_difference, write_mixed_image, PAGE_SIZE};
 use serde_json::{json, Value};
 
@@ -401,15 +401,14 @@ impl Drop for Qemu {
 fn multifd_destination(
     version: Version,
     dir: &Path,
-    dst: &Path,
-    size: u64,
+    machine: Vec<String>,
     channels: u8,
     compression: &str,
     extra: &[&str],
 ) -> (Qemu, String) {
     let sock = dir.join("in.sock");
     let _ = fs::remove_file(&sock);
-    let mut args = none_machine_args(dst, size);
+    let mut args = machine;
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args.extend(["-incoming".into(), "defer".into()]);
     let mut q = Qemu::spawn(version, dir, "dest", &args);
@@ -449,7 +448,8 @@ fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extr
     let src = d.join("src.ram");
     write_mixed_image(&src, size as usize, 44).expect("writing the RAM image");
     let dst = d.join("dst.ram");
-    let (mut q, to) = multifd_destination(version, d, &dst, size, 2, compression, qemu_extra);
+    let machine = none_machine_args(&dst, size);
+    let (mut q, to) = multifd_destination(version, d, machine, 2, compression, qemu_extra);
     let stats = d.join("send.json");
     let ram = format!("{},name=mem", src.display());
     let mut args = vec![
@@ -520,4 +520,53 @@ fn multifd_legacy_sync_into_qemu72() {
         &["--multifd-flush-after-each-section"],
         &[],
     );
+}
+
+/// `-M pc` on both sides: every RAM block and the device state of a QEMU 10
+/// source of the same command line go to a QEMU 10 destination over two
+/// zstd channels; SHUT 0, and the guest RAM arrives byte for byte.
+#[test]
+fn multifd_zstd_into_a_qemu10_pc_with_device_state() {
+    let dir = shm_tempdir(PREFIX);
+    let d = dir.path();
+    let size = 64u64 << 20;
+    let src = d.join("src.ram");
+    write_mixed_image(&src, size as usize, 45).expect("writing the RAM image");
+    let pc = |ram: &Path| {
+        let mut a: Vec<String> = ["-M", "pc", "-accel", "tcg", "-nodefaults"]
+            .map(String::from)
+            .into();
+        a.extend(ram_file_args(ram, size));
+        a
+    };
+    let extracted = device_state_from(Build::Qemu10, d, &pc(&src))
+        .unwrap_or_else(|e| panic!("device state from a QEMU 10 source: {e}"));
+    let dst = d.join("dst.ram");
+    let (mut q, to) = multifd_destination(Version::Qemu10, d, pc(&dst), 2, "zstd", &[]);
+    let device = extracted.device.to_str().expect("utf-8").to_owned();
+    let mut args: Vec<String> = [
+        "send",
+        "--to",
+        &to,
+        "--return-path",
+        "--no-progress",
+        "--device-state",
+        &device,
+        "--multifd-channels",
+        "2",
+        "--multifd-compression",
+        "zstd",
+    ]
+    .map(String::from)
+    .into();
+    args.extend(extracted.ram_args());
+    let out = run_ferry(&args, TIMEOUT).expect("running ferry send");
+    assert!(
+        out.status.success() && out.stderr.contains("SHUT 0"),
+        "ferry send into a QEMU 10 pc failed: {}\nQEMU:\n{}",
+        out.stderr,
+        q.log()
+    );
+    q.wait_migration_completed();
+    assert_same_ram(&dst, &src);
 }
