@@ -164,7 +164,7 @@ fn a_channel_without_its_sync_fails_naming_the_sync() {
     expect_failure(
         &main_stream(),
         [channel(0, Compression::None), short],
-        &["SYNC"],
+        &["multifd channel 1", "SYNC"],
     );
 }
 

@@ -290,8 +290,8 @@ struct State {
     arrived: usize,
     /// Bumped at every sync point, to release the waiting channels.
     generation: u64,
-    /// Channels that ended (cleanly or not).
-    ended: usize,
+    /// Channels that ended (cleanly or not), in the order they did.
+    ended: Vec<u8>,
     /// The first channel fault, for the loader to report.
     failed: Option<Error>,
     /// The main stream ended: a channel still waiting at a SYNC sent one
@@ -363,7 +363,7 @@ impl Channels {
                     .spawn(move || {
                         let r = receive(id, t, &shared);
                         let mut s = shared.lock();
-                        s.ended += 1;
+                        s.ended.push(id);
                         let r = match r {
                             Err(e) if s.failed.is_none() => {
                                 s.failed = Some(e);
@@ -403,10 +403,10 @@ impl Channels {
             if s.arrived == n {
                 break;
             }
-            if s.ended > 0 {
+            if let Some(&channel) = s.ended.first() {
                 return Err(Error::Sync {
-                    channel: 0,
-                    what: "a channel ended before the SYNC the main stream announced",
+                    channel,
+                    what: "ended before the SYNC the main stream announced",
                 });
             }
             s = self
