@@ -300,3 +300,53 @@ fn channels_that_never_come_fail_within_the_stall_timeout() {
     let stderr = receiver.stderr();
     assert!(stderr.contains("1 of the 3 connections"), "{stderr}");
 }
+
+/// While the channels carry the pages the main stream is quiet: a transfer
+/// longer than the stall timeout must not count as a stall on it.
+#[test]
+fn a_quiet_main_stream_is_not_a_stall_while_the_channels_move() {
+    let dir = shm_tempdir("ferry-mfrecv-");
+    let d = dir.path();
+    let src = d.join("src.ram");
+    ferry_tests::ram::write_mixed_image(&src, 32 << 20, 9).expect("writing the source RAM");
+    let receive = [
+        "receive".to_owned(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--ram".into(),
+        format!("{},name=src", d.join("dst.ram").display()),
+        "--multifd-channels".into(),
+        "2".into(),
+        "--stall-timeout".into(),
+        "2".into(),
+    ];
+    let (mut receiver, uri) = ferry(&receive)
+        .start_listening(&d.join("receive.log"))
+        .expect("ferry receive starts");
+    // About 20 MB of non-zero pages at 4 MiB/s: five seconds, over twice the
+    // receiver's stall timeout, nearly all of it on the channels.
+    let send = [
+        "send".to_owned(),
+        "--ram".into(),
+        src.display().to_string(),
+        "--to".into(),
+        uri,
+        "--multifd-channels".into(),
+        "2".into(),
+        "--max-bandwidth".into(),
+        "4M".into(),
+        "--no-progress".into(),
+    ];
+    let mut sender = ferry(&send)
+        .start(&d.join("send.log"))
+        .expect("ferry send starts");
+    let sent = sender.wait(TIMEOUT * 2).expect("ferry send ends");
+    let received = receiver.wait(TIMEOUT).expect("ferry receive ends");
+    assert!(
+        sent.success() && received.success(),
+        "send: {}\nreceive: {}",
+        sender.stderr(),
+        receiver.stderr()
+    );
+    ferry_tests::files::assert_same_file(&src, &d.join("dst.ram"));
+}

@@ -10,6 +10,8 @@
 //! have, so no page sent after a sync point is written before one sent
 //! before it, whichever channel carried them.
 
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -209,9 +211,57 @@ impl Transport for Prefixed {
     }
 }
 
+/// One connection of a multifd migration, stalled only when none of them
+/// moves: the main stream idles while the channels carry the pages, and a
+/// channel may idle while the others do.
+struct Watched {
+    inner: Box<dyn Transport>,
+    /// Bytes read on every connection of the migration.
+    progress: Arc<AtomicU64>,
+    /// `progress` when this connection last read or waited.
+    seen: u64,
+}
+
+impl Transport for Watched {
+    fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
+        self.inner.writev(bufs)
+    }
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            match self.inner.read(buf) {
+                Ok(n) => {
+                    self.seen = self.progress.fetch_add(n as u64, Ordering::Relaxed) + n as u64;
+                    return Ok(n);
+                }
+                Err(e) if matches!(e.kind(), ErrorKind::TimedOut | ErrorKind::WouldBlock) => {
+                    let now = self.progress.load(Ordering::Relaxed);
+                    if now == self.seen {
+                        return Err(e);
+                    }
+                    self.seen = now;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+    fn shutdown(&mut self) -> std::io::Result<()> {
+        self.inner.shutdown()
+    }
+    fn shutdown_write(&mut self) -> std::io::Result<()> {
+        self.inner.shutdown_write()
+    }
+    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
+        self.inner.return_path()
+    }
+    fn close(&mut self) -> std::io::Result<()> {
+        self.inner.close()
+    }
+}
+
 /// The connections of one migration, in any order: the main stream, and the
 /// `channels` data channels by id. The first may take as long as it takes;
-/// the others must follow within the stall timeout.
+/// the others must follow within the stall timeout. A read on any of them
+/// stalls only when none of them made progress for the stall timeout.
 pub fn accept(
     listener: &Listener,
     channels: u8,
@@ -219,6 +269,14 @@ pub fn accept(
 ) -> Result<(Connection, Vec<Box<dyn Transport>>), Error> {
     let mut main = None;
     let mut data: Vec<Option<Box<dyn Transport>>> = (0..channels).map(|_| None).collect();
+    let progress = Arc::new(AtomicU64::new(0));
+    let watched = |inner| -> Box<dyn Transport> {
+        Box::new(Watched {
+            inner,
+            progress: Arc::clone(&progress),
+            seen: 0,
+        })
+    };
     let want = usize::from(channels) + 1;
     let mut deadline = None;
     for conn in 1..=want {
@@ -251,7 +309,7 @@ pub fn accept(
             c.transport = Box::new(Prefixed {
                 head: first,
                 pos: 0,
-                inner: c.transport,
+                inner: watched(c.transport),
             });
             main = Some(c);
             continue;
@@ -273,7 +331,7 @@ pub fn accept(
         if slot.is_some() {
             return Err(bad("used twice"));
         }
-        *slot = Some(c.transport);
+        *slot = Some(watched(c.transport));
     }
     let main = main.expect("N+1 connections, N of them data channels, so one is the main stream");
     Ok((
