@@ -101,22 +101,29 @@ fn channel(id: u8, method: Compression) -> Vec<u8> {
     out
 }
 
+/// `ferry receive --multifd-channels 2` into `ram` (block `name`) on a port of
+/// its own, with a stall timeout of `stall` seconds.
+fn receive_args(ram: &Path, name: &str, stall: u32) -> Vec<String> {
+    [
+        "receive",
+        "--listen",
+        "tcp:127.0.0.1:0",
+        "--ram",
+        &format!("{},name={name}", ram.display()),
+        "--multifd-channels",
+        "2",
+        "--stall-timeout",
+        &stall.to_string(),
+    ]
+    .map(String::from)
+    .into()
+}
+
 /// Runs `ferry receive --multifd-channels 2`, connects the three channels in
 /// the order channel 1, main, channel 0, writes them, and returns the
 /// receiver's exit status and stderr.
 fn run(main: &[u8], channels: [Vec<u8>; 2], dir: &Path) -> (bool, String) {
-    let args = [
-        "receive".to_owned(),
-        "--listen".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--ram".into(),
-        format!("{},name=ram", dir.join("ram.ram").display()),
-        "--multifd-channels".into(),
-        "2".into(),
-        "--stall-timeout".into(),
-        "10".into(),
-    ];
-    let (mut receiver, uri) = ferry(&args)
+    let (mut receiver, uri) = ferry(&receive_args(&dir.join("ram.ram"), "ram", 10))
         .start_listening(&dir.join("receive.log"))
         .expect("ferry receive starts");
     let addr = uri.trim_start_matches("tcp:");
@@ -279,18 +286,7 @@ fn a_channel_id_beyond_the_count_is_refused() {
 #[test]
 fn channels_that_never_come_fail_within_the_stall_timeout() {
     let dir = shm_tempdir("ferry-mfrecv-");
-    let args = [
-        "receive".to_owned(),
-        "--listen".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--ram".into(),
-        format!("{},name=ram", dir.path().join("ram.ram").display()),
-        "--multifd-channels".into(),
-        "2".into(),
-        "--stall-timeout".into(),
-        "2".into(),
-    ];
-    let (mut receiver, uri) = ferry(&args)
+    let (mut receiver, uri) = ferry(&receive_args(&dir.path().join("ram.ram"), "ram", 2))
         .start_listening(&dir.path().join("receive.log"))
         .expect("ferry receive starts");
     let mut main = TcpStream::connect(uri.trim_start_matches("tcp:")).expect("connecting");
@@ -309,18 +305,7 @@ fn a_quiet_main_stream_is_not_a_stall_while_the_channels_move() {
     let d = dir.path();
     let src = d.join("src.ram");
     ferry_tests::ram::write_mixed_image(&src, 32 << 20, 9).expect("writing the source RAM");
-    let receive = [
-        "receive".to_owned(),
-        "--listen".into(),
-        "tcp:127.0.0.1:0".into(),
-        "--ram".into(),
-        format!("{},name=src", d.join("dst.ram").display()),
-        "--multifd-channels".into(),
-        "2".into(),
-        "--stall-timeout".into(),
-        "2".into(),
-    ];
-    let (mut receiver, uri) = ferry(&receive)
+    let (mut receiver, uri) = ferry(&receive_args(&d.join("dst.ram"), "src", 2))
         .start_listening(&d.join("receive.log"))
         .expect("ferry receive starts");
     // About 20 MB of non-zero pages at 4 MiB/s: five seconds, over twice the

@@ -10,17 +10,16 @@
 //! as `.ci/run` installs it); the QEMU tests fail without it, naming the path.
 
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::loadgen;
 use ferry_tests::migrate::{self, assert_both_succeed, named};
-use ferry_tests::qemu::{device_state_from, none_machine_args, ram_file_args, Build};
+use ferry_tests::qemu::{
+    device_state_from, none_machine_args, ram_file_args, Build, Qemu as HarnessQemu,
+};
 use ferry_tests::ram::{self, first_difference, write_mixed_image, PAGE_SIZE};
 use serde_json::{json, Value};
 
@@ -254,144 +253,48 @@ fn live_multifd_zstd_send_while_the_guest_dirties() {
 
 // ---- QEMU destinations (adapted from qemu10_destination.rs) ----
 
-/// The QEMU 10 install tree.
-fn prefix() -> PathBuf {
-    let prefix = std::env::var_os("FERRY_QEMU10_PREFIX")
-        .map_or_else(|| PathBuf::from("/opt/qemu-10.0.2"), PathBuf::from);
-    let bin = prefix.join("usr/bin/qemu-system-x86_64");
-    assert!(
-        bin.is_file(),
-        "QEMU 10 is missing: no {} (set FERRY_QEMU10_PREFIX, or install it as .ci/run does)",
-        bin.display()
-    );
-    prefix
-}
-
 /// Which QEMU a destination runs.
 #[derive(Clone, Copy)]
 enum Version {
-    /// QEMU 10 from [`prefix`].
+    /// QEMU 10 from `$FERRY_QEMU10_PREFIX`.
     Qemu10,
     /// The system's QEMU 7.2.
     Qemu72,
 }
 
-/// A QEMU process with a QMP session; killed on drop.
-struct Qemu {
-    child: Child,
-    log: PathBuf,
-    qmp: BufReader<UnixStream>,
-}
+/// A QEMU through the harness's one QMP client (`ferry_tests::qemu`), with
+/// the few calls this file makes; killed on drop.
+struct Qemu(HarnessQemu);
 
 impl Qemu {
-    /// Starts QEMU with `args`, its stderr in `dir/NAME.log`.
-    fn spawn(version: Version, dir: &Path, name: &str, args: &[String]) -> Self {
-        let log = dir.join(format!("{name}.log"));
-        let sock = dir.join(format!("{name}.qmp"));
-        let mut cmd = match version {
-            Version::Qemu72 => Command::new("qemu-system-x86_64"),
-            Version::Qemu10 => {
-                let prefix = prefix();
-                let mut cmd = Command::new(prefix.join("usr/bin/qemu-system-x86_64"));
-                cmd.env(
-                    "QEMU_MODULE_DIR",
-                    prefix.join("usr/lib/x86_64-linux-gnu/qemu"),
-                )
-                .arg("-L")
-                .arg(prefix.join("usr/share/qemu"))
-                .arg("-L")
-                .arg(prefix.join("usr/share/seabios"));
-                cmd
-            }
+    /// Starts QEMU `version` with `args`.
+    fn spawn(version: Version, _dir: &Path, name: &str, args: &[String]) -> Self {
+        let build = match version {
+            Version::Qemu10 => Build::Qemu10,
+            Version::Qemu72 => Build::System,
         };
-        let mut child = cmd
-            .args(["-display", "none", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("creating QEMU's log"))
-            .spawn()
-            .expect("starting QEMU");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            if let Ok(s) = UnixStream::connect(&sock) {
-                break s;
-            }
-            if let Ok(Some(status)) = child.try_wait() {
-                panic!(
-                    "QEMU {name} exited at start ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("QEMU {name} opened no QMP socket within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("QMP read timeout");
-        let mut q = Qemu {
-            child,
-            log,
-            qmp: BufReader::new(stream),
-        };
-        q.read_reply(); // the greeting
-        q.qmp("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn read_reply(&mut self) -> Value {
-        loop {
-            let mut line = String::new();
-            let n = self.qmp.read_line(&mut line).unwrap_or(0);
-            assert!(n > 0, "QEMU closed QMP; its log:\n{}", self.log());
-            let v: Value = serde_json::from_str(&line).expect("QMP speaks JSON");
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
+        Self(
+            HarnessQemu::spawn_build(build, args)
+                .unwrap_or_else(|e| panic!("starting QEMU {name}: {e}")),
+        )
     }
 
     /// Runs a QMP command; panics with QEMU's log on an error reply.
     fn qmp(&mut self, cmd: &str, args: Value) -> Value {
-        let line = json!({ "execute": cmd, "arguments": args }).to_string() + "\n";
-        self.qmp
-            .get_mut()
-            .write_all(line.as_bytes())
-            .expect("sending a QMP command");
-        let reply = self.read_reply();
-        match reply.get("return") {
-            Some(r) => r.clone(),
-            None => panic!("QMP {cmd} failed: {reply}; QEMU's log:\n{}", self.log()),
-        }
+        self.0
+            .execute(cmd, Some(args))
+            .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
     }
 
     /// Polls query-migrate until it says `completed`; panics on `failed`.
     fn wait_migration_completed(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let info = self.qmp("query-migrate", json!({}));
-            match info["status"].as_str() {
-                Some("completed") => return,
-                Some("failed") => panic!("migration failed: {info}; log:\n{}", self.log()),
-                _ if Instant::now() > deadline => panic!("migration did not complete: {info}"),
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        self.0
+            .wait_migration("completed", TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Qemu {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.stderr()
     }
 }
 

@@ -22,25 +22,12 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::{ferry_bin, run_ferry};
-use ferry_tests::qemu::{none_machine_args, ram_file_args};
+use ferry_tests::qemu::{none_machine_args, ram_file_args, Build, Qemu};
 use ferry_tests::ram::{first_difference, write_mixed_image};
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The QEMU 10 install tree.
-fn prefix() -> PathBuf {
-    let prefix = std::env::var_os("FERRY_QEMU10_PREFIX")
-        .map_or_else(|| PathBuf::from("/opt/qemu-10.0.2"), PathBuf::from);
-    let bin = prefix.join("usr/bin/qemu-system-x86_64");
-    assert!(
-        bin.is_file(),
-        "QEMU 10 is missing: no {} (set FERRY_QEMU10_PREFIX, or install it as .ci/run does)",
-        bin.display()
-    );
-    prefix
-}
 
 fn tempdir() -> TempDir {
     // RAM files live in tmpfs, as a guest's would.
@@ -58,117 +45,35 @@ fn pc_args(ram: &Path, size: u64) -> Vec<String> {
     args
 }
 
-/// A QEMU 10 process with a QMP session; killed on drop.
-struct Qemu10 {
-    child: Child,
-    log: PathBuf,
-    qmp: BufReader<UnixStream>,
-}
+/// QEMU 10 through the harness's one QMP client (`ferry_tests::qemu`), with
+/// the few calls this file makes; killed on drop.
+struct Qemu10(Qemu);
 
 impl Qemu10 {
-    /// Starts QEMU 10 with `args`, its stderr in `dir/NAME.log`.
-    fn spawn(dir: &Path, name: &str, args: &[String]) -> Self {
-        let prefix = prefix();
-        let log = dir.join(format!("{name}.log"));
-        let sock = dir.join(format!("{name}.qmp"));
-        let child = Command::new(prefix.join("usr/bin/qemu-system-x86_64"))
-            .env(
-                "QEMU_MODULE_DIR",
-                prefix.join("usr/lib/x86_64-linux-gnu/qemu"),
-            )
-            .arg("-L")
-            .arg(prefix.join("usr/share/qemu"))
-            .arg("-L")
-            .arg(prefix.join("usr/share/seabios"))
-            .args(["-display", "none", "-qmp"])
-            .arg(format!("unix:{},server=on,wait=off", sock.display()))
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&log).expect("creating QEMU's log"))
-            .spawn()
-            .expect("starting QEMU 10");
-        let mut child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let stream = loop {
-            if let Ok(s) = UnixStream::connect(&sock) {
-                break s;
-            }
-            let c = child.as_mut().expect("child");
-            if let Ok(Some(status)) = c.try_wait() {
-                panic!(
-                    "QEMU 10 {name} exited at start ({status}): {}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                );
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!("QEMU 10 {name} opened no QMP socket within 30 s");
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        };
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("QMP read timeout");
-        let mut q = Qemu10 {
-            child: child.take().expect("child"),
-            log,
-            qmp: BufReader::new(stream),
-        };
-        q.read_reply(); // the greeting
-        q.qmp("qmp_capabilities", json!({}));
-        q
-    }
-
-    fn read_reply(&mut self) -> Value {
-        loop {
-            let mut line = String::new();
-            let n = self.qmp.read_line(&mut line).unwrap_or(0);
-            assert!(n > 0, "QEMU 10 closed QMP; its log:\n{}", self.log());
-            let v: Value = serde_json::from_str(&line).expect("QMP speaks JSON");
-            if v.get("event").is_none() {
-                return v;
-            }
-        }
+    /// Starts QEMU 10 with `args`.
+    fn spawn(_dir: &Path, name: &str, args: &[String]) -> Self {
+        Self(
+            Qemu::spawn_build(Build::Qemu10, args)
+                .unwrap_or_else(|e| panic!("starting QEMU 10 {name}: {e}")),
+        )
     }
 
     /// Runs a QMP command; panics with QEMU's log on an error reply.
     fn qmp(&mut self, cmd: &str, args: Value) -> Value {
-        let line = json!({ "execute": cmd, "arguments": args }).to_string() + "\n";
-        self.qmp
-            .get_mut()
-            .write_all(line.as_bytes())
-            .expect("sending a QMP command");
-        let reply = self.read_reply();
-        match reply.get("return") {
-            Some(r) => r.clone(),
-            None => panic!("QMP {cmd} failed: {reply}; QEMU's log:\n{}", self.log()),
-        }
+        self.0
+            .execute(cmd, Some(args))
+            .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
     }
 
     /// Polls query-migrate until it says `completed`; panics on `failed`.
     fn wait_migration_completed(&mut self) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let info = self.qmp("query-migrate", json!({}));
-            match info["status"].as_str() {
-                Some("completed") => return,
-                Some("failed") => panic!("migration failed: {info}; log:\n{}", self.log()),
-                _ if Instant::now() > deadline => panic!("migration did not complete: {info}"),
-                _ => std::thread::sleep(Duration::from_millis(20)),
-            }
-        }
+        self.0
+            .wait_migration("completed", TIMEOUT)
+            .unwrap_or_else(|e| panic!("{e}"));
     }
 
     fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Qemu10 {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.0.stderr()
     }
 }
 
@@ -355,7 +260,7 @@ fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(500));
-        q.child.kill().expect("killing QEMU");
+        ferry_tests::proc::kill9(q.0.pid());
         q
     });
     let rams = [format!("{},name=mem", src.display())];

@@ -177,44 +177,14 @@ fn read_full(t: &mut dyn Transport, buf: &mut [u8]) -> std::io::Result<Option<us
     Ok(None)
 }
 
-/// The main stream, with the four bytes read to recognise it put back.
-struct Prefixed {
-    head: [u8; 4],
-    pos: usize,
-    inner: Box<dyn Transport>,
-}
-
-impl Transport for Prefixed {
-    fn writev(&mut self, bufs: &[std::io::IoSlice<'_>]) -> std::io::Result<usize> {
-        self.inner.writev(bufs)
-    }
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.pos < self.head.len() {
-            let n = buf.len().min(self.head.len() - self.pos);
-            buf[..n].copy_from_slice(&self.head[self.pos..self.pos + n]);
-            self.pos += n;
-            return Ok(n);
-        }
-        self.inner.read(buf)
-    }
-    fn shutdown(&mut self) -> std::io::Result<()> {
-        self.inner.shutdown()
-    }
-    fn shutdown_write(&mut self) -> std::io::Result<()> {
-        self.inner.shutdown_write()
-    }
-    fn return_path(&mut self) -> Option<Box<dyn Transport>> {
-        self.inner.return_path()
-    }
-    fn close(&mut self) -> std::io::Result<()> {
-        self.inner.close()
-    }
-}
-
 /// One connection of a multifd migration, stalled only when none of them
 /// moves: the main stream idles while the channels carry the pages, and a
 /// channel may idle while the others do.
 struct Watched {
+    /// The bytes read to recognise the connection, given back first (the
+    /// main stream's "QEVM"; none for a channel, whose init is consumed).
+    head: [u8; 4],
+    head_left: usize,
     inner: Box<dyn Transport>,
     /// Bytes read on every connection of the migration.
     progress: Arc<AtomicU64>,
@@ -227,6 +197,13 @@ impl Transport for Watched {
         self.inner.writev(bufs)
     }
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.head_left > 0 {
+            let at = self.head.len() - self.head_left;
+            let n = buf.len().min(self.head_left);
+            buf[..n].copy_from_slice(&self.head[at..at + n]);
+            self.head_left -= n;
+            return Ok(n);
+        }
         loop {
             match self.inner.read(buf) {
                 Ok(n) => {
@@ -270,8 +247,10 @@ pub fn accept(
     let mut main = None;
     let mut data: Vec<Option<Box<dyn Transport>>> = (0..channels).map(|_| None).collect();
     let progress = Arc::new(AtomicU64::new(0));
-    let watched = |inner| -> Box<dyn Transport> {
+    let watched = |inner, head: Option<[u8; 4]>| -> Box<dyn Transport> {
         Box::new(Watched {
+            head: head.unwrap_or_default(),
+            head_left: head.map_or(0, |h| h.len()),
             inner,
             progress: Arc::clone(&progress),
             seen: 0,
@@ -306,11 +285,7 @@ pub fn accept(
             if main.is_some() {
                 return Err(Error::SecondMain { conn });
             }
-            c.transport = Box::new(Prefixed {
-                head: first,
-                pos: 0,
-                inner: watched(c.transport),
-            });
+            c.transport = watched(c.transport, Some(first));
             main = Some(c);
             continue;
         }
@@ -331,7 +306,7 @@ pub fn accept(
         if slot.is_some() {
             return Err(bad("used twice"));
         }
-        *slot = Some(watched(c.transport));
+        *slot = Some(watched(c.transport, None));
     }
     let main = main.expect("N+1 connections, N of them data channels, so one is the main stream");
     Ok((
