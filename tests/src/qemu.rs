@@ -483,6 +483,21 @@ impl Qemu {
     }
 
     /// Turn one migration capability on or off.
+    /// [`Qemu::execute`] for a test: the reply's `return`, or a panic naming
+    /// the command and quoting QEMU's stderr.
+    pub fn qmp(&mut self, command: &str, arguments: Value) -> Value {
+        self.execute(command, Some(arguments))
+            .unwrap_or_else(|e| panic!("QMP {command}: {e}"))
+    }
+
+    /// Waits until query-migrate says `completed`; panics on anything else
+    /// within [`MIGRATION_TIMEOUT`].
+    pub fn wait_completed(&mut self) {
+        if let Err(e) = self.wait_migration("completed", MIGRATION_TIMEOUT) {
+            panic!("{e}");
+        }
+    }
+
     pub fn set_capability(&mut self, name: &str, state: bool) -> Result<()> {
         self.execute(
             "migrate-set-capabilities",

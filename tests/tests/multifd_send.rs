@@ -17,9 +17,7 @@ use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, read_json, shm_tempdir};
 use ferry_tests::guest::loadgen;
 use ferry_tests::migrate::{self, assert_both_succeed, named};
-use ferry_tests::qemu::{
-    device_state_from, none_machine_args, ram_file_args, Build, Qemu as HarnessQemu,
-};
+use ferry_tests::qemu::{device_state_from, none_machine_args, ram_file_args, Build, Qemu};
 use ferry_tests::ram::{self, first_difference, write_mixed_image, PAGE_SIZE};
 use serde_json::{json, Value};
 
@@ -262,40 +260,13 @@ enum Version {
     Qemu72,
 }
 
-/// A QEMU through the harness's one QMP client (`ferry_tests::qemu`), with
-/// the few calls this file makes; killed on drop.
-struct Qemu(HarnessQemu);
-
-impl Qemu {
-    /// Starts QEMU `version` with `args`.
-    fn spawn(version: Version, _dir: &Path, name: &str, args: &[String]) -> Self {
-        let build = match version {
-            Version::Qemu10 => Build::Qemu10,
-            Version::Qemu72 => Build::System,
-        };
-        Self(
-            HarnessQemu::spawn_build(build, args)
-                .unwrap_or_else(|e| panic!("starting QEMU {name}: {e}")),
-        )
-    }
-
-    /// Runs a QMP command; panics with QEMU's log on an error reply.
-    fn qmp(&mut self, cmd: &str, args: Value) -> Value {
-        self.0
-            .execute(cmd, Some(args))
-            .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
-    }
-
-    /// Polls query-migrate until it says `completed`; panics on `failed`.
-    fn wait_migration_completed(&mut self) {
-        self.0
-            .wait_migration("completed", TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn log(&self) -> String {
-        self.0.stderr()
-    }
+/// QEMU `version` with `args`, through the harness's one QMP client.
+fn start(version: Version, name: &str, args: &[String]) -> Qemu {
+    let build = match version {
+        Version::Qemu10 => Build::Qemu10,
+        Version::Qemu72 => Build::System,
+    };
+    Qemu::spawn_build(build, args).unwrap_or_else(|e| panic!("starting QEMU {name}: {e}"))
 }
 
 /// A QEMU `-M none` destination with the multifd capability, `channels`
@@ -314,7 +285,7 @@ fn multifd_destination(
     let mut args = machine;
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args.extend(["-incoming".into(), "defer".into()]);
-    let mut q = Qemu::spawn(version, dir, "dest", &args);
+    let mut q = start(version, "dest", &args);
     q.qmp(
         "migrate-set-capabilities",
         json!({ "capabilities": [{ "capability": "multifd", "state": true }] }),
@@ -376,14 +347,14 @@ fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extr
         out.status.success(),
         "ferry send {compression} into QEMU failed: {}\nQEMU:\n{}",
         out.stderr,
-        q.log()
+        q.stderr()
     );
     assert!(out.stderr.contains("SHUT 0"), "{}", out.stderr);
     let st = read_json(&stats);
     assert_eq!(st["status"], "completed", "{st}");
     assert_eq!(st["return-path"], "qemu", "{st}");
     assert_channels_carried_the_pages(&st, 2, compression);
-    q.wait_migration_completed();
+    q.wait_completed();
     assert_same_ram(&dst, &src);
 }
 
@@ -468,8 +439,8 @@ fn multifd_zstd_into_a_qemu10_pc_with_device_state() {
         out.status.success() && out.stderr.contains("SHUT 0"),
         "ferry send into a QEMU 10 pc failed: {}\nQEMU:\n{}",
         out.stderr,
-        q.log()
+        q.stderr()
     );
-    q.wait_migration_completed();
+    q.wait_completed();
     assert_same_ram(&dst, &src);
 }

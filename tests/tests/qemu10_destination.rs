@@ -45,44 +45,18 @@ fn pc_args(ram: &Path, size: u64) -> Vec<String> {
     args
 }
 
-/// QEMU 10 through the harness's one QMP client (`ferry_tests::qemu`), with
-/// the few calls this file makes; killed on drop.
-struct Qemu10(Qemu);
-
-impl Qemu10 {
-    /// Starts QEMU 10 with `args`.
-    fn spawn(_dir: &Path, name: &str, args: &[String]) -> Self {
-        Self(
-            Qemu::spawn_build(Build::Qemu10, args)
-                .unwrap_or_else(|e| panic!("starting QEMU 10 {name}: {e}")),
-        )
-    }
-
-    /// Runs a QMP command; panics with QEMU's log on an error reply.
-    fn qmp(&mut self, cmd: &str, args: Value) -> Value {
-        self.0
-            .execute(cmd, Some(args))
-            .unwrap_or_else(|e| panic!("QMP {cmd}: {e}"))
-    }
-
-    /// Polls query-migrate until it says `completed`; panics on `failed`.
-    fn wait_migration_completed(&mut self) {
-        self.0
-            .wait_migration("completed", TIMEOUT)
-            .unwrap_or_else(|e| panic!("{e}"));
-    }
-
-    fn log(&self) -> String {
-        self.0.stderr()
-    }
+/// QEMU 10 with `args`, through the harness's one QMP client.
+fn qemu10(name: &str, args: &[String]) -> Qemu {
+    Qemu::spawn_build(Build::Qemu10, args)
+        .unwrap_or_else(|e| panic!("starting QEMU 10 {name}: {e}"))
 }
 
 /// A destination started with `args` that listens on `dir/in.sock`.
-fn destination(dir: &Path, args: &[String]) -> (Qemu10, String) {
+fn destination(dir: &Path, args: &[String]) -> (Qemu, String) {
     let sock = dir.join("in.sock");
     let mut args = args.to_vec();
     args.extend(["-incoming".into(), format!("unix:{}", sock.display())]);
-    let q = Qemu10::spawn(dir, "dest", &args);
+    let q = qemu10("dest", &args);
     assert!(sock.exists(), "QEMU 10 listens on {}", sock.display());
     (q, format!("unix:{}", sock.display()))
 }
@@ -93,7 +67,7 @@ fn destination(dir: &Path, args: &[String]) -> (Qemu10, String) {
 fn from_qemu10_source(dir: &Path, args: &[String]) -> (PathBuf, PathBuf, Vec<String>) {
     let mut args = args.to_vec();
     args.push("-S".into());
-    let mut src = Qemu10::spawn(dir, "source", &args);
+    let mut src = qemu10("source", &args);
     let stream = dir.join("qemu10.mig");
     let part = dir.join("qemu10.mig.part");
     // QEMU says completed before its `cat` has finished: the rename marks the end.
@@ -104,7 +78,7 @@ fn from_qemu10_source(dir: &Path, args: &[String]) -> (PathBuf, PathBuf, Vec<Str
         stream.display()
     );
     src.qmp("migrate", json!({ "uri": uri }));
-    src.wait_migration_completed();
+    src.wait_completed();
     let deadline = Instant::now() + TIMEOUT;
     while !stream.exists() {
         assert!(
@@ -182,7 +156,7 @@ fn source_ram(dir: &Path, mib: u64, seed: u64) -> (PathBuf, u64) {
 
 /// `ferry send --return-path`, which must end with QEMU's SHUT 0 and a
 /// destination whose migration completed.
-fn send_verified(dir: &Path, q: &mut Qemu10, rams: &[String], to: &str, extra: &[&str]) {
+fn send_verified(dir: &Path, q: &mut Qemu, rams: &[String], to: &str, extra: &[&str]) {
     let args: Vec<&str> = std::iter::once("--return-path")
         .chain(extra.iter().copied())
         .collect();
@@ -191,13 +165,13 @@ fn send_verified(dir: &Path, q: &mut Qemu10, rams: &[String], to: &str, extra: &
         out.status.success(),
         "ferry send --return-path failed: {}\nQEMU:\n{}",
         out.stderr,
-        q.log()
+        q.stderr()
     );
     assert!(out.stderr.contains("SHUT 0"), "{}", out.stderr);
     let st = stats(dir);
     assert_eq!(st["status"], "completed", "{st}");
     assert_eq!(st["return-path"], "qemu", "{st}");
-    q.wait_migration_completed();
+    q.wait_completed();
 }
 
 fn assert_same_ram(dest: &Path, src: &Path) {
@@ -260,7 +234,7 @@ fn a_destination_that_dies_without_shut_fails_a_return_path_send() {
             std::thread::sleep(Duration::from_millis(20));
         }
         std::thread::sleep(Duration::from_millis(500));
-        ferry_tests::proc::kill9(q.0.pid());
+        ferry_tests::proc::kill9(q.pid());
         q
     });
     let rams = [format!("{},name=mem", src.display())];
@@ -307,11 +281,11 @@ fn without_a_return_path_a_qemu10_destination_leaves_the_send_unverified() {
     assert_eq!(st["status"], "completed-unverified", "{st}");
     assert_eq!(st["return-path"], "silent", "{st}");
     // QEMU loaded it all the same: the vmdesc trailer came after EOF.
-    q.wait_migration_completed();
+    q.wait_completed();
     assert!(
-        !q.log().contains("Expected vmdescription"),
+        !q.stderr().contains("Expected vmdescription"),
         "QEMU missed the vmdesc: {}",
-        q.log()
+        q.stderr()
     );
     assert_same_ram(&dst, &src);
 }
@@ -394,12 +368,12 @@ fn live_guest(d: &Path) -> (Background, [PathBuf; 3]) {
 /// Waits for `sender` to exit; returns its status and how long after QEMU
 /// logged its refusal it exited (zero if the refusal was logged only after
 /// the exit, or never).
-fn exit_after_refusal(sender: &mut Background, q: &Qemu10) -> (ExitStatus, Duration) {
+fn exit_after_refusal(sender: &mut Background, q: &Qemu) -> (ExitStatus, Duration) {
     let deadline = Instant::now() + TIMEOUT;
     let mut refused_at = None;
     loop {
         let now = Instant::now();
-        if refused_at.is_none() && q.log().contains("load of migration failed") {
+        if refused_at.is_none() && q.stderr().contains("load of migration failed") {
             refused_at = Some(now);
         }
         if let Some(status) = sender.0.try_wait().expect("waiting for ferry send") {
@@ -411,7 +385,7 @@ fn exit_after_refusal(sender: &mut Background, q: &Qemu10) -> (ExitStatus, Durat
         assert!(
             now < deadline,
             "ferry send did not finish; QEMU:\n{}",
-            q.log()
+            q.stderr()
         );
         std::thread::sleep(Duration::from_millis(5));
     }
@@ -456,12 +430,12 @@ fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_ru
     assert!(
         !status.success(),
         "ferry send succeeded although QEMU refused: {stderr}\nQEMU:\n{}",
-        q.log()
+        q.stderr()
     );
     assert!(
-        q.log().contains("ferry-no-such-device"),
+        q.stderr().contains("ferry-no-such-device"),
         "QEMU refused the unknown device: {}",
-        q.log()
+        q.stderr()
     );
     assert!(
         delay < Duration::from_secs(1),
