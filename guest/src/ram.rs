@@ -290,7 +290,11 @@ impl Extents {
             Err(e) => return Err(e),
         };
         // Data runs to the page boundary at or after the hole.
-        let end = hole.div_ceil(page).saturating_mul(page).max(at + page).min(len);
+        let end = hole
+            .div_ceil(page)
+            .saturating_mul(page)
+            .max(at + page)
+            .min(len);
         Ok(Extent {
             range: at..end,
             data: true,
@@ -432,7 +436,11 @@ mod tests {
                 .is_some_and(|e| e.data)
         };
         assert!(data(5 << 20) && data(len - 1), "{got:?}");
-        let data_bytes: u64 = got.iter().filter(|e| e.data).map(|e| e.range.end - e.range.start).sum();
+        let data_bytes: u64 = got
+            .iter()
+            .filter(|e| e.data)
+            .map(|e| e.range.end - e.range.start)
+            .sum();
         // The directory may be on a file system without hole reporting: then
         // it is all data, and that is a correct answer too.
         if data_bytes < len {

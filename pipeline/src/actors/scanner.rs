@@ -398,8 +398,10 @@ mod tests {
         use std::os::unix::fs::{FileExt, MetadataExt};
         // Page 3 (data), pages 5000..5002 (data, one of them zero-filled).
         f.write_all_at(&[1u8; 10], 3 * PAGE_SIZE as u64).unwrap();
-        f.write_all_at(&[2u8; PAGE_SIZE], 5000 * PAGE_SIZE as u64).unwrap();
-        f.write_all_at(&[0u8; PAGE_SIZE], 5001 * PAGE_SIZE as u64).unwrap();
+        f.write_all_at(&[2u8; PAGE_SIZE], 5000 * PAGE_SIZE as u64)
+            .unwrap();
+        f.write_all_at(&[0u8; PAGE_SIZE], 5001 * PAGE_SIZE as u64)
+            .unwrap();
         let allocated = f.metadata().unwrap().blocks();
         let (_cmd_tx, mailbox) = ipc_channel::ipc::channel().unwrap();
         let (work, work_rx) = ipc_channel::ipc::channel().unwrap();
@@ -431,11 +433,18 @@ mod tests {
         drop(credit_tx);
         assert_eq!(sent, [3, 5000]);
         assert_eq!(zero, pages - 2);
-        assert_eq!(f.metadata().unwrap().blocks(), allocated, "holes stay holes");
+        assert_eq!(
+            f.metadata().unwrap().blocks(),
+            allocated,
+            "holes stay holes"
+        );
         // The digest reads only the data, and equals the plain one.
         let digests = scanner.digests().unwrap();
         assert_eq!(f.metadata().unwrap().blocks(), allocated);
-        assert_eq!(digests, [ferry_guest::ram::digest(&std::fs::read(&path).unwrap())]);
+        assert_eq!(
+            digests,
+            [ferry_guest::ram::digest(&std::fs::read(&path).unwrap())]
+        );
     }
 
     #[test]

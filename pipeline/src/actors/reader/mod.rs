@@ -299,7 +299,7 @@ impl Parsed {
             .map_err(Error::Save)?
             .map(|block| {
                 let xxh3 =
-                    ram::digest_file(block.path, block.data_ranges()).map_err(Error::Digest)?;
+                    ram::digest_file(block.path, block.data_runs()).map_err(Error::Digest)?;
                 Ok(BlockDigest {
                     name: block.info.idstr.clone(),
                     length: block.info.length,
