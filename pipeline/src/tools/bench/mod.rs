@@ -5,6 +5,7 @@
 //! loopback whose reader discards what it gets.
 
 mod live;
+mod memory;
 mod plot;
 mod qmp;
 
@@ -38,6 +39,9 @@ enum Scenario {
     /// several dirty rates, with and without compression and auto-converge;
     /// prints a table and writes one SVG plot per scenario.
     Live(live::LiveArgs),
+    /// Peak memory of every ferry process, both ends, migrating sparse guests
+    /// of several sizes (default 8 and 64 GiB), projected to 1 TiB.
+    Memory(memory::MemoryArgs),
 }
 
 #[derive(Debug, Clone, Args)]
@@ -64,6 +68,7 @@ pub fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.scenario {
         Scenario::Static(a) => run_static(a),
         Scenario::Live(a) => live::run(a),
+        Scenario::Memory(a) => memory::run(a),
     }
 }
 
