@@ -622,8 +622,7 @@ impl Loader {
         let mut channel_bytes = 0;
         if let Some(channels) = self.multifd.take() {
             let carried = channels.finish()?;
-            self.counts.raw += carried.normal;
-            self.counts.zero += carried.zero;
+            carried.add_to(&mut self.counts);
             channel_bytes = carried.bytes;
         }
         let bytes = parser.offset() + channel_bytes;

@@ -42,12 +42,16 @@ pub enum Error {
     },
     /// The first connection came, the rest did not within the stall timeout.
     #[error(
-        "{got} of the {want} connections of a multifd migration arrived within {secs} s \
-         (is multifd on at the source, with multifd-channels {channels}?)"
+        "{got} of the {want} connections of a multifd migration arrived within {secs} s: \
+         the source opened {source_channels} multifd channels, this destination expects \
+         {channels} (--multifd-channels); is multifd on at the source, with \
+         multifd-channels {channels}?"
     )]
     Missing {
         /// Connections that arrived.
         got: usize,
+        /// Data channels among them: what the source uses, if it is done.
+        source_channels: usize,
         /// Main stream and channels.
         want: usize,
         /// N.
@@ -78,13 +82,25 @@ pub enum Error {
         #[source]
         source: multifd::Error,
     },
-    /// A channel id outside 0..N, or one seen twice.
+    /// A channel id seen twice.
     #[error("multifd channel id {id} is {why} (--multifd-channels {channels})")]
     ChannelId {
         /// The id.
         id: u8,
         /// What is wrong with it.
         why: &'static str,
+        /// N.
+        channels: u8,
+    },
+    /// A channel id outside 0..N: the source uses more channels.
+    #[error(
+        "multifd channel id {id} is out of range: the source uses at least {} multifd channels, this \
+         destination expects {channels} (--multifd-channels {channels}); both ends need \
+         the same count", u16::from(*id) + 1
+    )]
+    TooManyChannels {
+        /// The id.
+        id: u8,
         /// N.
         channels: u8,
     },
@@ -154,12 +170,37 @@ pub enum Error {
 /// What a source's channels carried.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Stats {
-    /// Pages whose bytes came in packets.
+    /// Pages whose bytes came raw in packets (compression "none").
     pub normal: u64,
+    /// Pages whose bytes came in zlib or zstd packets.
+    pub compressed: u64,
+    /// Payload bytes of those packets.
+    pub compressed_bytes: u64,
     /// Pages sent as all-zero offsets.
     pub zero: u64,
     /// Bytes read on all channels.
     pub bytes: u64,
+}
+
+impl Stats {
+    /// Adds the other channel's figures.
+    fn add(&mut self, other: &Stats) {
+        self.normal += other.normal;
+        self.compressed += other.compressed;
+        self.compressed_bytes += other.compressed_bytes;
+        self.zero += other.zero;
+        self.bytes += other.bytes;
+    }
+
+    /// Adds the pages into the receiver's summary, by how they travelled, as
+    /// QEMU's query-migrate counts them: a page of a compressed packet is
+    /// compressed, not raw.
+    pub fn add_to(&self, counts: &mut crate::supervisor::messages::PageCounts) {
+        counts.raw += self.normal;
+        counts.compressed += self.compressed;
+        counts.compressed_bytes += self.compressed_bytes;
+        counts.zero += self.zero;
+    }
 }
 
 /// Reads exactly `buf.len()` bytes; `Ok(false)` when the channel ended
@@ -265,6 +306,7 @@ pub fn accept(
         else {
             return Err(Error::Missing {
                 got: conn - 1,
+                source_channels: data.iter().filter(|c| c.is_some()).count(),
                 want,
                 channels,
                 secs: stall.unwrap_or_default().as_secs(),
@@ -302,7 +344,9 @@ pub fn accept(
             .map_err(|source| Error::Init { conn, source })?
             .id;
         let bad = |why| Error::ChannelId { id, why, channels };
-        let slot = data.get_mut(usize::from(id)).ok_or(bad("out of range"))?;
+        let slot = data
+            .get_mut(usize::from(id))
+            .ok_or(Error::TooManyChannels { id, channels })?;
         if slot.is_some() {
             return Err(bad("used twice"));
         }
@@ -474,11 +518,7 @@ impl Channels {
         let mut first = None;
         for t in self.threads {
             match t.join().expect("a multifd thread does not panic") {
-                Ok(s) => {
-                    total.normal += s.normal;
-                    total.zero += s.zero;
-                    total.bytes += s.bytes;
-                }
+                Ok(s) => total.add(&s),
                 Err(e) => {
                     first.get_or_insert(e);
                 }
@@ -551,7 +591,13 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
         if !h.offsets.is_empty() {
             let normal = &pages[..h.normal_pages as usize * PAGE_SIZE];
             write(channel, offset, &h, normal, shared)?;
-            stats.normal += u64::from(h.normal_pages);
+            match decoder.as_ref().map(Decoder::method) {
+                Some(m) if m != Compression::None && h.normal_pages > 0 => {
+                    stats.compressed += u64::from(h.normal_pages);
+                    stats.compressed_bytes += payload.len() as u64;
+                }
+                _ => stats.normal += u64::from(h.normal_pages),
+            }
             stats.zero += u64::from(h.zero_pages);
             since_sync += h.offsets.len() as u64;
         }
