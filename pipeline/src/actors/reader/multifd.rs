@@ -352,6 +352,7 @@ pub fn accept(
         }
         *slot = Some(watched(c.transport, None));
     }
+    refuse_extra_channel(listener, channels)?;
     let main = main.expect("N+1 connections, N of them data channels, so one is the main stream");
     Ok((
         main,
@@ -359,6 +360,25 @@ pub fn accept(
             .map(|c| c.expect("every id seen"))
             .collect(),
     ))
+}
+
+/// A source with more channels than this destination expects has opened
+/// them all by now, and the extra ones wait in the listen backlog: say so,
+/// with both counts, instead of failing later on a channel cut short when
+/// the source gives up. A connection that is not a channel is left alone.
+fn refuse_extra_channel(listener: &Listener, channels: u8) -> Result<(), Error> {
+    let soon = std::time::Instant::now() + Duration::from_millis(1);
+    let Ok(Some(mut c)) = listener.accept_until(Some(soon), Some(Duration::from_secs(1))) else {
+        return Ok(());
+    };
+    let mut init = [0u8; INIT_LEN];
+    if !matches!(read_full(c.transport.as_mut(), &mut init), Ok(None)) {
+        return Ok(());
+    }
+    match ChannelInit::decode(&init) {
+        Ok(i) if i.id >= channels => Err(Error::TooManyChannels { id: i.id, channels }),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Default)]
