@@ -421,15 +421,16 @@ mod tests {
         let mut scanner = Scanner::new(&init).unwrap();
         assert_eq!(scanner.round(0, true, true).unwrap(), pages);
         let (mut zero, mut sent) = (0, Vec::new());
-        loop {
+        let end = loop {
             match work_rx.recv().unwrap() {
                 Work::Batch(b) => {
                     zero += b.zero_pages;
                     sent.extend(b.pages);
                 }
-                Work::RoundEnd { .. } => break,
+                other => break other,
             }
-        }
+        };
+        assert!(matches!(end, Work::RoundEnd { round: 0, .. }), "{end:?}");
         drop(credit_tx);
         assert_eq!(sent, [3, 5000]);
         assert_eq!(zero, pages - 2);
