@@ -355,3 +355,55 @@ fn multifd_compression_without_channels_is_refused() {
         out.stderr
     );
 }
+
+/// A sparse source's holes are sent as zero without being read (the source
+/// file allocates nothing more), and land as zero even in a destination
+/// file that existed before full of other bytes: single stream and multifd.
+#[test]
+fn a_sparse_source_clears_the_holes_of_an_existing_destination() {
+    use std::os::unix::fs::{FileExt, MetadataExt};
+    for channels in [0u8, 2] {
+        let dir = shm_tempdir(PREFIX);
+        let d = dir.path();
+        let (src, dest) = (d.join("src.ram"), d.join("dst.ram"));
+        let size = 64u64 << 20;
+        let f = std::fs::File::create(&src).unwrap();
+        f.set_len(size).unwrap();
+        for (i, at) in [0u64, 5 << 20, 33 << 20, size - 8192]
+            .into_iter()
+            .enumerate()
+        {
+            f.write_all_at(&vec![i as u8 + 1; 8192], at).unwrap();
+        }
+        let allocated = f.metadata().unwrap().blocks();
+        std::fs::write(&dest, vec![0xaa; size as usize]).unwrap();
+        let n = channels.to_string();
+        let multifd: &[&str] = if channels > 0 {
+            &["--multifd-channels", &n]
+        } else {
+            &[]
+        };
+        let (mut r, uri) = migrate::receive(d, "tcp:127.0.0.1:0", &dest)
+            .args(multifd)
+            .start_listening(&d.join("receive.err"))
+            .expect("starting ferry receive");
+        let mut s = migrate::send(d, "send", &uri)
+            .args(&["--ram", &named(&src, "ram")])
+            .args(multifd)
+            .start(&d.join("send.err"))
+            .expect("starting ferry send");
+        assert_both_succeed(&mut s, &mut r, TIMEOUT);
+        assert_same_file(&src, &dest);
+        assert_eq!(
+            f.metadata().unwrap().blocks(),
+            allocated,
+            "the source's holes stayed holes"
+        );
+        let st = read_json(&d.join("send.json"));
+        assert_eq!(
+            pages(&st["ram"]["duplicate"]),
+            size / 4096 - 8,
+            "every page of a hole went as a zero page: {st}"
+        );
+    }
+}
