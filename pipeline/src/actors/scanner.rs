@@ -3,6 +3,9 @@
 //!
 //! It maps guest RAM read-only and scans it page by page in place, with
 //! volatile loads; the other pages travel onwards as indices, never as bytes.
+//! Round 0 asks each RAM file for its holes first (SEEK_DATA/SEEK_HOLE) and
+//! sends them as zero pages unread. What the scanner holds does not grow with
+//! the guest: one batch of indices at a time, never a list of every page.
 
 use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageBatch, Work};
 use ferry_proto::qemu_file::QemuFileWriter;
