@@ -1,0 +1,335 @@
+//! A real Linux guest migrated live through ferry: Debian's kernel and busybox booted
+//! under QEMU TCG (`-M pc`, 256 MiB), its init keeping a 64 MiB file with its md5,
+//! dirtying RAM continuously and printing a counter on the serial console (see
+//! `ferry_tests::linux`).
+//!
+//! Each hop: the running guest migrates live from its QEMU into `ferry receive
+//! --device-state-out` (RAM blocks to files, the device state to a file), `ferry send
+//! --device-state` moves both into a fresh destination QEMU of the same version and
+//! command line (`-incoming defer`, `-S`), which is resumed with `cont`. The counter
+//! must go on from where the source stopped (not from 0: no reboot), and an md5 check
+//! that ran wholly on the destination must say OK.
+//!
+//! QEMU 7.2: a plain hop, then the destination migrates on through a `--compress` hop.
+//! QEMU 10: a hop with two multifd channels on both legs (QEMU's `multifd` capability
+//! on the source and the destination), `--return-path` into the destination.
+//!
+//! The kernel and busybox come from `.ci/run` (`$FERRY_GUEST_PREFIX`); without them
+//! every test here fails, saying so.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use ferry_tests::ferry::{ferry_bin, run_ferry};
+use ferry_tests::files::shm_tempdir;
+use ferry_tests::linux::{self, Console, Guest, GuestFiles};
+use ferry_tests::proc::ferry;
+use ferry_tests::qemu::Build;
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+/// Boot to the first md5 and a few counter lines (about 10 s under TCG here).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+/// One migration leg (256 MiB over loopback, the guest dirtying).
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
+/// A resumed guest's first lines and one whole md5 check (about 2 s under TCG).
+const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Prints how long the test has run at `what` (shown with `--nocapture`: where the
+/// time of a slow run went).
+fn step(start: Instant, what: &str) {
+    eprintln!("[{:6.1}s] {what}", start.elapsed().as_secs_f64());
+}
+
+/// How a hop moves the guest: the `ferry send` options and the QEMU capabilities
+/// they need on both ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hop {
+    /// Plain precopy both legs.
+    Plain,
+    /// Plain into ferry; `ferry send --compress` into a QEMU with `compress` on.
+    Compress,
+    /// Multifd with this many channels on both legs.
+    Multifd(u8),
+}
+
+/// The initramfs of one test and what its data file's md5 is.
+struct Image {
+    start: Instant,
+    dir: TempDir,
+    files: GuestFiles,
+    initrd: PathBuf,
+    md5: String,
+}
+
+impl Image {
+    fn new() -> Image {
+        let start = Instant::now();
+        let files = GuestFiles::find();
+        // Any build of the binary happens now, not while a guest waits.
+        ferry_bin();
+        let dir = shm_tempdir("ferry-linux-");
+        let data = linux::data_file();
+        let md5 = linux::md5_hex(&data).unwrap_or_else(|e| panic!("{e}"));
+        let initrd = dir.path().join("initrd.cpio");
+        linux::write_initramfs(&initrd, &files.busybox, &data).unwrap_or_else(|e| panic!("{e}"));
+        step(start, "initramfs written");
+        Image {
+            start,
+            dir,
+            files,
+            initrd,
+            md5,
+        }
+    }
+
+    /// The command line of a guest whose console goes to `serial`.
+    fn args(&self, serial: &Path) -> Vec<String> {
+        linux::machine_args(&self.files, &self.initrd, serial)
+    }
+
+    /// Boots the source and waits until it has checked in: its first md5 equal to
+    /// the host's, the counter going, RAM being dirtied.
+    fn boot(&self, build: Build) -> Guest {
+        let serial = self.dir.path().join("source.serial");
+        let mut guest = Guest::start(build, "source", &self.args(&serial), &serial, &[])
+            .unwrap_or_else(|e| panic!("{e}"));
+        let md5 = guest
+            .wait_console("the first md5, 5 ticks and a dirtying pass", BOOT_TIMEOUT, |c| {
+                let ready = c.last_tick()? >= 5 && c.lines.iter().any(|l| matches!(l, linux::Line::Dirty(_)));
+                ready.then(|| c.md5_init().map(str::to_owned)).flatten()
+            })
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            md5, self.md5,
+            "the guest's md5 of its data file is not the host's"
+        );
+        step(self.start, &format!("{build:?} source booted"));
+        guest
+    }
+}
+
+/// The RAM blocks `guest`'s QEMU has, in its order (HMP `info ramblock`: a header
+/// line, then one block a line, its name first).
+fn ram_blocks(guest: &mut Guest) -> Vec<String> {
+    let out = guest.qemu.qmp(
+        "human-monitor-command",
+        json!({ "command-line": "info ramblock" }),
+    );
+    let text = out.as_str().unwrap_or_default();
+    let blocks: Vec<String> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next())
+        .map(str::to_owned)
+        .collect();
+    assert!(
+        blocks.iter().any(|b| b == "pc.ram"),
+        "info ramblock has no pc.ram: {text}"
+    );
+    blocks
+}
+
+/// Sets QEMU's capabilities for `hop` on one end of a leg into or out of ferry.
+fn capabilities(guest: &mut Guest, hop: Hop, sender_side: bool) {
+    match hop {
+        Hop::Plain => {}
+        Hop::Compress => {
+            if !sender_side {
+                guest.qemu.set_capability("compress", true).expect("compress capability");
+            }
+        }
+        Hop::Multifd(channels) => {
+            guest.qemu.set_capability("multifd", true).expect("multifd capability");
+            guest
+                .qemu
+                .qmp("migrate-set-parameters", json!({ "multifd-channels": channels }));
+        }
+    }
+}
+
+/// One hop: `src` migrates live into `ferry receive`, `ferry send` moves what it
+/// received into a fresh destination (the same QEMU and command line), which is
+/// resumed. Returns the destination, running; fails unless the guest went on where it
+/// stopped with its md5 OK.
+fn hop(image: &Image, build: Build, src: &mut Guest, hop: Hop, n: usize) -> Guest {
+    let d = image.dir.path().join(format!("hop{n}"));
+    fs::create_dir_all(&d).expect("creating the hop's directory");
+    let blocks = ram_blocks(src);
+    let device = d.join("device.state");
+    let rams: Vec<String> = blocks
+        .iter()
+        .map(|b| {
+            let file = d.join(ferry_guest::load::block_file_name(b));
+            format!("{},name={b}", file.display())
+        })
+        .collect();
+    let stopped_at = into_ferry(src, hop, &d, &rams, &device);
+    step(image.start, &format!("hop {n} ({hop:?}): in ferry, source stopped at TICK {stopped_at}"));
+    let serial = d.join("destination.serial");
+    let mut dst = Guest::start(
+        build,
+        &format!("destination {n}"),
+        &image.args(&serial),
+        &serial,
+        &["-S", "-incoming", "defer"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    capabilities(&mut dst, hop, false);
+    let sock = d.join("in.sock");
+    let to = format!("unix:{}", sock.display());
+    dst.qemu.qmp("migrate-incoming", json!({ "uri": to }));
+    send(&mut dst, hop, &d, &rams, &device, &to);
+    step(image.start, &format!("hop {n}: destination loaded"));
+    // Nothing the source wrote is needed any more: free the tmpfs.
+    for r in &rams {
+        let _ = fs::remove_file(r.split(',').next().unwrap_or_default());
+    }
+    dst.qemu.qmp("cont", json!({}));
+    assert_continues(&mut dst, stopped_at);
+    step(image.start, &format!("hop {n}: destination ran on, md5 OK"));
+    dst
+}
+
+/// Migrates `src` live into `ferry receive`, RAM blocks to `rams`, device state to
+/// `device`; returns the last counter value the source printed before it stopped,
+/// after checking that it printed some while it migrated (a live migration).
+fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path) -> u64 {
+    let mut args = vec![
+        "receive".to_owned(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--device-state-out".into(),
+        device.display().to_string(),
+    ];
+    for r in rams {
+        args.extend(["--ram".to_owned(), r.clone()]);
+    }
+    if let Hop::Multifd(channels) = hop {
+        args.extend(["--multifd-channels".into(), channels.to_string()]);
+    }
+    let (mut receiver, addr) = ferry(&args)
+        .start_listening(&d.join("receive.log"))
+        .unwrap_or_else(|e| panic!("starting ferry receive: {e}"));
+    capabilities(src, hop, true);
+    // QEMU 7.2's default cap (32 MiB/s) would take 8 s for the RAM alone.
+    src.qemu.qmp(
+        "migrate-set-parameters",
+        json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 500 }),
+    );
+    let before = src.console().last_tick().unwrap_or(0);
+    src.qemu.qmp("migrate", json!({ "uri": addr }));
+    let info = src
+        .qemu
+        .wait_migration("completed", MIGRATION_TIMEOUT)
+        .unwrap_or_else(|e| {
+            panic!("{}\nferry receive:\n{}", src.explain(&e.to_string()), receiver.stderr())
+        });
+    let status = receiver
+        .wait(MIGRATION_TIMEOUT)
+        .unwrap_or_else(|e| panic!("ferry receive did not end: {e}"));
+    assert!(
+        status.success(),
+        "ferry receive failed: {}",
+        receiver.stderr()
+    );
+    assert!(device.is_file(), "ferry receive wrote no {}", device.display());
+    let console = src.console();
+    let stopped_at = console.last_tick().expect("the source printed ticks");
+    assert!(
+        stopped_at > before,
+        "the source printed no tick while it migrated (TICK {before} before, {stopped_at} after); query-migrate: {info}\n{}",
+        console.tail(10)
+    );
+    stopped_at
+}
+
+/// `ferry send` of the received blocks and device state into `dst` at `to`; waits
+/// until the destination completed the load.
+fn send(dst: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path, to: &str) {
+    let mut args = vec![
+        "send".to_owned(),
+        "--to".into(),
+        to.into(),
+        "--device-state".into(),
+        device.display().to_string(),
+        "--no-progress".into(),
+        "--stats-json".into(),
+        d.join("send.json").display().to_string(),
+    ];
+    for r in rams {
+        args.extend(["--ram".to_owned(), r.clone()]);
+    }
+    match hop {
+        Hop::Plain => {}
+        Hop::Compress => args.push("--compress".into()),
+        Hop::Multifd(channels) => {
+            args.extend([
+                "--multifd-channels".into(),
+                channels.to_string(),
+                "--return-path".into(),
+            ]);
+        }
+    }
+    let out = run_ferry(&args, MIGRATION_TIMEOUT).unwrap_or_else(|e| panic!("ferry send: {e}"));
+    assert!(
+        out.status.success(),
+        "{}",
+        dst.explain(&format!("ferry send ({hop:?}) failed: {}", out.stderr))
+    );
+    dst.qemu
+        .wait_migration("completed", MIGRATION_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{}", dst.explain(&e.to_string())));
+    let st: Value = serde_json::from_str(&fs::read_to_string(d.join("send.json")).unwrap())
+        .expect("ferry send's statistics are JSON");
+    if let Hop::Multifd(_) = hop {
+        assert_eq!(st["status"], "completed", "{st}");
+    }
+}
+
+/// The resumed `dst` must go on counting after `stopped_at` (the first counter line
+/// within two of it: a line cut by the stop is lost), without a reboot, and pass an
+/// md5 check that started and ended on it.
+fn assert_continues(dst: &mut Guest, stopped_at: u64) {
+    let first = dst
+        .wait_console("the first tick after cont", RESUME_TIMEOUT, Console::first_tick)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let console = dst.console();
+    if !(stopped_at < first && first <= stopped_at + 2) || console.boots() > 0 {
+        panic!(
+            "{}",
+            dst.explain(&format!(
+                "the destination's counter starts at {first} (boots: {}), the source stopped at {stopped_at}",
+                console.boots()
+            ))
+        );
+    }
+    let check = dst
+        .wait_console("an md5 check wholly on the destination", RESUME_TIMEOUT, |c| {
+            c.whole_ok_checks().first().copied()
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    let last = dst.console().last_tick().unwrap_or(first);
+    assert!(
+        last > first,
+        "{}",
+        dst.explain(&format!("the counter stopped at {last} (md5 check {check} OK)"))
+    );
+}
+
+#[test]
+fn qemu72_guest_through_ferry_plain_then_compressed() {
+    let image = Image::new();
+    let mut src = image.boot(Build::System);
+    let mut dst1 = hop(&image, Build::System, &mut src, Hop::Plain, 1);
+    drop(src);
+    let _dst2 = hop(&image, Build::System, &mut dst1, Hop::Compress, 2);
+}
+
+#[test]
+fn qemu10_guest_through_ferry_over_two_multifd_channels() {
+    let image = Image::new();
+    let mut src = image.boot(Build::Qemu10);
+    let _dst = hop(&image, Build::Qemu10, &mut src, Hop::Multifd(2), 1);
+}
