@@ -171,8 +171,7 @@ pub fn md5_hex(bytes: &[u8]) -> Result<String> {
 /// `/init` and `data` as `/data.bin`.
 pub fn write_initramfs(path: &Path, busybox: &Path, data: &[u8]) -> Result<()> {
     let busybox = fs::read(busybox).with_context(|| format!("reading {}", busybox.display()))?;
-    let file =
-        fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    let file = fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
     let mut archive = Archive {
         out: BufWriter::new(file),
         ino: 0,
@@ -501,7 +500,14 @@ mod tests {
 
     #[test]
     fn cut_lines_and_kernel_messages_are_not_guest_lines() {
-        for text in ["TIC", "K 57", "TICK", "TICK x", "[ 1.0] reboot: Power down", ""] {
+        for text in [
+            "TIC",
+            "K 57",
+            "TICK",
+            "TICK x",
+            "[ 1.0] reboot: Power down",
+            "",
+        ] {
             assert_eq!(Line::parse(text), None, "{text:?}");
         }
     }
@@ -510,7 +516,11 @@ mod tests {
     fn a_console_log_counts_only_whole_lines() {
         let dir = crate::files::tempdir("ferry-console-");
         let log = dir.path().join("serial.log");
-        fs::write(&log, "FERRY BOOTED\nTICK 0\nMD5 START 0\nTICK 1\nMD5 OK 0\nTICK 2").unwrap();
+        fs::write(
+            &log,
+            "FERRY BOOTED\nTICK 0\nMD5 START 0\nTICK 1\nMD5 OK 0\nTICK 2",
+        )
+        .unwrap();
         let c = Console::read(&log);
         assert_eq!((c.first_tick(), c.last_tick()), (Some(0), Some(1)));
         assert_eq!(c.whole_ok_checks(), vec![0]);
@@ -532,7 +542,17 @@ mod tests {
         let names: Vec<&str> = listed.lines().collect();
         assert_eq!(
             names,
-            ["bin", "dev", "proc", "sys", "tmp", "dev/console", "bin/busybox", "init", "data.bin"],
+            [
+                "bin",
+                "dev",
+                "proc",
+                "sys",
+                "tmp",
+                "dev/console",
+                "bin/busybox",
+                "init",
+                "data.bin"
+            ],
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );

@@ -12,7 +12,8 @@
 //!
 //! QEMU 7.2: a plain hop, then the destination migrates on through a `--compress` hop.
 //! QEMU 10: a hop with two multifd channels on both legs (QEMU's `multifd` capability
-//! on the source and the destination), `--return-path` into the destination.
+//! on the source and the destination), then a plain one. Every `ferry send` opens the
+//! return path and succeeds only on the destination's SHUT 0.
 //!
 //! The kernel and busybox come from `.ci/run` (`$FERRY_GUEST_PREFIX`); without them
 //! every test here fails, saying so.
@@ -22,7 +23,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use ferry_tests::ferry::{ferry_bin, run_ferry};
-use ferry_tests::files::shm_tempdir;
+use ferry_tests::files::{read_json, shm_tempdir};
 use ferry_tests::linux::{self, Console, Guest, GuestFiles};
 use ferry_tests::proc::ferry;
 use ferry_tests::qemu::Build;
@@ -35,12 +36,6 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
 /// A resumed guest's first lines and one whole md5 check (about 2 s under TCG).
 const RESUME_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Prints how long the test has run at `what` (shown with `--nocapture`: where the
-/// time of a slow run went).
-fn step(start: Instant, what: &str) {
-    eprintln!("[{:6.1}s] {what}", start.elapsed().as_secs_f64());
-}
 
 /// How a hop moves the guest: the `ferry send` options and the QEMU capabilities
 /// they need on both ends.
@@ -56,6 +51,7 @@ enum Hop {
 
 /// The initramfs of one test and what its data file's md5 is.
 struct Image {
+    build: Build,
     start: Instant,
     dir: TempDir,
     files: GuestFiles,
@@ -64,7 +60,7 @@ struct Image {
 }
 
 impl Image {
-    fn new() -> Image {
+    fn new(build: Build) -> Image {
         let start = Instant::now();
         let files = GuestFiles::find();
         // Any build of the binary happens now, not while a guest waits.
@@ -74,14 +70,23 @@ impl Image {
         let md5 = linux::md5_hex(&data).unwrap_or_else(|e| panic!("{e}"));
         let initrd = dir.path().join("initrd.cpio");
         linux::write_initramfs(&initrd, &files.busybox, &data).unwrap_or_else(|e| panic!("{e}"));
-        step(start, "initramfs written");
-        Image {
+        let image = Image {
+            build,
             start,
             dir,
             files,
             initrd,
             md5,
-        }
+        };
+        image.step("initramfs written");
+        image
+    }
+
+    /// Prints how long the test has run at `what` (shown with `--nocapture`: where
+    /// the time of a slow run went).
+    fn step(&self, what: &str) {
+        let secs = self.start.elapsed().as_secs_f64();
+        eprintln!("[{secs:6.1}s] {:?}: {what}", self.build);
     }
 
     /// The command line of a guest whose console goes to `serial`.
@@ -91,21 +96,27 @@ impl Image {
 
     /// Boots the source and waits until it has checked in: its first md5 equal to
     /// the host's, the counter going, RAM being dirtied.
-    fn boot(&self, build: Build) -> Guest {
+    fn boot(&self) -> Guest {
+        let build = self.build;
         let serial = self.dir.path().join("source.serial");
         let mut guest = Guest::start(build, "source", &self.args(&serial), &serial, &[])
             .unwrap_or_else(|e| panic!("{e}"));
         let md5 = guest
-            .wait_console("the first md5, 5 ticks and a dirtying pass", BOOT_TIMEOUT, |c| {
-                let ready = c.last_tick()? >= 5 && c.lines.iter().any(|l| matches!(l, linux::Line::Dirty(_)));
-                ready.then(|| c.md5_init().map(str::to_owned)).flatten()
-            })
+            .wait_console(
+                "the first md5, 5 ticks and a dirtying pass",
+                BOOT_TIMEOUT,
+                |c| {
+                    let ready = c.last_tick()? >= 5
+                        && c.lines.iter().any(|l| matches!(l, linux::Line::Dirty(_)));
+                    ready.then(|| c.md5_init().map(str::to_owned)).flatten()
+                },
+            )
             .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(
             md5, self.md5,
             "the guest's md5 of its data file is not the host's"
         );
-        step(self.start, &format!("{build:?} source booted"));
+        self.step("source booted");
         guest
     }
 }
@@ -131,21 +142,25 @@ fn ram_blocks(guest: &mut Guest) -> Vec<String> {
     blocks
 }
 
-/// Sets QEMU's capabilities for `hop` on one end of a leg into or out of ferry.
+/// Sets QEMU's capabilities for `hop` on one end of a leg into or out of ferry:
+/// `multifd` on or off (a destination of a multifd hop that migrates on keeps it
+/// otherwise), `compress` on a `--compress` hop's destination.
 fn capabilities(guest: &mut Guest, hop: Hop, sender_side: bool) {
-    match hop {
-        Hop::Plain => {}
-        Hop::Compress => {
-            if !sender_side {
-                guest.qemu.set_capability("compress", true).expect("compress capability");
-            }
+    let multifd = matches!(hop, Hop::Multifd(_));
+    let set = |guest: &mut Guest, name: &str, on: bool| {
+        if let Err(e) = guest.qemu.set_capability(name, on) {
+            panic!("{}", guest.explain(&format!("setting {name} to {on}: {e}")));
         }
-        Hop::Multifd(channels) => {
-            guest.qemu.set_capability("multifd", true).expect("multifd capability");
-            guest
-                .qemu
-                .qmp("migrate-set-parameters", json!({ "multifd-channels": channels }));
-        }
+    };
+    set(guest, "multifd", multifd);
+    if let Hop::Multifd(channels) = hop {
+        guest.qemu.qmp(
+            "migrate-set-parameters",
+            json!({ "multifd-channels": channels }),
+        );
+    }
+    if hop == Hop::Compress && !sender_side {
+        set(guest, "compress", true);
     }
 }
 
@@ -153,20 +168,30 @@ fn capabilities(guest: &mut Guest, hop: Hop, sender_side: bool) {
 /// received into a fresh destination (the same QEMU and command line), which is
 /// resumed. Returns the destination, running; fails unless the guest went on where it
 /// stopped with its md5 OK.
-fn hop(image: &Image, build: Build, src: &mut Guest, hop: Hop, n: usize) -> Guest {
+fn hop(image: &Image, src: &mut Guest, hop: Hop, n: usize) -> Guest {
+    let build = image.build;
     let d = image.dir.path().join(format!("hop{n}"));
     fs::create_dir_all(&d).expect("creating the hop's directory");
     let blocks = ram_blocks(src);
     let device = d.join("device.state");
+    let files: Vec<PathBuf> = blocks
+        .iter()
+        .map(|b| d.join(ferry_guest::load::block_file_name(b)))
+        .collect();
     let rams: Vec<String> = blocks
         .iter()
-        .map(|b| {
-            let file = d.join(ferry_guest::load::block_file_name(b));
-            format!("{},name={b}", file.display())
-        })
+        .zip(&files)
+        .flat_map(|(b, f)| ["--ram".to_owned(), format!("{},name={b}", f.display())])
         .collect();
-    let stopped_at = into_ferry(src, hop, &d, &rams, &device);
-    step(image.start, &format!("hop {n} ({hop:?}): in ferry, source stopped at TICK {stopped_at}"));
+    let (stopped_at, info) = into_ferry(src, hop, &d, &rams, &device);
+    image.step(&format!(
+        "hop {n} ({hop:?}): in ferry, source stopped at TICK {stopped_at}; \
+         QEMU sent {} bytes in {} ms, downtime {} ms, {} dirty-log syncs",
+        info["ram"]["transferred"],
+        info["total-time"],
+        info["downtime"],
+        info["ram"]["dirty-sync-count"]
+    ));
     let serial = d.join("destination.serial");
     let mut dst = Guest::start(
         build,
@@ -181,21 +206,23 @@ fn hop(image: &Image, build: Build, src: &mut Guest, hop: Hop, n: usize) -> Gues
     let to = format!("unix:{}", sock.display());
     dst.qemu.qmp("migrate-incoming", json!({ "uri": to }));
     send(&mut dst, hop, &d, &rams, &device, &to);
-    step(image.start, &format!("hop {n}: destination loaded"));
+    image.step(&format!("hop {n}: destination loaded"));
     // Nothing the source wrote is needed any more: free the tmpfs.
-    for r in &rams {
-        let _ = fs::remove_file(r.split(',').next().unwrap_or_default());
+    for f in &files {
+        let _ = fs::remove_file(f);
     }
     dst.qemu.qmp("cont", json!({}));
     assert_continues(&mut dst, stopped_at);
-    step(image.start, &format!("hop {n}: destination ran on, md5 OK"));
+    image.step(&format!("hop {n}: destination ran on, md5 OK"));
     dst
 }
 
-/// Migrates `src` live into `ferry receive`, RAM blocks to `rams`, device state to
-/// `device`; returns the last counter value the source printed before it stopped,
-/// after checking that it printed some while it migrated (a live migration).
-fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path) -> u64 {
+/// Migrates `src` live into `ferry receive` (`rams`: its `--ram` options), device
+/// state to `device`; returns the last counter value the source printed before it
+/// stopped and QEMU's last `query-migrate`, after checking that the guest counted
+/// while it migrated and that QEMU sent rounds after the first pass (a live
+/// migration).
+fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path) -> (u64, Value) {
     let mut args = vec![
         "receive".to_owned(),
         "--listen".into(),
@@ -203,9 +230,7 @@ fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Pat
         "--device-state-out".into(),
         device.display().to_string(),
     ];
-    for r in rams {
-        args.extend(["--ram".to_owned(), r.clone()]);
-    }
+    args.extend_from_slice(rams);
     if let Hop::Multifd(channels) = hop {
         args.extend(["--multifd-channels".into(), channels.to_string()]);
     }
@@ -213,10 +238,12 @@ fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Pat
         .start_listening(&d.join("receive.log"))
         .unwrap_or_else(|e| panic!("starting ferry receive: {e}"));
     capabilities(src, hop, true);
-    // QEMU 7.2's default cap (32 MiB/s) would take 8 s for the RAM alone.
+    // 128 MiB/s: the first pass over the guest's RAM takes over a second, long
+    // enough for the guest to count and dirty pages QEMU then sends again, short
+    // enough for the test (QEMU 7.2's default, 32 MiB/s, would take 8 s).
     src.qemu.qmp(
         "migrate-set-parameters",
-        json!({ "max-bandwidth": 1u64 << 30, "downtime-limit": 500 }),
+        json!({ "max-bandwidth": 128u64 << 20, "downtime-limit": 500 }),
     );
     let before = src.console().last_tick().unwrap_or(0);
     src.qemu.qmp("migrate", json!({ "uri": addr }));
@@ -224,7 +251,11 @@ fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Pat
         .qemu
         .wait_migration("completed", MIGRATION_TIMEOUT)
         .unwrap_or_else(|e| {
-            panic!("{}\nferry receive:\n{}", src.explain(&e.to_string()), receiver.stderr())
+            panic!(
+                "{}\nferry receive:\n{}",
+                src.explain(&e.to_string()),
+                receiver.stderr()
+            )
         });
     let status = receiver
         .wait(MIGRATION_TIMEOUT)
@@ -234,7 +265,16 @@ fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Pat
         "ferry receive failed: {}",
         receiver.stderr()
     );
-    assert!(device.is_file(), "ferry receive wrote no {}", device.display());
+    assert!(
+        device.is_file(),
+        "ferry receive wrote no {}",
+        device.display()
+    );
+    let syncs = info["ram"]["dirty-sync-count"].as_u64().unwrap_or(0);
+    assert!(
+        syncs >= 3,
+        "QEMU synced its dirty log {syncs} times: no round after the first pass; query-migrate: {info}"
+    );
     let console = src.console();
     let stopped_at = console.last_tick().expect("the source printed ticks");
     assert!(
@@ -242,11 +282,11 @@ fn into_ferry(src: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Pat
         "the source printed no tick while it migrated (TICK {before} before, {stopped_at} after); query-migrate: {info}\n{}",
         console.tail(10)
     );
-    stopped_at
+    (stopped_at, info)
 }
 
-/// `ferry send` of the received blocks and device state into `dst` at `to`; waits
-/// until the destination completed the load.
+/// `ferry send --return-path` of the received blocks (`rams`: `--ram` options) and
+/// device state into `dst` at `to`; waits until the destination completed the load.
 fn send(dst: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path, to: &str) {
     let mut args = vec![
         "send".to_owned(),
@@ -257,19 +297,14 @@ fn send(dst: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path, to:
         "--no-progress".into(),
         "--stats-json".into(),
         d.join("send.json").display().to_string(),
+        "--return-path".into(),
     ];
-    for r in rams {
-        args.extend(["--ram".to_owned(), r.clone()]);
-    }
+    args.extend_from_slice(rams);
     match hop {
         Hop::Plain => {}
         Hop::Compress => args.push("--compress".into()),
         Hop::Multifd(channels) => {
-            args.extend([
-                "--multifd-channels".into(),
-                channels.to_string(),
-                "--return-path".into(),
-            ]);
+            args.extend(["--multifd-channels".into(), channels.to_string()]);
         }
     }
     let out = run_ferry(&args, MIGRATION_TIMEOUT).unwrap_or_else(|e| panic!("ferry send: {e}"));
@@ -281,11 +316,9 @@ fn send(dst: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path, to:
     dst.qemu
         .wait_migration("completed", MIGRATION_TIMEOUT)
         .unwrap_or_else(|e| panic!("{}", dst.explain(&e.to_string())));
-    let st: Value = serde_json::from_str(&fs::read_to_string(d.join("send.json")).unwrap())
-        .expect("ferry send's statistics are JSON");
-    if let Hop::Multifd(_) = hop {
-        assert_eq!(st["status"], "completed", "{st}");
-    }
+    let st = read_json(&d.join("send.json"));
+    assert_eq!(st["status"], "completed", "{st}");
+    assert!(out.stderr.contains("SHUT 0"), "no SHUT 0: {}", out.stderr);
 }
 
 /// The resumed `dst` must go on counting after `stopped_at` (the first counter line
@@ -293,7 +326,11 @@ fn send(dst: &mut Guest, hop: Hop, d: &Path, rams: &[String], device: &Path, to:
 /// md5 check that started and ended on it.
 fn assert_continues(dst: &mut Guest, stopped_at: u64) {
     let first = dst
-        .wait_console("the first tick after cont", RESUME_TIMEOUT, Console::first_tick)
+        .wait_console(
+            "the first tick after cont",
+            RESUME_TIMEOUT,
+            Console::first_tick,
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     let console = dst.console();
     if !(stopped_at < first && first <= stopped_at + 2) || console.boots() > 0 {
@@ -306,30 +343,36 @@ fn assert_continues(dst: &mut Guest, stopped_at: u64) {
         );
     }
     let check = dst
-        .wait_console("an md5 check wholly on the destination", RESUME_TIMEOUT, |c| {
-            c.whole_ok_checks().first().copied()
-        })
+        .wait_console(
+            "an md5 check wholly on the destination",
+            RESUME_TIMEOUT,
+            |c| c.whole_ok_checks().first().copied(),
+        )
         .unwrap_or_else(|e| panic!("{e}"));
     let last = dst.console().last_tick().unwrap_or(first);
     assert!(
         last > first,
         "{}",
-        dst.explain(&format!("the counter stopped at {last} (md5 check {check} OK)"))
+        dst.explain(&format!(
+            "the counter stopped at {last} (md5 check {check} OK)"
+        ))
     );
 }
 
 #[test]
 fn qemu72_guest_through_ferry_plain_then_compressed() {
-    let image = Image::new();
-    let mut src = image.boot(Build::System);
-    let mut dst1 = hop(&image, Build::System, &mut src, Hop::Plain, 1);
+    let image = Image::new(Build::System);
+    let mut src = image.boot();
+    let mut dst1 = hop(&image, &mut src, Hop::Plain, 1);
     drop(src);
-    let _dst2 = hop(&image, Build::System, &mut dst1, Hop::Compress, 2);
+    let _dst2 = hop(&image, &mut dst1, Hop::Compress, 2);
 }
 
 #[test]
-fn qemu10_guest_through_ferry_over_two_multifd_channels() {
-    let image = Image::new();
-    let mut src = image.boot(Build::Qemu10);
-    let _dst = hop(&image, Build::Qemu10, &mut src, Hop::Multifd(2), 1);
+fn qemu10_guest_through_ferry_over_two_multifd_channels_then_plain() {
+    let image = Image::new(Build::Qemu10);
+    let mut src = image.boot();
+    let mut dst1 = hop(&image, &mut src, Hop::Multifd(2), 1);
+    drop(src);
+    let _dst2 = hop(&image, &mut dst1, Hop::Plain, 2);
 }
