@@ -32,7 +32,7 @@ use cpio::newc::{trailer, Builder, ModeFileType};
 
 use crate::bail;
 use crate::error::{Context, Error, Result};
-use crate::qemu::{Build, Qemu};
+use crate::qemu::{indent, Build, Qemu};
 
 /// Size of the guest's data file: 64 MiB.
 pub const DATA_SIZE: usize = 64 << 20;
@@ -356,17 +356,7 @@ impl Console {
     /// The last `lines` lines of the log, indented, for a failure message.
     pub fn tail(&self, lines: usize) -> String {
         let all: Vec<&str> = self.text.lines().collect();
-        let from = all.len().saturating_sub(lines);
-        let tail = all[from..]
-            .iter()
-            .map(|l| format!("    {l}"))
-            .collect::<Vec<_>>()
-            .join("\n");
-        if tail.is_empty() {
-            "    <empty>".to_owned()
-        } else {
-            tail
-        }
+        indent(&all[all.len().saturating_sub(lines)..].join("\n"))
     }
 }
 
@@ -465,17 +455,6 @@ impl fmt::Display for Line {
             Line::Dirty(n) => write!(f, "DIRTY {n}"),
         }
     }
-}
-
-fn indent(text: &str) -> String {
-    let text = text.trim_end();
-    if text.is_empty() {
-        return "    <empty>".to_owned();
-    }
-    text.lines()
-        .map(|l| format!("    {l}"))
-        .collect::<Vec<_>>()
-        .join("\n")
 }
 
 #[cfg(test)]
