@@ -30,7 +30,8 @@ use ferry_tests::qemu::Build;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
-/// Boot to the first md5 and a few counter lines (about 10 s under TCG here).
+/// Boot to the first md5 and a few counter lines: 10 s under TCG on this machine when
+/// idle, 30-40 s with four other builds running.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
 /// One migration leg (256 MiB over loopback, the guest dirtying).
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(90);
