@@ -15,6 +15,9 @@
 //! on the source and the destination), then a plain one. Every `ferry send` opens the
 //! return path and succeeds only on the destination's SHUT 0.
 //!
+//! And the check can fail: one page of the data file changed between `ferry receive`
+//! and `ferry send` makes the resumed guest print `MD5 BAD`.
+//!
 //! The kernel and busybox come from `.ci/run` (`$FERRY_GUEST_PREFIX`); without them
 //! every test here fails, saying so.
 
@@ -27,6 +30,7 @@ use ferry_tests::files::{read_json, shm_tempdir};
 use ferry_tests::linux::{self, Console, Guest, GuestFiles};
 use ferry_tests::proc::ferry;
 use ferry_tests::qemu::Build;
+use ferry_tests::ram;
 use serde_json::{json, Value};
 use tempfile::TempDir;
 
@@ -170,6 +174,22 @@ fn capabilities(guest: &mut Guest, hop: Hop, sender_side: bool) {
 /// resumed. Returns the destination, running; fails unless the guest went on where it
 /// stopped with its md5 OK.
 fn hop(image: &Image, src: &mut Guest, hop: Hop, n: usize) -> Guest {
+    let (mut dst, stopped_at) = move_guest(image, src, hop, n, None);
+    assert_continues(&mut dst, stopped_at);
+    image.step(&format!("hop {n}: destination ran on, md5 OK"));
+    dst
+}
+
+/// [`hop`] up to `cont`; with `tamper`, every copy of that page in the received
+/// `pc.ram` gets one byte flipped before `ferry send` reads it. Returns the resumed
+/// destination and the source's last counter value.
+fn move_guest(
+    image: &Image,
+    src: &mut Guest,
+    hop: Hop,
+    n: usize,
+    tamper: Option<&[u8]>,
+) -> (Guest, u64) {
     let build = image.build;
     let d = image.dir.path().join(format!("hop{n}"));
     fs::create_dir_all(&d).expect("creating the hop's directory");
@@ -203,6 +223,9 @@ fn hop(image: &Image, src: &mut Guest, hop: Hop, n: usize) -> Guest {
     )
     .unwrap_or_else(|e| panic!("{e}"));
     capabilities(&mut dst, hop, false);
+    if let Some(page) = tamper {
+        flip_every_copy(&d.join(ferry_guest::load::block_file_name("pc.ram")), page);
+    }
     let sock = d.join("in.sock");
     let to = format!("unix:{}", sock.display());
     dst.qemu.qmp("migrate-incoming", json!({ "uri": to }));
@@ -213,9 +236,26 @@ fn hop(image: &Image, src: &mut Guest, hop: Hop, n: usize) -> Guest {
         let _ = fs::remove_file(f);
     }
     dst.qemu.qmp("cont", json!({}));
-    assert_continues(&mut dst, stopped_at);
-    image.step(&format!("hop {n}: destination ran on, md5 OK"));
-    dst
+    (dst, stopped_at)
+}
+
+/// Flips the first byte of every 4 KiB page of the RAM file `ram` that equals `page`;
+/// panics if there is none.
+fn flip_every_copy(ram: &Path, page: &[u8]) {
+    let mut bytes = fs::read(ram).unwrap_or_else(|e| panic!("reading {}: {e}", ram.display()));
+    let mut copies = 0;
+    for chunk in bytes.chunks_exact_mut(page.len()) {
+        if chunk == page {
+            chunk[0] ^= 0xff;
+            copies += 1;
+        }
+    }
+    assert!(
+        copies > 0,
+        "the data file's page is not in {}",
+        ram.display()
+    );
+    fs::write(ram, &bytes).unwrap_or_else(|e| panic!("writing {}: {e}", ram.display()));
 }
 
 /// Migrates `src` live into `ferry receive` (`rams`: its `--ram` options), device
@@ -376,4 +416,24 @@ fn qemu10_guest_through_ferry_over_two_multifd_channels_then_plain() {
     let mut dst1 = hop(&image, &mut src, Hop::Multifd(2), 1);
     drop(src);
     let _dst2 = hop(&image, &mut dst1, Hop::Plain, 2);
+}
+
+/// The md5 check is real: one page of the data file changed between `ferry receive`
+/// and `ferry send` (a random page, so no other page equals it by chance) makes the
+/// resumed guest report BAD.
+#[test]
+fn a_data_page_changed_in_transit_makes_the_guest_report_a_bad_md5() {
+    let image = Image::new(Build::System);
+    let mut src = image.boot();
+    let index = 8 * 1000 + 7;
+    assert_eq!(ram::page_kind(index), ram::PageKind::Random);
+    let data = linux::data_file();
+    let page = &data[index * ram::PAGE_SIZE..(index + 1) * ram::PAGE_SIZE];
+    let (mut dst, _) = move_guest(&image, &mut src, Hop::Plain, 1, Some(page));
+    let bad = dst
+        .wait_console("an MD5 BAD line", RESUME_TIMEOUT, |c| {
+            c.bad_checks().first().map(|l| l.to_string())
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+    image.step(&format!("the destination said {bad}"));
 }
