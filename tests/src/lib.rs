@@ -13,6 +13,8 @@
 //! - [`qmp`]: the QMP JSON-lines client underneath.
 //! - [`ram`]: deterministic mixed RAM images (zero, fill, text, random pages).
 //! - [`error`]: the harness's error type: a message naming the failed step.
+//! - [`linux`]: a real Linux guest (Debian's kernel, busybox, an initramfs built here)
+//!   under QEMU TCG, and the lines it prints on its serial console.
 //! - [`netns`]: two hosts (network namespaces, shaped veth), tmpfs mounts; root only.
 //!
 //! What QEMU 7.2 puts on the wire and what it accepts is written down in
@@ -23,6 +25,7 @@ pub mod error;
 pub mod ferry;
 pub mod files;
 pub mod guest;
+pub mod linux;
 pub mod migrate;
 pub mod netns;
 pub mod proc;

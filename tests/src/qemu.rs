@@ -584,7 +584,8 @@ pub fn shell_quote(path: &Path) -> String {
     format!("'{}'", path.display().to_string().replace('\'', r"'\''"))
 }
 
-fn indent(text: &str) -> String {
+/// `text` indented by four spaces for a failure message (`<empty>` if blank).
+pub fn indent(text: &str) -> String {
     let text = text.trim_end();
     if text.is_empty() {
         return "    <empty>".to_string();

@@ -286,6 +286,11 @@ pub struct ReceiveArgs {
     // TLS settings.
     #[command(flatten)]
     pub tls: TlsArgs,
+    /// Write the stream's configuration and device sections, byte for byte,
+    /// to FILE (the format `ferry send --device-state` takes), once the whole
+    /// stream has loaded and verified; a failed receive leaves no FILE.
+    #[arg(long, value_name = "FILE")]
+    pub device_state_out: Option<PathBuf>,
 }
 
 /// A `--stall-timeout` value as the sockets take it.

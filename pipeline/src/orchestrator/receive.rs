@@ -100,7 +100,8 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
     )
     .with_disks(&args.disk)
     .with_max_ram_size(args.max_ram_size)
-    .with_multifd_channels(args.multifd_channels);
+    .with_multifd_channels(args.multifd_channels)
+    .with_device_state_out(args.device_state_out.clone());
     sup.spawn(ActorKind::Reader, init)?;
     loop {
         let Some(ev) = sup.next_event(POLL)? else {

@@ -52,6 +52,7 @@ use ferry_proto::compress;
 use ferry_proto::qemu_file::{self, QemuFileReader};
 use ferry_proto::return_path::{Ack, BlockDigest};
 use ferry_proto::stream::command;
+use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::integrity as checkpoint;
 use ferry_proto::stream::parse::{self, BlockRecord, Item, Parser, RamRecord, SectionClass};
 use ferry_proto::stream::{RamBlockInfo, SectionKind, PAGE_SIZE};
@@ -95,6 +96,10 @@ pub struct Init {
     /// multifd data channels to accept beside the main stream (0: none).
     #[serde(default)]
     pub multifd_channels: u8,
+    /// Where to write the configuration and device sections once the stream
+    /// has loaded and verified (`ferry receive --device-state-out`).
+    #[serde(default)]
+    pub device_state_out: Option<PathBuf>,
 }
 
 impl Init {
@@ -118,6 +123,7 @@ impl Init {
             disks: Vec::new(),
             max_ram_size: u64::MAX,
             multifd_channels: 0,
+            device_state_out: None,
         }
     }
 
@@ -127,7 +133,13 @@ impl Init {
         self
     }
 
-    /// With `n` multifd data channels beside the main stream.
+    /// Writing the stream's device state to `path` once it has loaded.
+    pub fn with_device_state_out(mut self, path: Option<PathBuf>) -> Self {
+        self.device_state_out = path;
+        self
+    }
+
+    /// Accepts `n` multifd data channels beside the main stream.
     pub fn with_multifd_channels(mut self, n: u8) -> Self {
         self.multifd_channels = n;
         self
@@ -267,6 +279,15 @@ pub enum Error {
     /// A loaded RAM file cannot be read back for its digest.
     #[error("cannot compute the digest of the loaded RAM")]
     Digest(#[source] ram::Error),
+    /// The device state cannot be written to its file.
+    #[error("cannot write the device state to {path}")]
+    DeviceStateOut {
+        /// The file (`--device-state-out`).
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// A parse error as the reader reports it: a stream too large for this
@@ -287,6 +308,8 @@ struct Parsed {
     checkpoints: Option<u64>,
     /// Digests of the disks, written and flushed.
     disks: Vec<BlockDigest>,
+    /// The configuration and device sections, as the source sent them.
+    device: DeviceState,
 }
 
 impl Parsed {
@@ -388,7 +411,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .load(conn.transport, &mut |bytes, counts| {
             report(Event::Progress { bytes, counts })
         })
-        .and_then(|parsed| {
+        .and_then(|mut parsed| {
             // The peer has sent everything and half-closed: say hello now, so
             // a ferry sender waits for the Ack while the RAM is synced.
             answer.hello();
@@ -398,7 +421,12 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                     parsed.bytes.saturating_sub(1)
                 );
             }
-            parsed.finish()
+            let device = std::mem::take(&mut parsed.device);
+            let loaded = parsed.finish()?;
+            if let Some(path) = &init.device_state_out {
+                write_device_state(path, &device)?;
+            }
+            Ok(loaded)
         });
     let loaded = answer.finish(result)?;
     report(Event::Loaded {
@@ -406,6 +434,33 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         counts: loaded.counts,
         digests: loaded.digests,
     })
+}
+
+/// Writes the device state under a temporary name beside `path` and renames
+/// it into place, so `path` exists only with a whole, verified state. The
+/// integrity checkpoints of a sealed stream are left out: they belong to
+/// this stream, not to the device state (the writer drops them likewise).
+fn write_device_state(path: &std::path::Path, device: &DeviceState) -> Result<(), Error> {
+    let err = |source| Error::DeviceStateOut {
+        path: path.to_owned(),
+        source,
+    };
+    let mut device = device.clone();
+    device
+        .sections
+        .retain(|s| s.header.idstr != checkpoint::IDSTR);
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => std::path::Path::new("."),
+    };
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".ferry-device-state")
+        .tempfile_in(dir)
+        .map_err(err)?;
+    io::Write::write_all(&mut tmp, &device.to_bytes()).map_err(err)?;
+    tmp.as_file().sync_all().map_err(err)?;
+    tmp.persist(path).map_err(|e| err(e.error))?;
+    Ok(())
 }
 
 /// The return path, if the connection has one. Writes are best effort: a
@@ -527,6 +582,8 @@ struct Loader {
     /// A source in QEMU's legacy multifd mode syncs at every RAM EOS; a
     /// current one sends MULTIFD_FLUSH, always once in the setup section.
     flush_in_setup: bool,
+    /// The configuration and device sections seen so far.
+    device: DeviceState,
 }
 
 /// Where a load is in the stream, beyond what the parser tracks.
@@ -574,6 +631,7 @@ impl Loader {
             multifd: None,
             ram_section: None,
             flush_in_setup: false,
+            device: DeviceState::default(),
         })
     }
 
@@ -643,6 +701,7 @@ impl Loader {
             image,
             checkpoints: verifier.verified(),
             disks,
+            device: std::mem::take(&mut self.device),
         })
     }
 
@@ -654,6 +713,7 @@ impl Loader {
         verifier: &mut Verifier,
         pos: &mut Position,
     ) -> Result<(), Error> {
+        self.device.observe(&item);
         match item {
             Item::Ram(rec) => self.ram_record(rec, at)?,
             Item::Section(h) => {
@@ -877,7 +937,6 @@ impl Loader {
 mod tests {
     use super::*;
     use ferry_proto::qemu_file::QemuFileWriter;
-    use ferry_proto::stream::device_state::DeviceState;
     use ferry_proto::stream::encode::{self, RamWriter};
     use ferry_proto::stream::{image, ram_flag, xbzrle};
     use ferry_proto::transport::MemTransport;
