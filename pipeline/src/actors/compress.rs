@@ -17,6 +17,7 @@
 //! the channels of a batch are encoded in parallel.
 
 use std::cell::RefCell;
+use std::time::{Duration, Instant};
 
 use crate::supervisor::messages::{
     ActorEvent, Chunk, MultifdSend, Packet, PageBatch, PageCounts, Work,
@@ -140,7 +141,7 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map_err(|e| Error::Pool(init.workers, e))?;
     let mut packets = init
         .multifd
-        .map(|m| Packets::new(&m, &init.blocks))
+        .map(|m| Packets::new(&m, &init.blocks, init.workers))
         .transpose()?;
     let mut credits = init.window.max(1);
     loop {
@@ -178,10 +179,15 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             }
         };
         if !matches!(chunk, Chunk::RoundEnd { .. }) {
+            let blocked = credits == 0;
+            let waited = Instant::now();
             while credits == 0 {
                 credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
             }
             credits -= 1;
+            if let Some(a) = packets.as_mut().and_then(|p| p.auto.as_mut()) {
+                a.chunk_sent(&chunk, blocked.then(|| waited.elapsed()));
+            }
         }
         init.chunks
             .send(chunk)
@@ -295,13 +301,156 @@ fn encode_part(
 struct Packets {
     encoders: Vec<Encoder>,
     next: usize,
+    /// With `auto`, which packets to compress.
+    auto: Option<Auto>,
 }
 
-/// One packet to build: its place in the batch's packets, and its pages.
-type Slot<'b> = (usize, &'b [u32]);
+/// How one packet's pages go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// As the channel's method says (QEMU's way: every packet alike).
+    Method,
+    /// Raw, on a compressed channel (`auto`).
+    Raw,
+    /// Compressed, but pages that look incompressible go in a raw packet
+    /// of their own (`auto`).
+    Split,
+}
+
+/// One encoded packet and, for a compressed one, the time its compressor
+/// took and the raw bytes it took in.
+struct Encoded {
+    bytes: Vec<u8>,
+    pages: usize,
+    compressed: Option<(Duration, usize)>,
+}
+
+/// `--multifd-compression auto`: decides, per window of chunks, which
+/// fraction of packets to compress, from the link's throughput against the
+/// compressors'. Compressing a fraction `p` of the input costs `p / C`
+/// seconds per byte of compressor time (C: the pool's throughput) and
+/// leaves `1 - p (1 - r)` bytes per byte for the link (L bytes/s; r: the
+/// compression ratio); the two balance at `p = C / (L + C (1 - r))`. L is
+/// measured only over windows in which this stage waited for the writer's
+/// credit (the link, not compression, was the bottleneck); in a window with
+/// no such wait compression is the bottleneck and `p` steps down. On this
+/// machine the compressors share the CPU with the writer and the receiver,
+/// so a `p` under one half (a fast link) sends everything raw.
+#[derive(Debug)]
+struct Auto {
+    /// Fraction of packets to compress.
+    p: f64,
+    /// Error diffusion of `p` over the packets.
+    acc: f64,
+    workers: f64,
+    /// One compressor thread's input bytes per second.
+    per_thread: Ewma,
+    /// Output bytes per input byte when compressing.
+    ratio: Ewma,
+    /// Wire bytes of the chunks handed to the writer and not yet credited.
+    window_bytes: u64,
+    window_start: Instant,
+    window_chunks: u32,
+    window_blocked: Duration,
+}
+
+/// An exponentially weighted moving average.
+#[derive(Debug, Clone, Copy)]
+struct Ewma(Option<f64>);
+
+impl Ewma {
+    fn add(&mut self, x: f64) {
+        self.0 = Some(self.0.map_or(x, |v| 0.7 * v + 0.3 * x));
+    }
+}
+
+/// Chunks per decision window of `auto`.
+const AUTO_WINDOW: u32 = 8;
+
+impl Auto {
+    fn new(workers: usize) -> Self {
+        Self {
+            p: 0.5,
+            acc: 0.0,
+            workers: workers.max(1) as f64,
+            per_thread: Ewma(None),
+            ratio: Ewma(None),
+            window_bytes: 0,
+            window_start: Instant::now(),
+            window_chunks: 0,
+            window_blocked: Duration::ZERO,
+        }
+    }
+
+    /// Whether the next packet is compressed.
+    fn next(&mut self) -> Mode {
+        self.acc += self.p;
+        if self.acc >= 1.0 {
+            self.acc -= 1.0;
+            Mode::Split
+        } else {
+            Mode::Raw
+        }
+    }
+
+    /// Learns from one compressed packet: `input` raw bytes made `output`
+    /// in `took`.
+    fn compressed(&mut self, input: usize, output: usize, took: Duration) {
+        if input > 0 && !took.is_zero() {
+            self.per_thread.add(input as f64 / took.as_secs_f64());
+            self.ratio.add(output as f64 / input as f64);
+        }
+    }
+
+    /// A chunk went to the writer, after waiting `blocked` for its credit
+    /// if there was none; at the end of a window, sets `p` afresh.
+    fn chunk_sent(&mut self, chunk: &Chunk, blocked: Option<Duration>) {
+        if let Chunk::Packets { packets, .. } = chunk {
+            self.window_bytes += packets.iter().map(|p| p.bytes.len() as u64).sum::<u64>();
+        }
+        self.window_chunks += 1;
+        self.window_blocked += blocked.unwrap_or_default();
+        if self.window_chunks < AUTO_WINDOW {
+            return;
+        }
+        let wall = self.window_start.elapsed().as_secs_f64();
+        let link_bound = self.window_blocked.as_secs_f64() > 0.1 * wall;
+        self.p = match (link_bound, self.per_thread.0, self.ratio.0) {
+            (true, Some(c1), Some(r)) => {
+                let (c, l) = (c1 * self.workers, self.window_bytes as f64 / wall);
+                let p = c / (l + c * (1.0 - r).max(0.0));
+                if p < 0.5 {
+                    0.0
+                } else {
+                    p.min(1.0)
+                }
+            }
+            // Nothing measured yet: try compressing.
+            (true, _, _) => 1.0,
+            (false, _, _) => (self.p - 0.25).max(0.0),
+        };
+        tracing::debug!(
+            p = self.p,
+            link_bound,
+            wall,
+            bytes = self.window_bytes,
+            "auto"
+        );
+        self.window_bytes = 0;
+        self.window_chunks = 0;
+        self.window_blocked = Duration::ZERO;
+        self.window_start = Instant::now();
+    }
+}
+
+/// One packet to build: its place in the batch's packets, its pages, and
+/// how they go out.
+type Slot<'b> = (usize, &'b [u32], Mode);
 
 impl Packets {
-    fn new(m: &MultifdSend, blocks: &[BlockFile]) -> Result<Self, Error> {
+    /// `workers`: the pool's threads (with `auto`, the compressors that run at
+    /// once are the fewer of those and the channels).
+    fn new(m: &MultifdSend, blocks: &[BlockFile], workers: usize) -> Result<Self, Error> {
         if let Some(b) = blocks
             .iter()
             .find(|b| b.name.len() > multifd::MAX_BLOCK_NAME)
@@ -316,7 +465,11 @@ impl Packets {
                 level: m.level,
                 source,
             })?;
-        Ok(Self { encoders, next: 0 })
+        Ok(Self {
+            encoders,
+            next: 0,
+            auto: m.auto.then(|| Auto::new(workers.min(m.channels.into()))),
+        })
     }
 
     /// The batch's pages in packets, in round-robin channel order; every
@@ -331,12 +484,13 @@ impl Packets {
         let packets = batch.pages.len().div_ceil(PAGES_PER_PACKET);
         let size = batch.pages.len().div_ceil(packets.max(1)).max(1);
         for (i, pages) in batch.pages.chunks(size).enumerate() {
-            slots[self.next].push((i, pages));
+            let mode = self.auto.as_mut().map_or(Mode::Method, Auto::next);
+            slots[self.next].push((i, pages, mode));
             channel_of.push(self.next);
             self.next = (self.next + 1) % n;
         }
         let seq = batch.seq;
-        let encoded: Vec<Vec<(usize, Vec<u8>)>> = self
+        let encoded: Vec<Vec<(usize, Vec<Encoded>)>> = self
             .encoders
             .par_iter_mut()
             .zip(slots)
@@ -344,7 +498,7 @@ impl Packets {
             .map(|(channel, (enc, slots))| {
                 slots
                     .into_iter()
-                    .map(|(i, pages)| Ok((i, packet(enc, name, map, pages)?)))
+                    .map(|(i, pages, mode)| Ok((i, packets_of(enc, name, map, pages, mode)?)))
                     .collect::<std::io::Result<Vec<_>>>()
                     .map_err(|source| Error::Packet {
                         seq,
@@ -353,28 +507,36 @@ impl Packets {
                     })
             })
             .collect::<Result<_, _>>()?;
-        let mut packets: Vec<Option<Vec<u8>>> = vec![None; channel_of.len()];
+        let mut packets: Vec<Vec<Encoded>> = Vec::new();
+        packets.resize_with(channel_of.len(), Vec::new);
         let mut counts = PageCounts {
             zero: batch.zero_pages,
             ..PageCounts::default()
         };
-        for (i, bytes) in encoded.into_iter().flatten() {
-            let pages = batch.pages.len().min((i + 1) * size) - i * size;
-            match self.encoders[0].method() {
-                Compression::None => counts.raw += pages as u64,
-                _ => {
-                    counts.compressed += pages as u64;
-                    counts.compressed_bytes += (bytes.len() - HEADER_LEN) as u64;
+        for (i, made) in encoded.into_iter().flatten() {
+            for e in &made {
+                match e.compressed {
+                    None => counts.raw += e.pages as u64,
+                    Some((took, input)) => {
+                        let out = e.bytes.len() - HEADER_LEN;
+                        counts.compressed += e.pages as u64;
+                        counts.compressed_bytes += out as u64;
+                        if let Some(a) = &mut self.auto {
+                            a.compressed(input, out, took);
+                        }
+                    }
                 }
             }
-            packets[i] = Some(bytes);
+            packets[i] = made;
         }
         let packets = packets
             .into_iter()
             .zip(channel_of)
-            .map(|(bytes, channel)| Packet {
-                channel: channel as u8,
-                bytes: bytes.expect("every packet was encoded"),
+            .flat_map(|(made, channel)| {
+                made.into_iter().map(move |e| Packet {
+                    channel: channel as u8,
+                    bytes: e.bytes,
+                })
             })
             .collect();
         Ok(Chunk::Packets {
@@ -386,26 +548,76 @@ impl Packets {
     }
 }
 
-/// One packet: the header, then the pages (copied out of guest RAM first, as
-/// QEMU does, so the guest cannot change them under the compressor) as the
-/// channel's compressor makes them.
-fn packet(
+/// One slot's packets: the pages (copied out of guest RAM first, as QEMU
+/// does, so the guest cannot change them under the compressor) in one
+/// packet as `mode` says, or with [`Mode::Split`] in up to two: the pages
+/// that look compressible compressed, the others raw.
+fn packets_of(
     enc: &mut Encoder,
     name: &str,
     map: &GuestRam,
     pages: &[u32],
-) -> std::io::Result<Vec<u8>> {
+    mode: Mode,
+) -> std::io::Result<Vec<Encoded>> {
     let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
     for (&i, dst) in pages.iter().zip(raw.chunks_exact_mut(PAGE_SIZE)) {
         map.read_page(i, dst.try_into().expect("a page"))
             .expect("`check` saw every index inside the block");
     }
-    let mut out = vec![0u8; HEADER_LEN];
-    let len = enc.encode(&raw, &mut out)?;
+    match mode {
+        Mode::Method if enc.method() == Compression::None => {
+            Ok(vec![packet(None, name, pages, &raw)?])
+        }
+        Mode::Method => Ok(vec![packet(Some(enc), name, pages, &raw)?]),
+        Mode::Raw => Ok(vec![packet(None, name, pages, &raw)?]),
+        Mode::Split => {
+            let (mut dense, mut sparse) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
+            for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
+                let (idx, bytes) = if compress::looks_incompressible(page) {
+                    &mut dense
+                } else {
+                    &mut sparse
+                };
+                idx.push(i);
+                bytes.extend_from_slice(page);
+            }
+            let mut out = Vec::with_capacity(2);
+            if !sparse.0.is_empty() {
+                out.push(packet(Some(enc), name, &sparse.0, &sparse.1)?);
+            }
+            if !dense.0.is_empty() {
+                out.push(packet(None, name, &dense.0, &dense.1)?);
+            }
+            Ok(out)
+        }
+    }
+}
+
+/// One packet: the header, then `raw` (the `pages`' bytes) as `enc` makes
+/// them, or as they are without one.
+fn packet(
+    enc: Option<&mut Encoder>,
+    name: &str,
+    pages: &[u32],
+    raw: &[u8],
+) -> std::io::Result<Encoded> {
+    let mut out = Vec::with_capacity(HEADER_LEN + raw.len());
+    out.resize(HEADER_LEN, 0);
+    let (flags, compressed) = match enc {
+        Some(enc) => {
+            let t = Instant::now();
+            enc.encode(raw, &mut out)?;
+            (enc.method().flag(), Some((t.elapsed(), raw.len())))
+        }
+        None => {
+            out.extend_from_slice(raw);
+            (Compression::None.flag(), None)
+        }
+    };
     let header = PacketHeader {
-        flags: enc.method().flag(),
+        flags,
         normal_pages: pages.len() as u32,
-        next_packet_size: len as u32,
+        next_packet_size: (out.len() - HEADER_LEN) as u32,
         block: name.to_owned(),
         offsets: pages
             .iter()
@@ -414,7 +626,11 @@ fn packet(
         ..PacketHeader::default()
     };
     header.encode((&mut out[..HEADER_LEN]).try_into().expect("header length"));
-    Ok(out)
+    Ok(Encoded {
+        bytes: out,
+        pages: pages.len(),
+        compressed,
+    })
 }
 
 #[cfg(test)]
@@ -441,8 +657,9 @@ mod tests {
                 compression: method,
                 level: 1,
                 legacy_sync: false,
+                auto: false,
             };
-            let mut p = Packets::new(&m, &[]).unwrap();
+            let mut p = Packets::new(&m, &[], 2).unwrap();
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
             let mut seen = Vec::new();
             for (seq, range) in [(0u64, 0..pages), (1, 0..40)] {

@@ -137,6 +137,9 @@ pub struct MultifdSend {
     /// EOS and no MULTIFD_FLUSH (machine types up to 8.0), instead of one
     /// per round with MULTIFD_FLUSH.
     pub legacy_sync: bool,
+    /// ferry's `auto`: `compression` where it pays, raw packets elsewhere
+    /// (ferry receivers only).
+    pub auto: bool,
 }
 
 /// One multifd packet (header and payload) and the channel it goes on.
