@@ -321,6 +321,8 @@ enum Mode {
 /// took and the raw bytes it took in.
 struct Encoded {
     bytes: Vec<u8>,
+    /// Pages the writer appends raw from its own mapping.
+    raw_pages: Vec<u32>,
     pages: usize,
     compressed: Option<(Duration, usize)>,
 }
@@ -536,6 +538,8 @@ impl Packets {
                 made.into_iter().map(move |e| Packet {
                     channel: channel as u8,
                     bytes: e.bytes,
+                    block: batch.block,
+                    raw_pages: e.raw_pages,
                 })
             })
             .collect();
@@ -559,65 +563,59 @@ fn packets_of(
     pages: &[u32],
     mode: Mode,
 ) -> std::io::Result<Vec<Encoded>> {
+    let raw_only = mode == Mode::Raw || enc.method() == Compression::None;
+    if raw_only {
+        return Ok(vec![packet(None, name, pages, &[])?]);
+    }
     let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
     for (&i, dst) in pages.iter().zip(raw.chunks_exact_mut(PAGE_SIZE)) {
         map.read_page(i, dst.try_into().expect("a page"))
             .expect("`check` saw every index inside the block");
     }
-    match mode {
-        Mode::Method if enc.method() == Compression::None => {
-            Ok(vec![packet(None, name, pages, &raw)?])
-        }
-        Mode::Method => Ok(vec![packet(Some(enc), name, pages, &raw)?]),
-        Mode::Raw => Ok(vec![packet(None, name, pages, &raw)?]),
-        Mode::Split => {
-            let (mut dense, mut sparse) = ((Vec::new(), Vec::new()), (Vec::new(), Vec::new()));
-            for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
-                let (idx, bytes) = if compress::looks_incompressible(page) {
-                    &mut dense
-                } else {
-                    &mut sparse
-                };
-                idx.push(i);
-                bytes.extend_from_slice(page);
-            }
-            let mut out = Vec::with_capacity(2);
-            if !sparse.0.is_empty() {
-                out.push(packet(Some(enc), name, &sparse.0, &sparse.1)?);
-            }
-            if !dense.0.is_empty() {
-                out.push(packet(None, name, &dense.0, &dense.1)?);
-            }
-            Ok(out)
+    if mode == Mode::Method {
+        return Ok(vec![packet(Some(enc), name, pages, &raw)?]);
+    }
+    let (mut dense, mut sparse) = (Vec::new(), (Vec::new(), Vec::new()));
+    for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
+        if compress::looks_incompressible(page) {
+            dense.push(i);
+        } else {
+            sparse.0.push(i);
+            sparse.1.extend_from_slice(page);
         }
     }
+    let mut out = Vec::with_capacity(2);
+    if !sparse.0.is_empty() {
+        out.push(packet(Some(enc), name, &sparse.0, &sparse.1)?);
+    }
+    if !dense.is_empty() {
+        out.push(packet(None, name, &dense, &[])?);
+    }
+    Ok(out)
 }
 
 /// One packet: the header, then `raw` (the `pages`' bytes) as `enc` makes
-/// them, or as they are without one.
+/// them; without `enc` only the header, the writer adds the pages.
 fn packet(
     enc: Option<&mut Encoder>,
     name: &str,
     pages: &[u32],
     raw: &[u8],
 ) -> std::io::Result<Encoded> {
-    let mut out = Vec::with_capacity(HEADER_LEN + raw.len());
-    out.resize(HEADER_LEN, 0);
-    let (flags, compressed) = match enc {
+    let mut out = vec![0u8; HEADER_LEN];
+    let (flags, compressed, len, raw_pages) = match enc {
         Some(enc) => {
             let t = Instant::now();
-            enc.encode(raw, &mut out)?;
-            (enc.method().flag(), Some((t.elapsed(), raw.len())))
+            let len = enc.encode(raw, &mut out)?;
+            let c = Some((t.elapsed(), raw.len()));
+            (enc.method().flag(), c, len, Vec::new())
         }
-        None => {
-            out.extend_from_slice(raw);
-            (Compression::None.flag(), None)
-        }
+        None => (0, None, pages.len() * PAGE_SIZE, pages.to_vec()),
     };
     let header = PacketHeader {
         flags,
         normal_pages: pages.len() as u32,
-        next_packet_size: (out.len() - HEADER_LEN) as u32,
+        next_packet_size: len as u32,
         block: name.to_owned(),
         offsets: pages
             .iter()
@@ -628,6 +626,7 @@ fn packet(
     header.encode((&mut out[..HEADER_LEN]).try_into().expect("header length"));
     Ok(Encoded {
         bytes: out,
+        raw_pages,
         pages: pages.len(),
         compressed,
     })
@@ -677,10 +676,16 @@ mod tests {
                     let head: &[u8; HEADER_LEN] = pk.bytes[..HEADER_LEN].try_into().unwrap();
                     let h = PacketHeader::decode(head, Some(method)).unwrap();
                     assert_eq!(h.block, "b");
-                    assert_eq!(pk.bytes.len(), HEADER_LEN + h.payload_len());
+                    // A raw packet's pages come from the writer's mapping.
+                    let mut payload = pk.bytes[HEADER_LEN..].to_vec();
+                    for &i in &pk.raw_pages {
+                        let at = i as usize * PAGE_SIZE;
+                        payload.extend_from_slice(&bytes[at..at + PAGE_SIZE]);
+                    }
+                    assert_eq!(payload.len(), h.payload_len());
                     let mut out = vec![0u8; h.normal_pages as usize * PAGE_SIZE];
                     decoders[usize::from(pk.channel)]
-                        .decode(&pk.bytes[HEADER_LEN..], &mut out)
+                        .decode(&payload, &mut out)
                         .unwrap();
                     for (off, page) in h.normal().iter().zip(out.chunks(PAGE_SIZE)) {
                         let at = *off as usize;
