@@ -179,14 +179,12 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             }
         };
         if !matches!(chunk, Chunk::RoundEnd { .. }) {
-            let blocked = credits == 0;
-            let waited = Instant::now();
             while credits == 0 {
                 credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
             }
             credits -= 1;
             if let Some(a) = packets.as_mut().and_then(|p| p.auto.as_mut()) {
-                a.chunk_sent(&chunk, blocked.then(|| waited.elapsed()));
+                a.chunk_sent(&chunk);
             }
         }
         init.chunks
@@ -333,11 +331,9 @@ struct Encoded {
 /// seconds per byte of compressor time (C: the pool's throughput) and
 /// leaves `1 - p (1 - r)` bytes per byte for the link (L bytes/s; r: the
 /// compression ratio); the two balance at `p = C / (L + C (1 - r))`. L is
-/// measured only over windows in which this stage waited for the writer's
-/// credit (the link, not compression, was the bottleneck); in a window with
-/// no such wait compression is the bottleneck and `p` steps down. On this
-/// machine the compressors share the CPU with the writer and the receiver,
-/// so a `p` under one half (a fast link) sends everything raw.
+/// measured over raw windows (the first, then one in [`AUTO_PROBE`]), C and
+/// r over compressed packets. A `p` under [`AUTO_MIN_SHARE`] (a fast link)
+/// sends everything raw.
 #[derive(Debug)]
 struct Auto {
     /// Fraction of packets to compress.
@@ -349,11 +345,14 @@ struct Auto {
     per_thread: Ewma,
     /// Output bytes per input byte when compressing.
     ratio: Ewma,
+    /// The link's bytes per second (at least), from raw windows.
+    link: Ewma,
+    /// Windows so far.
+    windows: u64,
     /// Wire bytes of the chunks handed to the writer and not yet credited.
     window_bytes: u64,
     window_start: Instant,
     window_chunks: u32,
-    window_blocked: Duration,
 }
 
 /// An exponentially weighted moving average.
@@ -368,19 +367,27 @@ impl Ewma {
 
 /// Chunks per decision window of `auto`.
 const AUTO_WINDOW: u32 = 8;
+/// Every this many windows of `auto` one goes raw, to measure the link.
+const AUTO_PROBE: u64 = 32;
+/// The least share of packets `auto` compresses: a smaller share gains
+/// little on the link, and on a host where the writer and the receiver
+/// share the cores with the compressors it costs them CPU.
+const AUTO_MIN_SHARE: f64 = 0.75;
 
 impl Auto {
     fn new(workers: usize) -> Self {
         Self {
-            p: 0.5,
+            // The first window is raw: it measures the link.
+            p: 0.0,
             acc: 0.0,
             workers: workers.max(1) as f64,
             per_thread: Ewma(None),
             ratio: Ewma(None),
+            link: Ewma(None),
+            windows: 0,
             window_bytes: 0,
             window_start: Instant::now(),
             window_chunks: 0,
-            window_blocked: Duration::ZERO,
         }
     }
 
@@ -404,43 +411,49 @@ impl Auto {
         }
     }
 
-    /// A chunk went to the writer, after waiting `blocked` for its credit
-    /// if there was none; at the end of a window, sets `p` afresh.
-    fn chunk_sent(&mut self, chunk: &Chunk, blocked: Option<Duration>) {
-        if let Chunk::Packets { packets, .. } = chunk {
-            self.window_bytes += packets.iter().map(|p| p.bytes.len() as u64).sum::<u64>();
+    /// A chunk went to the writer; at the end of a window, sets `p` afresh.
+    fn chunk_sent(&mut self, chunk: &Chunk) {
+        if let Chunk::Packets {
+            packets,
+            zero_records,
+            ..
+        } = chunk
+        {
+            let wire = |p: &Packet| (p.bytes.len() + p.raw_pages.len() * PAGE_SIZE) as u64;
+            self.window_bytes += zero_records.len() as u64 + packets.iter().map(wire).sum::<u64>();
         }
         self.window_chunks += 1;
-        self.window_blocked += blocked.unwrap_or_default();
         if self.window_chunks < AUTO_WINDOW {
             return;
         }
         let wall = self.window_start.elapsed().as_secs_f64();
-        let link_bound = self.window_blocked.as_secs_f64() > 0.1 * wall;
-        self.p = match (link_bound, self.per_thread.0, self.ratio.0) {
-            (true, Some(c1), Some(r)) => {
-                let (c, l) = (c1 * self.workers, self.window_bytes as f64 / wall);
+        let rate = self.window_bytes as f64 / wall.max(1e-6);
+        if self.p == 0.0 {
+            // A raw window: the link took what it was given, as fast as it
+            // could once the credits were used up. Compressed windows say
+            // nothing of the link: their rate is the compressors'. (The
+            // first raw window after compressed ones may start with credit
+            // to spare and overstate the link; the next raw one corrects it.)
+            self.link.0 = Some(rate);
+        }
+        self.windows += 1;
+        self.p = match (self.link.0, self.per_thread.0, self.ratio.0) {
+            _ if self.windows % AUTO_PROBE == 0 => 0.0,
+            (Some(l), Some(c1), Some(r)) => {
+                let c = c1 * self.workers;
                 let p = c / (l + c * (1.0 - r).max(0.0));
-                if p < 0.5 {
+                if p < AUTO_MIN_SHARE {
                     0.0
                 } else {
                     p.min(1.0)
                 }
             }
-            // Nothing measured yet: try compressing.
-            (true, _, _) => 1.0,
-            (false, _, _) => (self.p - 0.25).max(0.0),
+            // Nothing compressed yet to measure: try it.
+            _ => 1.0,
         };
-        tracing::debug!(
-            p = self.p,
-            link_bound,
-            wall,
-            bytes = self.window_bytes,
-            "auto"
-        );
+        tracing::debug!(p = self.p, rate, link = self.link.0, "auto");
         self.window_bytes = 0;
         self.window_chunks = 0;
-        self.window_blocked = Duration::ZERO;
         self.window_start = Instant::now();
     }
 }
