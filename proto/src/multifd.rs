@@ -326,7 +326,8 @@ impl PacketHeader {
     }
 
     /// Reads and checks a header for a channel whose compression is
-    /// `expected` (`None` until its first packet with pages names it):
+    /// `expected` (`None` until its first packet with pages names it; a
+    /// raw packet passes on any channel):
     /// counts within the packet, a payload length that fits its pages,
     /// page-aligned offsets, a NUL-terminated block name. Whether the block
     /// exists and holds the offsets is the caller's to check.
@@ -381,14 +382,11 @@ impl PacketHeader {
         if self.normal_pages == 0 {
             return Ok(());
         }
-        // A raw packet loads on any channel, and a channel that has carried
-        // only raw packets may start its compressed stream: ferry's `auto`
-        // mode sends pages raw where compressing them does not pay. Two
-        // different compressions on one channel cannot both be its stream.
-        let compressed = |c: Compression| c != Compression::None;
-        if let Some(expected) =
-            expected.filter(|&e| e != found && compressed(e) && compressed(found))
-        {
+        // A raw packet loads on a compressed channel: ferry's `auto` mode
+        // sends pages raw where compressing them does not pay (and its
+        // receiver expects nothing of a channel before its first compressed
+        // packet).
+        if let Some(expected) = expected.filter(|&e| e != found && found != Compression::None) {
             return Err(Error::CompressionMismatch {
                 found: found.name(),
                 expected: expected.name(),
