@@ -1,7 +1,7 @@
 //! `ferry send --multifd-compression auto` into `ferry receive`: zstd
-//! channels that also carry raw packets (the first window of chunks goes raw
-//! to measure the link, the second is compressed to measure the
-//! compressors, and incompressible pages of compressed packets go raw). The
+//! channels that also carry raw packets (the first windows of chunks go raw,
+//! the next ones compressed, to compare the two, and incompressible pages of
+//! compressed packets go raw whatever the choice). The
 //! destination must equal the source byte for byte, and the sender's
 //! statistics must show both kinds of packets went over the channels.
 

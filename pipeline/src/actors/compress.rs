@@ -17,7 +17,7 @@
 //! the channels of a batch are encoded in parallel.
 
 use std::cell::RefCell;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use crate::supervisor::messages::{
     ActorEvent, Chunk, MultifdSend, Packet, PageBatch, PageCounts, Work,
@@ -141,7 +141,7 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map_err(|e| Error::Pool(init.workers, e))?;
     let mut packets = init
         .multifd
-        .map(|m| Packets::new(&m, &init.blocks, init.workers))
+        .map(|m| Packets::new(&m, &init.blocks))
         .transpose()?;
     let mut credits = init.window.max(1);
     loop {
@@ -315,143 +315,102 @@ enum Mode {
     Split,
 }
 
-/// One encoded packet and, for a compressed one, the time its compressor
-/// took and the raw bytes it took in.
+/// One encoded packet.
 struct Encoded {
     bytes: Vec<u8>,
     /// Pages the writer appends raw from its own mapping.
     raw_pages: Vec<u32>,
     pages: usize,
-    compressed: Option<(Duration, usize)>,
+    /// Its payload is compressed.
+    compressed: bool,
 }
 
-/// `--multifd-compression auto`: decides, per window of chunks, which
-/// fraction of packets to compress, from the link's throughput against the
-/// compressors'. Compressing a fraction `p` of the input costs `p / C`
-/// seconds per byte of compressor time (C: the pool's throughput) and
-/// leaves `1 - p (1 - r)` bytes per byte for the link (L bytes/s; r: the
-/// compression ratio); the two balance at `p = C / (L + C (1 - r))`. L is
-/// measured over raw windows (the first, then one in [`AUTO_PROBE`]), C and
-/// r over compressed packets. A `p` under [`AUTO_MIN_SHARE`] (a fast link)
-/// sends everything raw.
+/// `--multifd-compression auto`: per window of [`AUTO_WINDOW`] chunks,
+/// either every packet raw or every packet compressed (its incompressible
+/// pages still raw), whichever moved guest RAM faster when last tried. The
+/// rate is measured, not modelled: pages handed to the writer per second,
+/// which the link, the compressors and, on a shared host, the receiver all
+/// bound. A link's and a compressor's throughput cannot be told apart from
+/// the sender when the link is a loopback that the same cores drive, so
+/// `auto` compares the two ways end to end: the first windows try raw, then
+/// compressed, and every [`AUTO_PROBE`] windows the other way is tried
+/// again, so a link that slows down or speeds up mid-run is followed. The
+/// window after a switch is not measured: the chunks already in flight
+/// under the writer's credit belong to the other way.
 #[derive(Debug)]
 struct Auto {
-    /// Fraction of packets to compress.
-    p: f64,
-    /// Error diffusion of `p` over the packets.
-    acc: f64,
-    workers: f64,
-    /// One compressor thread's input bytes per second.
-    per_thread: Ewma,
-    /// Output bytes per input byte when compressing.
-    ratio: Ewma,
-    /// The link's bytes per second (at least), from raw windows.
-    link: Ewma,
-    /// Windows so far.
-    windows: u64,
-    /// Wire bytes of the chunks handed to the writer and not yet credited.
+    /// Whether this window compresses.
+    compress: bool,
+    /// Guest bytes per second of each way, raw and compressed, when last
+    /// measured.
+    rate: [Option<f64>; 2],
+    /// Windows since the last switch.
+    since_switch: u64,
     window_bytes: u64,
     window_start: Instant,
     window_chunks: u32,
 }
 
-/// An exponentially weighted moving average.
-#[derive(Debug, Clone, Copy)]
-struct Ewma(Option<f64>);
-
-impl Ewma {
-    fn add(&mut self, x: f64) {
-        self.0 = Some(self.0.map_or(x, |v| 0.7 * v + 0.3 * x));
-    }
-}
-
 /// Chunks per decision window of `auto`.
 const AUTO_WINDOW: u32 = 8;
-/// Every this many windows of `auto` one goes raw, to measure the link.
+/// Every this many windows `auto` tries the way it is not using.
 const AUTO_PROBE: u64 = 32;
-/// The least share of packets `auto` compresses: a smaller share gains
-/// little on the link, and on a host where the writer and the receiver
-/// share the cores with the compressors it costs them CPU.
-const AUTO_MIN_SHARE: f64 = 0.75;
 
 impl Auto {
-    fn new(workers: usize) -> Self {
+    fn new() -> Self {
         Self {
-            // The first window is raw: it measures the link.
-            p: 0.0,
-            acc: 0.0,
-            workers: workers.max(1) as f64,
-            per_thread: Ewma(None),
-            ratio: Ewma(None),
-            link: Ewma(None),
-            windows: 0,
+            compress: false,
+            rate: [None, None],
+            since_switch: 0,
             window_bytes: 0,
             window_start: Instant::now(),
             window_chunks: 0,
         }
     }
 
-    /// Whether the next packet is compressed.
+    /// How the next packet goes out.
     fn next(&mut self) -> Mode {
-        self.acc += self.p;
-        if self.acc >= 1.0 {
-            self.acc -= 1.0;
+        if self.compress {
             Mode::Split
         } else {
             Mode::Raw
         }
     }
 
-    /// Learns from one compressed packet: `input` raw bytes made `output`
-    /// in `took`.
-    fn compressed(&mut self, input: usize, output: usize, took: Duration) {
-        if input > 0 && !took.is_zero() {
-            self.per_thread.add(input as f64 / took.as_secs_f64());
-            self.ratio.add(output as f64 / input as f64);
-        }
-    }
-
-    /// A chunk went to the writer; at the end of a window, sets `p` afresh.
+    /// A chunk went to the writer; at the end of a window, measures it and
+    /// picks the next window's way.
     fn chunk_sent(&mut self, chunk: &Chunk) {
-        if let Chunk::Packets {
-            packets,
-            zero_records,
-            ..
-        } = chunk
-        {
-            let wire = |p: &Packet| (p.bytes.len() + p.raw_pages.len() * PAGE_SIZE) as u64;
-            self.window_bytes += zero_records.len() as u64 + packets.iter().map(wire).sum::<u64>();
+        if let Chunk::Packets { counts, .. } = chunk {
+            self.window_bytes += (counts.raw + counts.compressed) * PAGE_SIZE as u64;
         }
         self.window_chunks += 1;
         if self.window_chunks < AUTO_WINDOW {
             return;
         }
-        let wall = self.window_start.elapsed().as_secs_f64();
-        let rate = self.window_bytes as f64 / wall.max(1e-6);
-        if self.p == 0.0 {
-            // A raw window: the link took what it was given, as fast as it
-            // could once the credits were used up. Compressed windows say
-            // nothing of the link: their rate is the compressors'. (The
-            // first raw window after compressed ones may start with credit
-            // to spare and overstate the link; the next raw one corrects it.)
-            self.link.0 = Some(rate);
+        let wall = self.window_start.elapsed().as_secs_f64().max(1e-6);
+        let way = usize::from(self.compress);
+        self.since_switch += 1;
+        if self.since_switch >= 2 {
+            self.rate[way] = Some(self.window_bytes as f64 / wall);
         }
-        self.windows += 1;
-        self.p = match (self.link.0, self.per_thread.0, self.ratio.0) {
-            _ if self.windows % AUTO_PROBE == 0 => 0.0,
-            (Some(l), Some(c1), Some(r)) => {
-                let c = c1 * self.workers;
-                let p = c / (l + c * (1.0 - r).max(0.0));
-                if p < AUTO_MIN_SHARE {
-                    0.0
-                } else {
-                    p.min(1.0)
-                }
+        let switch = match self.rate {
+            // Measure the other way once this one has been measured.
+            [Some(_), None] | [None, Some(_)] => self.rate[way].is_some(),
+            [Some(raw), Some(compressed)] => {
+                let better = if compressed > raw { 1 } else { 0 };
+                (better != way && self.since_switch >= 2) || self.since_switch >= AUTO_PROBE
             }
-            // Nothing compressed yet to measure: try it.
-            _ => 1.0,
+            [None, None] => false,
         };
-        tracing::debug!(p = self.p, rate, link = self.link.0, "auto");
+        if switch {
+            self.compress = !self.compress;
+            self.since_switch = 0;
+        }
+        tracing::debug!(
+            compress = self.compress,
+            rate = ?self.rate,
+            "auto"
+        );
         self.window_bytes = 0;
         self.window_chunks = 0;
         self.window_start = Instant::now();
@@ -463,9 +422,7 @@ impl Auto {
 type Slot<'b> = (usize, &'b [u32], Mode);
 
 impl Packets {
-    /// `workers`: the pool's threads (with `auto`, the compressors that run at
-    /// once are the fewer of those and the channels).
-    fn new(m: &MultifdSend, blocks: &[BlockFile], workers: usize) -> Result<Self, Error> {
+    fn new(m: &MultifdSend, blocks: &[BlockFile]) -> Result<Self, Error> {
         if let Some(b) = blocks
             .iter()
             .find(|b| b.name.len() > multifd::MAX_BLOCK_NAME)
@@ -483,7 +440,7 @@ impl Packets {
         Ok(Self {
             encoders,
             next: 0,
-            auto: m.auto.then(|| Auto::new(workers.min(m.channels.into()))),
+            auto: m.auto.then(Auto::new),
         })
     }
 
@@ -530,16 +487,11 @@ impl Packets {
         };
         for (i, made) in encoded.into_iter().flatten() {
             for e in &made {
-                match e.compressed {
-                    None => counts.raw += e.pages as u64,
-                    Some((took, input)) => {
-                        let out = e.bytes.len() - HEADER_LEN;
-                        counts.compressed += e.pages as u64;
-                        counts.compressed_bytes += out as u64;
-                        if let Some(a) = &mut self.auto {
-                            a.compressed(input, out, took);
-                        }
-                    }
+                if e.compressed {
+                    counts.compressed += e.pages as u64;
+                    counts.compressed_bytes += (e.bytes.len() - HEADER_LEN) as u64;
+                } else {
+                    counts.raw += e.pages as u64;
                 }
             }
             packets[i] = made;
@@ -616,14 +568,10 @@ fn packet(
     raw: &[u8],
 ) -> std::io::Result<Encoded> {
     let mut out = vec![0u8; HEADER_LEN];
-    let (flags, compressed, len, raw_pages) = match enc {
-        Some(enc) => {
-            let t = Instant::now();
-            let len = enc.encode(raw, &mut out)?;
-            let c = Some((t.elapsed(), raw.len()));
-            (enc.method().flag(), c, len, Vec::new())
-        }
-        None => (0, None, pages.len() * PAGE_SIZE, pages.to_vec()),
+    let compressed = enc.is_some();
+    let (flags, len, raw_pages) = match enc {
+        Some(enc) => (enc.method().flag(), enc.encode(raw, &mut out)?, Vec::new()),
+        None => (0, pages.len() * PAGE_SIZE, pages.to_vec()),
     };
     let header = PacketHeader {
         flags,
@@ -671,7 +619,7 @@ mod tests {
                 legacy_sync: false,
                 auto: false,
             };
-            let mut p = Packets::new(&m, &[], 2).unwrap();
+            let mut p = Packets::new(&m, &[]).unwrap();
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
             let mut seen = Vec::new();
             for (seq, range) in [(0u64, 0..pages), (1, 0..40)] {
