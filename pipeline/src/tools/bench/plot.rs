@@ -42,23 +42,29 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
         .max(1e-3);
     let lmax = max_of(&left.points, |p| p.1).max(1.0) * 1.1;
     let rmax = max_of(&right.points, |p| p.1).max(1.0) * 1.1;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        esc(title)
-    );
+    let mut s = open(W, H, title);
     axes(&mut s, x_label, xmax, lmax, rmax);
     for (series, m, x) in [(left, lmax, 14.0), (right, rmax, W - 14.0)] {
         line(&mut s, series, xmax, m, x);
     }
     s.push_str("</svg>\n");
+    s
+}
+
+/// An SVG's opening: its size, a white background and the title on top.
+fn open(width: f64, height: f64, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        width / 2.0,
+        esc(title)
+    );
     s
 }
 
@@ -147,18 +153,7 @@ pub fn bars(title: &str, labels: &[String], panels: &[(&str, Vec<f64>)]) -> Stri
     let (ph, top, bottom) = (300.0, 50.0, 170.0);
     let width = pw * panels.len().max(1) as f64;
     let height = top + ph + bottom;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        width / 2.0,
-        esc(title)
-    );
+    let mut s = open(width, height, title);
     for (p, (figure, values)) in panels.iter().enumerate() {
         let x0 = p as f64 * pw + 40.0;
         let m = values.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.15;
