@@ -14,7 +14,11 @@
 //! [`PAGES_PER_PACKET`] pages, dealt round robin over the channels. Each
 //! channel has one compression stream for the whole migration, as in QEMU,
 //! so a channel's packets are encoded in the order the writer sends them;
-//! the channels of a batch are encoded in parallel.
+//! the channels of a batch are encoded in parallel. A raw packet leaves
+//! here as its header and its page indices: the writer copies the pages
+//! from its own mapping into the channel. With `--multifd-compression auto`
+//! (see [`Auto`]) each window of chunks goes all raw or all zstd, whichever
+//! moved guest RAM faster when last tried.
 
 use std::cell::RefCell;
 use std::time::Instant;
