@@ -17,7 +17,7 @@
 //! the channels of a batch are encoded in parallel. A raw packet leaves
 //! here as its header and its page indices: the writer copies the pages
 //! from its own mapping into the channel. With `--multifd-compression auto`
-//! (see [`Auto`]) each window of chunks goes all raw or all zstd, whichever
+//! (see `Auto`) each window of chunks goes all raw or all zstd, whichever
 //! moved guest RAM faster when last tried.
 
 use std::cell::RefCell;

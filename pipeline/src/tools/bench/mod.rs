@@ -2,7 +2,7 @@
 //!
 //! `static` migrates one unchanging guest RAM file with QEMU 10 and with
 //! ferry, side by side in one run, each into its own real receiver (see
-//! [`side`]); `live` migrates a guest that keeps writing.
+//! side.rs); `live` migrates a guest that keeps writing.
 
 mod live;
 mod plot;
