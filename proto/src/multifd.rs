@@ -115,6 +115,15 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A decompressor cannot be set up.
+    #[error("cannot set up a multifd {method} decompressor")]
+    Decoder {
+        /// The method.
+        method: &'static str,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The payload decoded to more or fewer bytes than its pages.
     #[error("multifd {method} payload decodes to {got} bytes, the packet's pages are {expected}")]
     DecodedSize {
@@ -317,7 +326,8 @@ impl PacketHeader {
     }
 
     /// Reads and checks a header for a channel whose compression is
-    /// `expected` (`None` until its first packet with pages names it):
+    /// `expected` (`None` until its first packet with pages names it; a
+    /// raw packet passes on any channel):
     /// counts within the packet, a payload length that fits its pages,
     /// page-aligned offsets, a NUL-terminated block name. Whether the block
     /// exists and holds the offsets is the caller's to check.
@@ -372,7 +382,11 @@ impl PacketHeader {
         if self.normal_pages == 0 {
             return Ok(());
         }
-        if let Some(expected) = expected.filter(|&e| e != found) {
+        // A raw packet loads on a compressed channel: ferry's `auto` mode
+        // sends pages raw where compressing them does not pay (and its
+        // receiver expects nothing of a channel before its first compressed
+        // packet).
+        if let Some(expected) = expected.filter(|&e| e != found && found != Compression::None) {
             return Err(Error::CompressionMismatch {
                 found: found.name(),
                 expected: expected.name(),
@@ -573,6 +587,57 @@ impl Decoder {
                 expected: out.len(),
             })
         }
+    }
+}
+
+/// A channel's decompressor as ferry's receiver keeps it: raw packets are
+/// copied whatever the channel's stream, and the stream starts with the
+/// channel's first compressed packet (QEMU sends one method per channel;
+/// ferry's `auto` mode mixes raw packets into a zstd channel).
+#[derive(Debug, Default)]
+pub struct ChannelDecoder {
+    stream: Option<Decoder>,
+}
+
+impl ChannelDecoder {
+    /// The channel's compression so far: that of its stream, `None` before
+    /// its first compressed packet.
+    pub fn method(&self) -> Option<Compression> {
+        self.stream.as_ref().map(Decoder::method)
+    }
+
+    /// Decodes one packet's `payload`, compressed as `method` (from its
+    /// flags), into `out` (`normal_pages` x 4096 bytes), as
+    /// [`Decoder::decode`].
+    ///
+    /// # Errors
+    /// [`Error::CompressionMismatch`] for a second compression on the
+    /// channel, [`Error::Decoder`], and [`Decoder::decode`]'s.
+    pub fn decode(
+        &mut self,
+        method: Compression,
+        payload: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), Error> {
+        if method == Compression::None {
+            return Decoder::None.decode(payload, out);
+        }
+        let d = match &mut self.stream {
+            Some(d) if d.method() != method => {
+                return Err(Error::CompressionMismatch {
+                    found: method.name(),
+                    expected: d.method().name(),
+                })
+            }
+            Some(d) => d,
+            None => self
+                .stream
+                .insert(Decoder::new(method).map_err(|source| Error::Decoder {
+                    method: method.name(),
+                    source,
+                })?),
+        };
+        d.decode(payload, out)
     }
 }
 

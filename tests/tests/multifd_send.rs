@@ -444,3 +444,25 @@ fn multifd_zstd_into_a_qemu10_pc_with_device_state() {
     q.wait_completed();
     assert_same_ram(&dst, &src);
 }
+
+/// `--multifd-compression auto` (ferry receivers only): zstd channels that
+/// also carry raw packets (the first windows of chunks go raw, the next ones
+/// compressed, to compare the two; incompressible pages of compressed
+/// packets go raw whatever the choice) load byte-identical, with both kinds
+/// of packets on the channels.
+#[test]
+fn multifd_auto_mixes_raw_and_zstd_packets_into_ferry_receive() {
+    let dir = shm_tempdir(PREFIX);
+    let d = dir.path();
+    let src = d.join("source.ram");
+    ram::write_mixed_image(&src, 128 << 20, 43).expect("writing 128 MiB of RAM");
+    for channels in [2, 4] {
+        let st = ferry_to_ferry(d, &src, channels, "auto", &[]);
+        let raw = st["ram"]["normal"].as_u64().unwrap();
+        let compressed = st["compression"]["pages"].as_u64().unwrap();
+        assert!(
+            raw > 0 && compressed > 0,
+            "{channels} channels: auto sent {raw} raw and {compressed} compressed pages: {st}"
+        );
+    }
+}

@@ -14,9 +14,14 @@
 //! [`PAGES_PER_PACKET`] pages, dealt round robin over the channels. Each
 //! channel has one compression stream for the whole migration, as in QEMU,
 //! so a channel's packets are encoded in the order the writer sends them;
-//! the channels of a batch are encoded in parallel.
+//! the channels of a batch are encoded in parallel. A raw packet leaves
+//! here as its header and its page indices: the writer copies the pages
+//! from its own mapping into the channel. With `--multifd-compression auto`
+//! (see `Auto`) each window of chunks goes all raw or all zstd, whichever
+//! moved guest RAM faster when last tried.
 
 use std::cell::RefCell;
+use std::time::Instant;
 
 use crate::supervisor::messages::{
     ActorEvent, Chunk, MultifdSend, Packet, PageBatch, PageCounts, Work,
@@ -182,6 +187,9 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
             }
             credits -= 1;
+            if let Some(a) = packets.as_mut().and_then(|p| p.auto.as_mut()) {
+                a.chunk_sent(&chunk);
+            }
         }
         init.chunks
             .send(chunk)
@@ -295,10 +303,127 @@ fn encode_part(
 struct Packets {
     encoders: Vec<Encoder>,
     next: usize,
+    /// With `auto`, which packets to compress.
+    auto: Option<Auto>,
 }
 
-/// One packet to build: its place in the batch's packets, and its pages.
-type Slot<'b> = (usize, &'b [u32]);
+/// How one packet's pages go out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// As the channel's method says (QEMU's way: every packet alike).
+    Method,
+    /// Raw, on a compressed channel (`auto`).
+    Raw,
+    /// Compressed, but pages that look incompressible go in a raw packet
+    /// of their own (`auto`).
+    Split,
+}
+
+/// One encoded packet.
+struct Encoded {
+    bytes: Vec<u8>,
+    /// Pages the writer appends raw from its own mapping.
+    raw_pages: Vec<u32>,
+    pages: usize,
+    /// Its payload is compressed.
+    compressed: bool,
+}
+
+/// `--multifd-compression auto`: per window of [`AUTO_WINDOW`] chunks,
+/// either every packet raw or every packet compressed (its incompressible
+/// pages still raw), whichever moved guest RAM faster when last tried. The
+/// rate is measured, not modelled: pages handed to the writer per second,
+/// which the link, the compressors and, on a shared host, the receiver all
+/// bound. A link's and a compressor's throughput cannot be told apart from
+/// the sender when the link is a loopback that the same cores drive, so
+/// `auto` compares the two ways end to end: the first windows try raw, then
+/// compressed, and every [`AUTO_PROBE`] windows the other way is tried
+/// again, so a link that slows down or speeds up mid-run is followed. The
+/// window after a switch is not measured: the chunks already in flight
+/// under the writer's credit belong to the other way.
+#[derive(Debug)]
+struct Auto {
+    /// Whether this window compresses.
+    compress: bool,
+    /// Guest bytes per second of each way, raw and compressed, when last
+    /// measured.
+    rate: [Option<f64>; 2],
+    /// Windows since the last switch.
+    since_switch: u64,
+    window_bytes: u64,
+    window_start: Instant,
+    window_chunks: u32,
+}
+
+/// Chunks per decision window of `auto`.
+const AUTO_WINDOW: u32 = 8;
+/// Every this many windows `auto` tries the way it is not using.
+const AUTO_PROBE: u64 = 32;
+
+impl Auto {
+    fn new() -> Self {
+        Self {
+            compress: false,
+            rate: [None, None],
+            since_switch: 0,
+            window_bytes: 0,
+            window_start: Instant::now(),
+            window_chunks: 0,
+        }
+    }
+
+    /// How the next packet goes out.
+    fn next(&mut self) -> Mode {
+        if self.compress {
+            Mode::Split
+        } else {
+            Mode::Raw
+        }
+    }
+
+    /// A chunk went to the writer; at the end of a window, measures it and
+    /// picks the next window's way.
+    fn chunk_sent(&mut self, chunk: &Chunk) {
+        if let Chunk::Packets { counts, .. } = chunk {
+            self.window_bytes += (counts.raw + counts.compressed) * PAGE_SIZE as u64;
+        }
+        self.window_chunks += 1;
+        if self.window_chunks < AUTO_WINDOW {
+            return;
+        }
+        let wall = self.window_start.elapsed().as_secs_f64().max(1e-6);
+        let way = usize::from(self.compress);
+        self.since_switch += 1;
+        if self.since_switch >= 2 {
+            self.rate[way] = Some(self.window_bytes as f64 / wall);
+        }
+        let switch = match self.rate {
+            // Measure the other way once this one has been measured.
+            [Some(_), None] | [None, Some(_)] => self.rate[way].is_some(),
+            [Some(raw), Some(compressed)] => {
+                let better = if compressed > raw { 1 } else { 0 };
+                (better != way && self.since_switch >= 2) || self.since_switch >= AUTO_PROBE
+            }
+            [None, None] => false,
+        };
+        if switch {
+            self.compress = !self.compress;
+            self.since_switch = 0;
+        }
+        tracing::debug!(
+            compress = self.compress,
+            rate = ?self.rate,
+            "auto"
+        );
+        self.window_bytes = 0;
+        self.window_chunks = 0;
+        self.window_start = Instant::now();
+    }
+}
+
+/// One packet to build: its place in the batch's packets, its pages, and
+/// how they go out.
+type Slot<'b> = (usize, &'b [u32], Mode);
 
 impl Packets {
     fn new(m: &MultifdSend, blocks: &[BlockFile]) -> Result<Self, Error> {
@@ -316,7 +441,11 @@ impl Packets {
                 level: m.level,
                 source,
             })?;
-        Ok(Self { encoders, next: 0 })
+        Ok(Self {
+            encoders,
+            next: 0,
+            auto: m.auto.then(Auto::new),
+        })
     }
 
     /// The batch's pages in packets, in round-robin channel order; every
@@ -331,12 +460,13 @@ impl Packets {
         let packets = batch.pages.len().div_ceil(PAGES_PER_PACKET);
         let size = batch.pages.len().div_ceil(packets.max(1)).max(1);
         for (i, pages) in batch.pages.chunks(size).enumerate() {
-            slots[self.next].push((i, pages));
+            let mode = self.auto.as_mut().map_or(Mode::Method, Auto::next);
+            slots[self.next].push((i, pages, mode));
             channel_of.push(self.next);
             self.next = (self.next + 1) % n;
         }
         let seq = batch.seq;
-        let encoded: Vec<Vec<(usize, Vec<u8>)>> = self
+        let encoded: Vec<Vec<(usize, Vec<Encoded>)>> = self
             .encoders
             .par_iter_mut()
             .zip(slots)
@@ -344,7 +474,7 @@ impl Packets {
             .map(|(channel, (enc, slots))| {
                 slots
                     .into_iter()
-                    .map(|(i, pages)| Ok((i, packet(enc, name, map, pages)?)))
+                    .map(|(i, pages, mode)| Ok((i, packets_of(enc, name, map, pages, mode)?)))
                     .collect::<std::io::Result<Vec<_>>>()
                     .map_err(|source| Error::Packet {
                         seq,
@@ -353,28 +483,33 @@ impl Packets {
                     })
             })
             .collect::<Result<_, _>>()?;
-        let mut packets: Vec<Option<Vec<u8>>> = vec![None; channel_of.len()];
+        let mut packets: Vec<Vec<Encoded>> = Vec::new();
+        packets.resize_with(channel_of.len(), Vec::new);
         let mut counts = PageCounts {
             zero: batch.zero_pages,
             ..PageCounts::default()
         };
-        for (i, bytes) in encoded.into_iter().flatten() {
-            let pages = batch.pages.len().min((i + 1) * size) - i * size;
-            match self.encoders[0].method() {
-                Compression::None => counts.raw += pages as u64,
-                _ => {
-                    counts.compressed += pages as u64;
-                    counts.compressed_bytes += (bytes.len() - HEADER_LEN) as u64;
+        for (i, made) in encoded.into_iter().flatten() {
+            for e in &made {
+                if e.compressed {
+                    counts.compressed += e.pages as u64;
+                    counts.compressed_bytes += (e.bytes.len() - HEADER_LEN) as u64;
+                } else {
+                    counts.raw += e.pages as u64;
                 }
             }
-            packets[i] = Some(bytes);
+            packets[i] = made;
         }
         let packets = packets
             .into_iter()
             .zip(channel_of)
-            .map(|(bytes, channel)| Packet {
-                channel: channel as u8,
-                bytes: bytes.expect("every packet was encoded"),
+            .flat_map(|(made, channel)| {
+                made.into_iter().map(move |e| Packet {
+                    channel: channel as u8,
+                    bytes: e.bytes,
+                    block: batch.block,
+                    raw_pages: e.raw_pages,
+                })
             })
             .collect();
         Ok(Chunk::Packets {
@@ -386,24 +521,64 @@ impl Packets {
     }
 }
 
-/// One packet: the header, then the pages (copied out of guest RAM first, as
-/// QEMU does, so the guest cannot change them under the compressor) as the
-/// channel's compressor makes them.
-fn packet(
+/// One slot's packets: the pages (copied out of guest RAM first, as QEMU
+/// does, so the guest cannot change them under the compressor) in one
+/// packet as `mode` says, or with [`Mode::Split`] in up to two: the pages
+/// that look compressible compressed, the others raw.
+fn packets_of(
     enc: &mut Encoder,
     name: &str,
     map: &GuestRam,
     pages: &[u32],
-) -> std::io::Result<Vec<u8>> {
+    mode: Mode,
+) -> std::io::Result<Vec<Encoded>> {
+    let raw_only = mode == Mode::Raw || enc.method() == Compression::None;
+    if raw_only {
+        return Ok(vec![packet(None, name, pages, &[])?]);
+    }
     let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
     for (&i, dst) in pages.iter().zip(raw.chunks_exact_mut(PAGE_SIZE)) {
         map.read_page(i, dst.try_into().expect("a page"))
             .expect("`check` saw every index inside the block");
     }
+    if mode == Mode::Method {
+        return Ok(vec![packet(Some(enc), name, pages, &raw)?]);
+    }
+    let (mut dense, mut sparse) = (Vec::new(), (Vec::new(), Vec::new()));
+    for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
+        if compress::looks_incompressible(page) {
+            dense.push(i);
+        } else {
+            sparse.0.push(i);
+            sparse.1.extend_from_slice(page);
+        }
+    }
+    let mut out = Vec::with_capacity(2);
+    if !sparse.0.is_empty() {
+        out.push(packet(Some(enc), name, &sparse.0, &sparse.1)?);
+    }
+    if !dense.is_empty() {
+        out.push(packet(None, name, &dense, &[])?);
+    }
+    Ok(out)
+}
+
+/// One packet: the header, then `raw` (the `pages`' bytes) as `enc` makes
+/// them; without `enc` only the header, the writer adds the pages.
+fn packet(
+    enc: Option<&mut Encoder>,
+    name: &str,
+    pages: &[u32],
+    raw: &[u8],
+) -> std::io::Result<Encoded> {
     let mut out = vec![0u8; HEADER_LEN];
-    let len = enc.encode(&raw, &mut out)?;
+    let compressed = enc.is_some();
+    let (flags, len, raw_pages) = match enc {
+        Some(enc) => (enc.method().flag(), enc.encode(raw, &mut out)?, Vec::new()),
+        None => (0, pages.len() * PAGE_SIZE, pages.to_vec()),
+    };
     let header = PacketHeader {
-        flags: enc.method().flag(),
+        flags,
         normal_pages: pages.len() as u32,
         next_packet_size: len as u32,
         block: name.to_owned(),
@@ -414,7 +589,12 @@ fn packet(
         ..PacketHeader::default()
     };
     header.encode((&mut out[..HEADER_LEN]).try_into().expect("header length"));
-    Ok(out)
+    Ok(Encoded {
+        bytes: out,
+        raw_pages,
+        pages: pages.len(),
+        compressed,
+    })
 }
 
 #[cfg(test)]
@@ -441,6 +621,7 @@ mod tests {
                 compression: method,
                 level: 1,
                 legacy_sync: false,
+                auto: false,
             };
             let mut p = Packets::new(&m, &[]).unwrap();
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
@@ -460,10 +641,16 @@ mod tests {
                     let head: &[u8; HEADER_LEN] = pk.bytes[..HEADER_LEN].try_into().unwrap();
                     let h = PacketHeader::decode(head, Some(method)).unwrap();
                     assert_eq!(h.block, "b");
-                    assert_eq!(pk.bytes.len(), HEADER_LEN + h.payload_len());
+                    // A raw packet's pages come from the writer's mapping.
+                    let mut payload = pk.bytes[HEADER_LEN..].to_vec();
+                    for &i in &pk.raw_pages {
+                        let at = i as usize * PAGE_SIZE;
+                        payload.extend_from_slice(&bytes[at..at + PAGE_SIZE]);
+                    }
+                    assert_eq!(payload.len(), h.payload_len());
                     let mut out = vec![0u8; h.normal_pages as usize * PAGE_SIZE];
                     decoders[usize::from(pk.channel)]
-                        .decode(&pk.bytes[HEADER_LEN..], &mut out)
+                        .decode(&payload, &mut out)
                         .unwrap();
                     for (off, page) in h.normal().iter().zip(out.chunks(PAGE_SIZE)) {
                         let at = *off as usize;

@@ -939,6 +939,26 @@ impl<'m> Writer<'m, '_> {
             self.limiter.extra += piece.len() as u64;
         }
         m.bytes[usize::from(p.channel)] += bytes.len() as u64;
+        if p.raw_pages.is_empty() {
+            return Ok(());
+        }
+        let bad_page = |page| Error::BadChunk {
+            seq,
+            block: p.block,
+            page,
+        };
+        let map = self.maps.get(p.block as usize).ok_or(bad_page(0))?;
+        let per_check = (self.limiter.slice() / PAGE_SIZE).max(1);
+        let mut buf = [0u8; PAGE_SIZE];
+        for (n, &i) in p.raw_pages.iter().enumerate() {
+            let page = map.read_page(i, &mut buf).ok_or(bad_page(i))?;
+            if n % per_check == 0 {
+                self.limiter.throttle(&mut self.f);
+            }
+            f.put_buffer(page);
+            self.limiter.extra += PAGE_SIZE as u64;
+        }
+        m.bytes[usize::from(p.channel)] += (p.raw_pages.len() * PAGE_SIZE) as u64;
         Ok(())
     }
 

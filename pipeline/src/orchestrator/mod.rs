@@ -29,12 +29,32 @@ fn parse_level(s: &str) -> Result<u32, String> {
     }
 }
 
-fn parse_multifd_compression(s: &str) -> Result<Compression, String> {
+fn parse_multifd_compression(s: &str) -> Result<MultifdCompression, String> {
     match s {
-        "none" => Ok(Compression::None),
-        "zlib" => Ok(Compression::Zlib),
-        "zstd" => Ok(Compression::Zstd),
-        _ => Err(format!("{s:?}: expected none, zlib or zstd")),
+        "none" => Ok(MultifdCompression::Method(Compression::None)),
+        "zlib" => Ok(MultifdCompression::Method(Compression::Zlib)),
+        "zstd" => Ok(MultifdCompression::Method(Compression::Zstd)),
+        "auto" => Ok(MultifdCompression::Auto),
+        _ => Err(format!("{s:?}: expected none, zlib, zstd or auto")),
+    }
+}
+
+/// `--multifd-compression`: one of QEMU's methods, or ferry's `auto`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MultifdCompression {
+    /// QEMU's method of that name.
+    Method(Compression),
+    /// zstd channels whose packets go raw where compressing does not pay.
+    Auto,
+}
+
+impl MultifdCompression {
+    /// The name the flag takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Method(c) => c.name(),
+            Self::Auto => "auto",
+        }
     }
 }
 
@@ -205,9 +225,13 @@ pub struct MultifdArgs {
     #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "2")]
     pub multifd_channels: u8,
     /// multifd compression, one stream per channel as QEMU's
-    /// multifd-compression: none, zlib or zstd.
+    /// multifd-compression: none, zlib or zstd; or auto (ferry receivers
+    /// only): zstd at --multifd-zstd-level where it pays, measured as the
+    /// migration runs (the link's throughput against the compressors'), raw
+    /// packets where it does not and for pages that would not shrink. A
+    /// QEMU destination fails such a migration at its first raw packet.
     #[arg(long, value_name = "METHOD", default_value = "none", value_parser = parse_multifd_compression, requires = "multifd_channels")]
-    pub multifd_compression: Compression,
+    pub multifd_compression: MultifdCompression,
     /// zlib level for --multifd-compression zlib (QEMU's multifd-zlib-level).
     #[arg(long, value_name = "0-9", default_value_t = 1, value_parser = clap::value_parser!(i32).range(0..=9), requires = "multifd_channels")]
     pub multifd_zlib_level: i32,
@@ -229,11 +253,15 @@ impl MultifdArgs {
     pub fn settings(&self) -> Option<crate::supervisor::messages::MultifdSend> {
         (self.multifd_channels > 0).then_some(crate::supervisor::messages::MultifdSend {
             channels: self.multifd_channels,
-            compression: self.multifd_compression,
-            level: match self.multifd_compression {
-                Compression::Zstd => self.multifd_zstd_level,
-                _ => self.multifd_zlib_level,
+            compression: match self.multifd_compression {
+                MultifdCompression::Method(c) => c,
+                MultifdCompression::Auto => Compression::Zstd,
             },
+            level: match self.multifd_compression {
+                MultifdCompression::Method(Compression::Zlib) => self.multifd_zlib_level,
+                _ => self.multifd_zstd_level,
+            },
+            auto: self.multifd_compression == MultifdCompression::Auto,
             legacy_sync: self.multifd_flush_after_each_section,
         })
     }

@@ -137,6 +137,9 @@ pub struct MultifdSend {
     /// EOS and no MULTIFD_FLUSH (machine types up to 8.0), instead of one
     /// per round with MULTIFD_FLUSH.
     pub legacy_sync: bool,
+    /// ferry's `auto`: `compression` where it pays, raw packets elsewhere
+    /// (ferry receivers only).
+    pub auto: bool,
 }
 
 /// One multifd packet (header and payload) and the channel it goes on.
@@ -148,6 +151,13 @@ pub struct Packet {
     /// packets in the order they are written, SYNC packets included.
     #[serde(with = "serde_bytes")]
     pub bytes: Vec<u8>,
+    /// The block of `raw_pages`.
+    pub block: u32,
+    /// Pages (indices into `block`) of a raw packet whose `bytes` are only
+    /// its header: the writer copies them from its own mapping straight
+    /// into the channel, once, instead of the compress stage copying them
+    /// into `bytes` and every hop after it copying them again.
+    pub raw_pages: Vec<u32>,
 }
 
 /// What the writer receives, in sequence order.

@@ -198,3 +198,57 @@ fn a_payload_for_other_pages_is_an_error() {
         );
     }
 }
+
+/// ferry's `auto` mode: raw packets between a channel's zstd packets load
+/// without touching its stream, a channel whose first packets were raw
+/// starts its stream later, and a second compression on one channel is
+/// refused.
+#[test]
+fn a_channel_decoder_mixes_raw_packets_into_one_compressed_stream() {
+    let mut enc = Encoder::new(Compression::Zstd, 1).unwrap();
+    let mut dec = ChannelDecoder::default();
+    let mut out = vec![0u8; 4 * PAGE_SIZE];
+    for (i, compressed) in [false, true, false, false, true, true, false]
+        .into_iter()
+        .enumerate()
+    {
+        let p = pages(4, i as u8);
+        let (method, payload) = if compressed {
+            let mut v = Vec::new();
+            enc.encode(&p, &mut v).unwrap();
+            (Compression::Zstd, v)
+        } else {
+            (Compression::None, p.clone())
+        };
+        dec.decode(method, &payload, &mut out).unwrap();
+        assert_eq!(out, p, "packet {i}");
+    }
+    assert_eq!(dec.method(), Some(Compression::Zstd));
+    let err = dec.decode(Compression::Zlib, &[0x78, 0x01], &mut out);
+    assert!(
+        matches!(
+            err,
+            Err(Error::CompressionMismatch {
+                found: "zlib",
+                expected: "zstd"
+            })
+        ),
+        "{err:?}"
+    );
+    // The header check lets a raw packet through on a zstd channel, and a
+    // zlib one not.
+    let mut h = PacketHeader {
+        normal_pages: 1,
+        next_packet_size: PAGE_SIZE as u32,
+        block: "pc.ram".into(),
+        offsets: vec![0],
+        ..PacketHeader::default()
+    };
+    PacketHeader::decode(&header_bytes(&h), Some(Compression::Zstd)).unwrap();
+    h.flags = flag::ZLIB;
+    h.next_packet_size = 10;
+    assert!(matches!(
+        PacketHeader::decode(&header_bytes(&h), Some(Compression::Zstd)),
+        Err(Error::CompressionMismatch { .. })
+    ));
+}

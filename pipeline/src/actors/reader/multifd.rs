@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use ferry_guest::load::{self, SharedPages};
 use ferry_proto::multifd::{
-    self, ChannelInit, Compression, Decoder, PacketHeader, HEADER_LEN, INIT_LEN,
+    self, ChannelDecoder, ChannelInit, Compression, PacketHeader, HEADER_LEN, INIT_LEN,
 };
 use ferry_proto::stream::{PAGE_SIZE, QEMU_VM_FILE_MAGIC};
 use ferry_proto::transport::Transport;
@@ -559,7 +559,7 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
     };
     let mut header = Box::new([0u8; HEADER_LEN]);
     let (mut payload, mut pages) = (Vec::new(), Vec::new());
-    let mut decoder: Option<Decoder> = None;
+    let mut decoder = ChannelDecoder::default();
     let mut since_sync = 0u64;
     loop {
         let offset = stats.bytes;
@@ -589,8 +589,7 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
             offset,
             source,
         };
-        let h =
-            PacketHeader::decode(&header, decoder.as_ref().map(Decoder::method)).map_err(packet)?;
+        let h = PacketHeader::decode(&header, decoder.method()).map_err(packet)?;
         payload.resize(h.payload_len(), 0);
         if let Some(got) = read_full(t.as_mut(), &mut payload).map_err(io)? {
             return Err(Error::Truncated {
@@ -601,12 +600,10 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
         stats.bytes += (HEADER_LEN + payload.len()) as u64;
         if h.normal_pages > 0 {
             let method = Compression::from_flags(h.flags).map_err(packet)?;
-            let d = match &mut decoder {
-                Some(d) => d,
-                None => decoder.insert(Decoder::new(method).map_err(io)?),
-            };
             pages.resize(h.normal_pages as usize * PAGE_SIZE, 0);
-            d.decode(&payload, &mut pages).map_err(packet)?;
+            decoder
+                .decode(method, &payload, &mut pages)
+                .map_err(packet)?;
         }
         if !h.offsets.is_empty() {
             let normal = &pages[..h.normal_pages as usize * PAGE_SIZE];

@@ -1,4 +1,5 @@
-//! Minimal SVG line plots: remaining dirty memory and throttle against time.
+//! Minimal SVG plots: line plots (remaining dirty memory and throttle against
+//! time) and bar charts (one panel per figure, one bar per scenario).
 
 use std::fmt::Write;
 
@@ -41,23 +42,29 @@ pub fn svg(title: &str, x_label: &str, left: &Series, right: &Series) -> String 
         .max(1e-3);
     let lmax = max_of(&left.points, |p| p.1).max(1.0) * 1.1;
     let rmax = max_of(&right.points, |p| p.1).max(1.0) * 1.1;
-    let mut s = String::new();
-    let _ = writeln!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(
-        s,
-        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
-        W / 2.0,
-        esc(title)
-    );
+    let mut s = open(W, H, title);
     axes(&mut s, x_label, xmax, lmax, rmax);
     for (series, m, x) in [(left, lmax, 14.0), (right, rmax, W - 14.0)] {
         line(&mut s, series, xmax, m, x);
     }
     s.push_str("</svg>\n");
+    s
+}
+
+/// An SVG's opening: its size, a white background and the title on top.
+fn open(width: f64, height: f64, title: &str) -> String {
+    let mut s = String::new();
+    let _ = writeln!(
+        s,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(
+        s,
+        r#"<text x="{}" y="20" text-anchor="middle" font-size="14">{}</text>"#,
+        width / 2.0,
+        esc(title)
+    );
     s
 }
 
@@ -136,4 +143,48 @@ fn esc(s: &str) -> String {
     s.replace('&', "&amp;")
         .replace('<', "&lt;")
         .replace('>', "&gt;")
+}
+
+/// Bar charts side by side, one panel per `(figure, values)`, one bar per
+/// label (in the same order in every panel), each bar with its value on top.
+pub fn bars(title: &str, labels: &[String], panels: &[(&str, Vec<f64>)]) -> String {
+    const COLOURS: [&str; 6] = ["#888", "#4a7", "#275", "#49c", "#136", "#c63"];
+    let pw = 360.0;
+    let (ph, top, bottom) = (300.0, 50.0, 170.0);
+    let width = pw * panels.len().max(1) as f64;
+    let height = top + ph + bottom;
+    let mut s = open(width, height, title);
+    for (p, (figure, values)) in panels.iter().enumerate() {
+        let x0 = p as f64 * pw + 40.0;
+        let m = values.iter().copied().fold(0.0, f64::max).max(1e-9) * 1.15;
+        let slot = (pw - 60.0) / labels.len().max(1) as f64;
+        let _ = writeln!(
+            s,
+            r#"<text x="{}" y="40" text-anchor="middle">{}</text><path d="M{x0},{top} V{} H{}" fill="none" stroke="black"/>"#,
+            x0 + (pw - 60.0) / 2.0,
+            esc(figure),
+            top + ph,
+            x0 + pw - 60.0
+        );
+        for (i, (label, v)) in labels.iter().zip(values).enumerate() {
+            let h = v / m * ph;
+            let x = x0 + i as f64 * slot + slot * 0.15;
+            let (y, w) = (top + ph - h, slot * 0.7);
+            let _ = writeln!(
+                s,
+                r#"<rect x="{x:.1}" y="{y:.1}" width="{w:.1}" height="{h:.1}" fill="{}"/><text x="{:.1}" y="{:.1}" text-anchor="middle" font-size="10">{v:.2}</text>"#,
+                COLOURS[i % COLOURS.len()],
+                x + w / 2.0,
+                y - 3.0
+            );
+            let (lx, ly) = (x + w / 2.0, top + ph + 8.0);
+            let _ = writeln!(
+                s,
+                r#"<text x="{lx:.1}" y="{ly:.1}" font-size="10" text-anchor="end" transform="rotate(-60 {lx:.1} {ly:.1})">{}</text>"#,
+                esc(label)
+            );
+        }
+    }
+    s.push_str("</svg>\n");
+    s
 }
