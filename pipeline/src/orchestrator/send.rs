@@ -232,7 +232,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
 fn check_multifd(args: &SendArgs) -> anyhow::Result<()> {
     if args.multifd.multifd_channels == 0 {
         // Given explicitly, 0 would silently drop the compression asked for.
-        if args.multifd.multifd_compression != ferry_proto::multifd::Compression::None {
+        if args.multifd.multifd_compression
+            != super::MultifdCompression::Method(ferry_proto::multifd::Compression::None)
+        {
             bail!(
                 "--multifd-compression {} needs multifd channels: give --multifd-channels N \
                  with N at least 1 (0 means no multifd)",

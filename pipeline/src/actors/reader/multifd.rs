@@ -598,8 +598,9 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
             });
         }
         stats.bytes += (HEADER_LEN + payload.len()) as u64;
+        let mut method = Compression::None;
         if h.normal_pages > 0 {
-            let method = Compression::from_flags(h.flags).map_err(packet)?;
+            method = Compression::from_flags(h.flags).map_err(packet)?;
             pages.resize(h.normal_pages as usize * PAGE_SIZE, 0);
             decoder
                 .decode(method, &payload, &mut pages)
@@ -608,12 +609,12 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
         if !h.offsets.is_empty() {
             let normal = &pages[..h.normal_pages as usize * PAGE_SIZE];
             write(channel, offset, &h, normal, shared)?;
-            match decoder.as_ref().map(Decoder::method) {
-                Some(m) if m != Compression::None && h.normal_pages > 0 => {
-                    stats.compressed += u64::from(h.normal_pages);
-                    stats.compressed_bytes += payload.len() as u64;
-                }
-                _ => stats.normal += u64::from(h.normal_pages),
+            // Per packet: with auto, raw packets travel on a zstd channel.
+            if method == Compression::None {
+                stats.normal += u64::from(h.normal_pages);
+            } else {
+                stats.compressed += u64::from(h.normal_pages);
+                stats.compressed_bytes += payload.len() as u64;
             }
             stats.zero += u64::from(h.zero_pages);
             since_sync += h.offsets.len() as u64;
