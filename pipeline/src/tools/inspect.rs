@@ -9,7 +9,7 @@ use ferry_guest::load::{self, RamImage};
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
-use ferry_proto::stream::{vmdesc, RamBlockInfo, PAGE_SIZE};
+use ferry_proto::stream::{integrity, RamBlockInfo, PAGE_SIZE};
 use ferry_proto::transport::{FileTransport, ReadTransport, Transport};
 use serde::Serialize;
 
@@ -39,9 +39,6 @@ pub enum Error {
     /// The stream is not a valid migration stream.
     #[error("invalid stream")]
     Stream(#[from] parse::Error),
-    /// The vmdesc trailer cannot be read.
-    #[error("cannot read the vmdesc trailer")]
-    Vmdesc(#[from] vmdesc::Error),
     /// RAM cannot be extracted (or a page in the stream is corrupt).
     #[error("cannot load RAM")]
     Load(#[from] load::Error),
@@ -99,37 +96,34 @@ pub struct Report {
     pub pages: Pages,
     /// Whether a vmdesc trailer followed EOF.
     pub vmdesc: bool,
+    /// Bytes of device state no vmdesc sized, carried whole (from the
+    /// header of the first such section to the EOF marker).
+    pub opaque_device_bytes: u64,
     /// Length of the stream in bytes.
     pub bytes: u64,
 }
 
-/// Device section body lengths by (idstr, instance), from a vmdesc trailer.
-type DeviceSizes = std::collections::HashMap<(String, u32), u64>;
-
-fn open(path: &Path) -> Result<(Box<dyn Transport>, DeviceSizes), Error> {
+/// The stream file, or standard input. The parser sizes device sections
+/// from the vmdesc trailer itself, the same way from a pipe as from a file.
+fn open(path: &Path) -> Result<Box<dyn Transport>, Error> {
     if path == Path::new("-") {
-        return Ok((Box::new(ReadTransport(io::stdin())), Default::default()));
+        return Ok(Box::new(ReadTransport(io::stdin())));
     }
-    let mut file = File::open(path).map_err(|source| Error::Open {
+    let file = File::open(path).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
-    // A file can be read from the end first: the trailer sizes device sections
-    // exactly, where a pipe leaves only the search for their footers.
-    let is_file = file.metadata().is_ok_and(|m| m.is_file());
-    let sizes = match is_file {
-        true => match vmdesc::find_trailer(&mut file, parse::Limits::default().max_vmdesc)? {
-            Some(json) => vmdesc::section_sizes(&json).unwrap_or_default(),
-            None => Default::default(),
-        },
-        false => Default::default(),
-    };
-    Ok((Box::new(FileTransport(file)), sizes))
+    Ok(Box::new(FileTransport(file)))
 }
 
 /// Reads the whole stream, extracting what `opts` asks for.
 pub fn run(opts: &Options) -> Result<Report, Error> {
-    let (transport, sizes) = open(&opts.stream)?;
+    let transport = open(&opts.stream)?;
+    // A checkpoint of `ferry send --integrity` has a known length.
+    let sizes = std::collections::HashMap::from([(
+        (integrity::IDSTR.to_owned(), 0),
+        integrity::BODY_LEN as u64,
+    )]);
     let mut parser = Parser::new(QemuFileReader::new(transport)).with_device_sizes(sizes);
     let mut report = Report::default();
     let mut device = DeviceState::default();
@@ -170,6 +164,11 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
                 }
             }
             Item::Vmdesc(_) => report.vmdesc = true,
+            Item::OpaqueDeviceState(bytes) => {
+                // The section whose header came last is part of it.
+                let header = open_section.take().map_or(0, |h| offset - h.start);
+                report.opaque_device_bytes += header + bytes.len() as u64;
+            }
             Item::End => break,
             Item::Block(_) | Item::DeviceState(_) | Item::Command { .. } | Item::Eof => {}
         }
@@ -233,6 +232,13 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> io::Result<()> {
             s.version,
             s.start,
             end
+        )?;
+    }
+    if r.opaque_device_bytes > 0 {
+        writeln!(
+            out,
+            "device state carried whole (no vmdesc sizes it): {} bytes",
+            r.opaque_device_bytes
         )?;
     }
     for b in &r.ram_blocks {

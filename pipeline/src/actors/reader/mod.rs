@@ -761,6 +761,7 @@ impl Loader {
             | Item::FileHeader
             | Item::Configuration { .. }
             | Item::DeviceState(_)
+            | Item::OpaqueDeviceState(_)
             | Item::Vmdesc(_) => {}
         }
         Ok(())
