@@ -203,6 +203,17 @@ pub enum Error {
         /// Offset of the first extra byte.
         offset: u64,
     },
+    /// A page size other than ferry's 4 KiB: every page offset and length
+    /// would be read wrong.
+    #[error("at byte {offset}: the stream's {source_of} declares {stream}-byte pages; ferry supports only {PAGE_SIZE}-byte pages")]
+    PageSize {
+        /// Offset of the declaration.
+        offset: u64,
+        /// Where: the configuration's target-page-bits, or the vmdesc.
+        source_of: &'static str,
+        /// The page size it declares, in bytes.
+        stream: u64,
+    },
     /// A RAM or block section among the device sections: its records would
     /// have to be found inside bytes ferry carries without understanding.
     #[error("at byte {offset}: section {idstr:?} comes after the device state; ferry reads RAM and block sections only before it")]
@@ -249,6 +260,7 @@ impl Error {
             | Error::HookUnsupported { offset }
             | Error::BadVmdesc { offset, .. }
             | Error::SectionAfterDeviceState { offset, .. }
+            | Error::PageSize { offset, .. }
             | Error::TrailingData { offset } => *offset,
         }
     }
@@ -520,6 +532,9 @@ struct Core<T: Transport> {
     fragment: bool,
     /// The device-state tail, once the stream reached it.
     tail: Option<Tail>,
+    /// The configuration lists x-ignore-shared: MEM_SIZE gives each block's
+    /// guest address after its length (QEMU's parse_ramblock).
+    ignore_shared: bool,
 }
 
 impl<T: Transport> std::fmt::Debug for Parser<T> {
@@ -545,6 +560,7 @@ impl<T: Transport> Parser<T> {
                 last_block: None,
                 fragment: false,
                 tail: None,
+                ignore_shared: false,
             },
             scratch: Vec::new(),
             failed: None,
@@ -691,8 +707,16 @@ impl<T: Transport> Core<T> {
             raw.extend_from_slice(&version.to_be_bytes());
             match sub.as_str() {
                 "configuration/target-page-bits" => {
+                    let at = self.f.offset();
                     let v = self.f.get_be32()?;
                     raw.extend_from_slice(&v.to_be_bytes());
+                    if 1u64.checked_shl(v) != Some(PAGE_SIZE as u64) {
+                        return Err(Error::PageSize {
+                            offset: at,
+                            source_of: "configuration (target-page-bits)",
+                            stream: 1u64.checked_shl(v).unwrap_or(0),
+                        });
+                    }
                 }
                 "configuration/uuid" => {
                     let mut uuid = [0u8; 16];
@@ -709,6 +733,7 @@ impl<T: Transport> Core<T> {
                         let cap = self.f.get_counted_string()?;
                         raw.push(cap.len() as u8);
                         raw.extend_from_slice(cap.as_bytes());
+                        self.ignore_shared |= cap == "x-ignore-shared";
                     }
                 }
                 _ => return Err(bad(sub_at, &format!("unknown subsection {sub:?}"))),
@@ -852,6 +877,13 @@ impl<T: Transport> Core<T> {
             });
         }
         let vmdesc = self.read_into(scratch, len)?;
+        if let Some(size) = super::vmdesc::page_size(vmdesc).filter(|&s| s != PAGE_SIZE as u64) {
+            return Err(Error::PageSize {
+                offset,
+                source_of: "vmdesc (page_size)",
+                stream: size,
+            });
+        }
         self.state = State::Done;
         Ok(Item::Vmdesc(vmdesc))
     }
@@ -988,6 +1020,11 @@ impl<T: Transport> Core<T> {
             }
             let idstr = self.f.get_counted_string()?;
             let length = self.f.get_be64()?;
+            if self.ignore_shared {
+                // The block's guest address; a destination QEMU checks it
+                // against its own shared blocks, ferry has no address map.
+                self.f.get_be64()?;
+            }
             sum = sum.saturating_add(length);
             if length == 0 || sum > total {
                 break;
@@ -1111,6 +1148,17 @@ impl<T: Transport> Core<T> {
                 offset: base + buf.len() as u64,
             }
             .into());
+        }
+        if let Some(r) = &vmdesc {
+            if let Some(size) = super::vmdesc::page_size(&buf[r.clone()]) {
+                if size != PAGE_SIZE as u64 {
+                    return Err(Error::PageSize {
+                        offset: base + r.start as u64 - 5,
+                        source_of: "vmdesc (page_size)",
+                        stream: size,
+                    });
+                }
+            }
         }
         let mut sizes = vmdesc
             .as_ref()

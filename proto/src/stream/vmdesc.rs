@@ -35,6 +35,11 @@ pub fn trailer_range(tail: &[u8]) -> Option<std::ops::Range<usize>> {
     })
 }
 
+/// The `page_size` a vmdesc declares, if it is JSON and has one.
+pub fn page_size(json: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<Value>(json).ok()?["page_size"].as_u64()
+}
+
 /// Body lengths of device sections by (idstr, instance id), for every device
 /// the description covers completely. Devices saved the old way (no fields
 /// described) are left out, so the parser finds their footer instead.
