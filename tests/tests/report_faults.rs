@@ -219,3 +219,164 @@ fn a_page_size_other_than_4k_is_refused_naming_both() {
         .and_then(|o| o.success())
         .expect("target-page-bits 12 is ferry's own");
 }
+
+/// A stream of one 4-page block `mem` whose page 1 is a COMPRESS_PAGE
+/// record carrying `payload` (the rest raw pages).
+fn with_compressed_payload(payload: &[u8]) -> Vec<u8> {
+    use ferry_proto::qemu_file::QemuFileWriter;
+    use ferry_proto::stream::encode::{self, RamWriter};
+    use ferry_proto::stream::{RamBlockInfo, SectionKind};
+    use ferry_proto::transport::MemTransport;
+    let mut f = QemuFileWriter::new(MemTransport::new());
+    encode::put_file_header(&mut f);
+    encode::put_configuration(&mut f, "none");
+    let info = [RamBlockInfo {
+        idstr: "mem".into(),
+        length: 4 * 4096,
+    }];
+    let mut ram = RamWriter::new();
+    ram.put_setup_section(&mut f, 2, &info).unwrap();
+    encode::put_section_part(&mut f, SectionKind::Part, 2);
+    ram.put_page(&mut f, "mem", 0, &[1; 4096]).unwrap();
+    // Not CONTINUE: the record names its block again.
+    f.put_be64(4096 | 0x100);
+    f.put_byte(3);
+    f.put_buffer(b"mem");
+    f.put_be32(payload.len() as u32);
+    f.put_buffer(payload);
+    ram.put_page(&mut f, "mem", 2 * 4096, &[2; 4096]).unwrap();
+    ram.put_page(&mut f, "mem", 3 * 4096, &[3; 4096]).unwrap();
+    ram.put_eos(&mut f);
+    encode::put_footer(&mut f, 2);
+    ram.put_end_section(&mut f, 2);
+    encode::put_eof(&mut f);
+    encode::put_vmdesc(&mut f, encode::MINIMAL_VMDESC);
+    f.into_transport().unwrap().take()
+}
+
+/// A zlib stream of a text page, as QEMU's compress threads write it.
+fn zlib_page() -> Vec<u8> {
+    let page: Vec<u8> = b"a page of text "
+        .iter()
+        .copied()
+        .cycle()
+        .take(4096)
+        .collect();
+    let mut c = ferry_proto::compress::compressor(1);
+    let mut out = vec![0u8; 4095];
+    let n = ferry_proto::compress::deflate_into(&mut c, &page, &mut out).unwrap();
+    out.truncate(n);
+    out
+}
+
+/// `ferry inspect` (without --extract-ram) decodes every compressed page it
+/// counts, as `ferry receive` does: raw deflate, gzip and a stream that
+/// inflates short fail both, naming the record's offset; zlib passes both.
+#[test]
+fn inspect_refuses_the_compressed_pages_receive_refuses() {
+    let dir = shm_tempdir("ferry-inspect-pages-");
+    let d = dir.path();
+    let zlib = zlib_page();
+    let raw_deflate = zlib[2..zlib.len() - 4].to_vec();
+    let mut gzip = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+    gzip.extend_from_slice(&raw_deflate);
+    gzip.extend_from_slice(&[0; 8]);
+    let short = {
+        // One page of 2 KiB: a complete zlib stream that inflates short.
+        let mut c = ferry_proto::compress::compressor(1);
+        let mut out = vec![0u8; 4095];
+        let n =
+            ferry_proto::compress::deflate_into(&mut c, &[7u8; 4096][..2048], &mut out).unwrap();
+        out.truncate(n);
+        out
+    };
+    for (name, payload, ok) in [
+        ("zlib", zlib.clone(), true),
+        ("raw-deflate", raw_deflate, false),
+        ("gzip", gzip, false),
+        ("short", short, false),
+        ("cut", zlib[..zlib.len() / 2].to_vec(), false),
+    ] {
+        let stream = d.join(format!("{name}.mig"));
+        std::fs::write(&stream, with_compressed_payload(&payload)).unwrap();
+        let inspect = run_ferry(["inspect".as_ref(), stream.as_os_str()], TIMEOUT).unwrap();
+        let receive = run_ferry(
+            [
+                "receive".to_owned(),
+                "--listen".into(),
+                format!("file:{}", stream.display()),
+                "--ram".into(),
+                format!("{},name=mem", d.join(format!("{name}.ram")).display()),
+            ],
+            TIMEOUT,
+        )
+        .unwrap();
+        assert_eq!(inspect.status.success(), ok, "{name}: {}", inspect.stderr);
+        assert_eq!(receive.status.success(), ok, "{name}: {}", receive.stderr);
+        if !ok {
+            assert!(
+                inspect
+                    .stderr
+                    .contains("compressed page cannot be inflated"),
+                "{name}: {}",
+                inspect.stderr
+            );
+        }
+    }
+}
+
+/// Two --ram options naming one file, directly or through a symlink, for two
+/// blocks: refused before anything is written; the same for --disk.
+#[test]
+fn two_options_naming_one_file_are_refused_before_writing() {
+    let dir = shm_tempdir("ferry-same-file-");
+    let d = dir.path();
+    let stream = d.join("two.mig");
+    let mut f =
+        ferry_proto::qemu_file::QemuFileWriter::new(ferry_proto::transport::MemTransport::new());
+    let blocks: [(&str, &[u8]); 2] = [("a", &[1u8; 8192]), ("b", &[2u8; 8192])];
+    ferry_proto::stream::image::write_stream(&mut f, &blocks, &Default::default(), "none", None)
+        .unwrap();
+    std::fs::write(&stream, f.into_transport().unwrap().take()).unwrap();
+    let file = d.join("one.ram");
+    std::fs::write(&file, [9u8; 8192]).unwrap();
+    let link = d.join("link.ram");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let fresh = d.join("new.ram");
+    for (what, a, b, flag) in [
+        ("same path", &file, &file, "--ram"),
+        ("a symlink", &file, &link, "--ram"),
+        ("a file not yet created", &fresh, &fresh, "--ram"),
+        ("a disk", &file, &link, "--disk"),
+    ] {
+        let mut args = vec![
+            "receive".to_owned(),
+            "--listen".into(),
+            format!("file:{}", stream.display()),
+            "--ram".into(),
+            format!("{},name=a", a.display()),
+        ];
+        if flag == "--ram" {
+            args.extend(["--ram".into(), format!("{},name=b", b.display())]);
+        } else {
+            args.extend([
+                "--ram".into(),
+                format!("{},name=b", d.join("b.ram").display()),
+            ]);
+            args.extend(["--disk".into(), format!("{},name=disk0", b.display())]);
+        }
+        let o = run_ferry(&args, TIMEOUT).unwrap();
+        assert!(!o.status.success(), "{what}: accepted");
+        assert!(
+            o.stderr.contains("are the same file"),
+            "{what}: {}",
+            o.stderr
+        );
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            [9u8; 8192],
+            "{what}: written"
+        );
+        assert!(!fresh.exists(), "{what}: created");
+    }
+}

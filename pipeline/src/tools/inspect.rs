@@ -6,10 +6,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use ferry_guest::load::{self, RamImage};
+use ferry_proto::compress;
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
-use ferry_proto::stream::{integrity, RamBlockInfo, PAGE_SIZE};
+use ferry_proto::stream::{integrity, xbzrle, RamBlockInfo, PAGE_SIZE};
 use ferry_proto::transport::{FileTransport, ReadTransport, Transport};
 use serde::Serialize;
 
@@ -129,6 +130,7 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
     let mut device = DeviceState::default();
     let mut ram: Option<RamImage> = None;
     let mut open_section: Option<SectionHeader> = None;
+    let mut check = PageCheck::new();
     loop {
         let offset = parser.offset();
         let item = parser.next()?;
@@ -159,8 +161,9 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
                         }
                     }
                 }
-                if let Some(image) = ram.as_mut() {
-                    image.apply(rec, offset)?;
+                match ram.as_mut() {
+                    Some(image) => image.apply(rec, offset)?,
+                    None => check.page(rec, offset)?,
                 }
             }
             Item::Vmdesc(_) => report.vmdesc = true,
@@ -188,6 +191,40 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         })?;
     }
     Ok(report)
+}
+
+/// Decodes every encoded page a stream carries, as `ferry receive` does,
+/// when no RAM is extracted: a page that would fail the load fails inspect.
+struct PageCheck {
+    inflater: compress::Decompress,
+    page: Box<[u8; PAGE_SIZE]>,
+}
+
+impl PageCheck {
+    fn new() -> Self {
+        Self {
+            inflater: compress::decompressor(),
+            page: Box::new([0; PAGE_SIZE]),
+        }
+    }
+
+    /// An XBZRLE delta is checked against a zero page: whether it decodes
+    /// depends on its runs, not on the page it applies to.
+    fn page(&mut self, rec: &RamRecord<'_>, offset: u64) -> Result<(), Error> {
+        match rec {
+            RamRecord::Compressed { data, .. } => {
+                compress::inflate_page(&mut self.inflater, data, &mut self.page)
+                    .map_err(|source| load::Error::Inflate { offset, source })?
+            }
+            RamRecord::Xbzrle { data, .. } => {
+                self.page.fill(0);
+                xbzrle::decode(data, &mut self.page)
+                    .map_err(|source| load::Error::Xbzrle { offset, source })?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn count(p: &mut Pages, rec: &RamRecord<'_>) {
