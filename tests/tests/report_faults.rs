@@ -380,3 +380,65 @@ fn two_options_naming_one_file_are_refused_before_writing() {
         assert!(!fresh.exists(), "{what}: created");
     }
 }
+
+/// A failed receive leaves no new RAM file (nor its temporary name) at the
+/// destination; a file that existed is named in --stats-json as possibly
+/// partial. The same stream whole creates the file, with its content.
+#[test]
+fn a_failed_receive_leaves_no_new_ram_file() {
+    let dir = shm_tempdir("ferry-partial-");
+    let d = dir.path();
+    let mut f =
+        ferry_proto::qemu_file::QemuFileWriter::new(ferry_proto::transport::MemTransport::new());
+    let a: Vec<u8> = (0..64 * 4096).map(|i| (i % 251) as u8).collect();
+    let b = vec![5u8; 64 * 4096];
+    let blocks: [(&str, &[u8]); 2] = [("a", &a), ("b", &b)];
+    ferry_proto::stream::image::write_stream(&mut f, &blocks, &Default::default(), "none", None)
+        .unwrap();
+    let whole = f.into_transport().unwrap().take();
+    let cut = d.join("cut.mig");
+    std::fs::write(&cut, &whole[..whole.len() - 3 * 4096]).unwrap();
+    let full = d.join("whole.mig");
+    std::fs::write(&full, &whole).unwrap();
+    let existing = d.join("b.ram");
+    std::fs::write(&existing, vec![0u8; b.len()]).unwrap();
+    let fresh = d.join("a.ram");
+    let stats = d.join("stats.json");
+    let receive = |stream: &Path| {
+        run_ferry(
+            [
+                "receive".to_owned(),
+                "--listen".into(),
+                format!("file:{}", stream.display()),
+                "--ram".into(),
+                format!("{},name=a", fresh.display()),
+                "--ram".into(),
+                format!("{},name=b", existing.display()),
+                "--stats-json".into(),
+                stats.display().to_string(),
+            ],
+            TIMEOUT,
+        )
+        .unwrap()
+    };
+    let o = receive(&cut);
+    assert!(!o.status.success(), "a cut stream loaded");
+    let left: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains("a.ram"))
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let st = read_json(&stats);
+    assert_eq!(st["status"], "failed");
+    assert_eq!(
+        st["possibly-partial-ram-files"],
+        json!([existing.display().to_string()]),
+        "{st}"
+    );
+    let o = receive(&full);
+    assert!(o.status.success(), "{}", o.stderr);
+    assert_eq!(std::fs::read(&fresh).unwrap(), a);
+    assert_eq!(std::fs::read(&existing).unwrap(), b);
+    assert_eq!(read_json(&stats)["possibly-partial-ram-files"], json!([]));
+}

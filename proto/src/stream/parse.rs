@@ -1081,30 +1081,30 @@ impl<T: Transport> Core<T> {
     }
 
     /// Reads a device section's body: exactly the length the caller gave for
-    /// it (a footer must follow), or else, as it is for every section whose
-    /// bytes are the guest's, from the buffered tail of the stream.
+    /// it when its footer follows, or else, as for every section whose bytes
+    /// are the guest's, from the buffered tail of the stream.
     fn device_state<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
-        let start = self.f.offset();
         let sized = self
             .sections
             .get(&id)
             .and_then(|k| self.device_sizes.get(&(k.idstr.clone(), k.instance)))
             .copied();
-        let Some(len) = sized else {
-            self.read_tail()?;
-            return self.tail_body(scratch, id);
-        };
-        let len = usize::try_from(len)
-            .ok()
+        // A caller's length holds only with the footer right behind it; a
+        // wrong one is never a reason to search the guest's bytes.
+        let fits = sized
+            .and_then(|l| usize::try_from(l).ok())
             .filter(|&l| l <= self.limits.max_device_section)
-            .ok_or(Error::LimitExceeded {
-                offset: start,
-                what: "device section size",
-                limit: self.limits.max_device_section as u64,
-            })?;
-        self.read_into(scratch, len)?;
-        self.state = State::Footer { id };
-        Ok(Item::DeviceState(&scratch[..]))
+            .filter(|&l| l.checked_add(5).is_some_and(|n| n <= IO_BUF_SIZE));
+        if let Some(len) = fits {
+            let window = self.f.peek_available(len + 5)?;
+            if window.len() == len + 5 && window[len..] == footer_bytes(id) {
+                self.read_into(scratch, len)?;
+                self.state = State::Footer { id };
+                return Ok(Item::DeviceState(&scratch[..]));
+            }
+        }
+        self.read_tail()?;
+        self.tail_body(scratch, id)
     }
 
     /// Reads the rest of the input into the tail and finds its EOF marker

@@ -340,6 +340,8 @@ impl Parsed {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        // Verified: the RAM files this load created take their names.
+        self.image.commit().map_err(Error::Save)?;
         Ok(Loaded {
             bytes: self.bytes,
             counts: self.counts,
