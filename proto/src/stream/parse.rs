@@ -555,7 +555,12 @@ impl<T: Transport> Parser<T> {
                 state: State::FileHeader,
                 limits: Limits::default(),
                 sections: HashMap::new(),
-                device_sizes: HashMap::new(),
+                // ferry's own checkpoint section has a fixed length: a sealed
+                // stream opens with one, before its RAM.
+                device_sizes: HashMap::from([(
+                    (super::integrity::IDSTR.to_owned(), 0),
+                    super::integrity::BODY_LEN as u64,
+                )]),
                 blocks: Vec::new(),
                 last_block: None,
                 fragment: false,
@@ -584,10 +589,11 @@ impl<T: Transport> Parser<T> {
     }
 
     /// Gives the body length of device sections, keyed by (idstr, instance),
-    /// as computed from a vmdesc trailer. A length is trusted only when the
-    /// footer is found right after it; otherwise the parser searches.
+    /// as computed from a vmdesc trailer, beside ferry's checkpoint section,
+    /// which is always sized. A length holds only when the footer is right
+    /// after it; otherwise the section and the rest are carried whole.
     pub fn with_device_sizes(mut self, sizes: HashMap<(String, u32), u64>) -> Self {
-        self.core.device_sizes = sizes;
+        self.core.device_sizes.extend(sizes);
         self
     }
 
