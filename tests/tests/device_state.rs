@@ -15,22 +15,13 @@ use std::time::Duration;
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, shm_tempdir};
 use ferry_tests::proc::{ferry, Process};
-use ferry_tests::qemu::{ram_file_args, Build, Qemu};
+use ferry_tests::qemu::{ram_file_args, receive_ram_args, Build, Qemu};
 use ferry_tests::ram::write_mixed_image;
 use serde_json::json;
 use tempfile::TempDir;
 
 const RAM: u64 = 64 << 20;
 const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// The RAM blocks of `-M pc -nodefaults` besides `mem` (QEMU 7.2 and 10).
-const PC_BLOCKS: [&str; 5] = [
-    "/rom@etc/acpi/tables",
-    "pc.bios",
-    "pc.rom",
-    "/rom@etc/table-loader",
-    "/rom@etc/acpi/rsdp",
-];
 
 /// How the source sends.
 #[derive(Debug, Clone, Copy)]
@@ -51,18 +42,7 @@ fn machine_args(machine: &str, ram: &Path, extra: &[&str]) -> Vec<String> {
 
 /// Every block of a pc machine as `--ram FILE,name=BLOCK`, files in `d`.
 fn pc_ram_args(d: &Path) -> Vec<String> {
-    let mut args = vec![
-        "--ram".to_owned(),
-        format!("{},name=mem", d.join("mem.ram").display()),
-    ];
-    for (i, block) in PC_BLOCKS.iter().enumerate() {
-        args.push("--ram".into());
-        args.push(format!(
-            "{},name={block}",
-            d.join(format!("rom{i}.ram")).display()
-        ));
-    }
-    args
+    receive_ram_args(d, true)
 }
 
 /// `ferry receive` of a pc machine into `d`, writing its device state to `out`.

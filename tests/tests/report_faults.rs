@@ -7,39 +7,12 @@ use std::time::Duration;
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{read_json, shm_tempdir};
 use ferry_tests::proc::ferry;
-use ferry_tests::qemu::{ram_file_args, Build, Qemu};
+use ferry_tests::qemu::{ram_file_args, receive_ram_args, Build, Qemu};
 use ferry_tests::ram::write_mixed_image;
 use serde_json::json;
 
 const TIMEOUT: Duration = Duration::from_secs(120);
 const RAM: u64 = 32 << 20;
-
-/// The RAM blocks of `-M pc -nodefaults` besides `mem` (QEMU 7.2 and 10).
-const PC_BLOCKS: [&str; 5] = [
-    "/rom@etc/acpi/tables",
-    "pc.bios",
-    "pc.rom",
-    "/rom@etc/table-loader",
-    "/rom@etc/acpi/rsdp",
-];
-
-/// `--ram` for `mem` and, on a pc, its ROM blocks, files in `d`.
-fn ram_args(d: &Path, pc: bool) -> Vec<String> {
-    let mut args = vec![
-        "--ram".to_owned(),
-        format!("{},name=mem", d.join("mem.ram").display()),
-    ];
-    if pc {
-        for (i, block) in PC_BLOCKS.iter().enumerate() {
-            args.push("--ram".into());
-            args.push(format!(
-                "{},name={block}",
-                d.join(format!("rom{i}.ram")).display()
-            ));
-        }
-    }
-    args
-}
 
 /// With x-ignore-shared, QEMU sends no page of a shared RAM block (its file
 /// is moved by someone else) and gives each block's address in MEM_SIZE.
@@ -70,7 +43,7 @@ fn ignore_shared(build: Build, machine: &str) {
         "--stats-json".into(),
         stats.display().to_string(),
     ];
-    recv.extend(ram_args(d, machine != "none"));
+    recv.extend(receive_ram_args(d, machine != "none"));
     let (mut receiver, addr) = ferry(&recv)
         .start_listening(&d.join("receive.log"))
         .expect("starting ferry receive");
