@@ -223,6 +223,18 @@ struct Block {
     fresh: bool,
     /// Pages written so far, kept for a fresh file only.
     written: Written,
+    /// Where a fresh file goes once the stream verified ([`RamImage::commit`]);
+    /// until then it lives at `path`, a temporary name beside it.
+    destination: Option<PathBuf>,
+}
+
+impl Drop for Block {
+    fn drop(&mut self) {
+        // A file created for a load that never verified is not a guest's.
+        if self.destination.is_some() {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 impl Block {
@@ -331,7 +343,28 @@ pub fn block_file_name(idstr: &str) -> String {
     format!("{name}.ram")
 }
 
+/// The temporary name a new RAM file is written under, beside `path`.
+fn partial_name(path: &Path) -> PathBuf {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    path.with_file_name(format!(".{name}.ferry-partial-{}", std::process::id()))
+}
+
+/// Maps a destination's RAM file; one it creates goes under a temporary
+/// name until [`RamImage::commit`].
 fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
+    if create && !path.exists() {
+        // Written under a temporary name: a failed load leaves no file a VMM
+        // could take for a guest at the destination path.
+        let temp = partial_name(path);
+        let _ = std::fs::remove_file(&temp);
+        let mut block = map_at(&temp, info, true)?;
+        block.destination = Some(path.to_owned());
+        return Ok(block);
+    }
+    map_at(path, info, create)
+}
+
+fn map_at(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
     let err = |source| Error::File {
         path: path.to_owned(),
         source,
@@ -368,6 +401,7 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         } else {
             Written::new(path, info.length)?
         },
+        destination: None,
     })
 }
 
@@ -397,7 +431,7 @@ impl RamImage {
                     Err(e) if e.kind() != io::ErrorKind::NotFound => {
                         Err(Error::File { path, source: e })
                     }
-                    _ => map_file(&path, b, true),
+                    _ => map_at(&path, b, true),
                 }
             })
             .collect::<Result<_>>()?;
@@ -410,7 +444,9 @@ impl RamImage {
 
     /// Maps existing files for the announced blocks. `files` pairs block names
     /// with paths; every announced block needs one, of exactly its length, or
-    /// is created at that length when `create` is set.
+    /// is created at that length when `create` is set: under a temporary name
+    /// beside its path, renamed by [`RamImage::commit`] and removed if the
+    /// image is dropped uncommitted.
     pub fn open(
         files: &[(String, PathBuf)],
         blocks: &[RamBlockInfo],
@@ -738,6 +774,25 @@ impl SharedPages {
                     path: b.path.clone(),
                     source,
                 })?;
+        }
+        Ok(())
+    }
+}
+
+impl RamImage {
+    /// Gives every file this image created its destination name: call it
+    /// once the stream has loaded and verified. Files that existed before
+    /// were written in place (and may hold a partial load after a failure).
+    pub fn commit(&mut self) -> Result<()> {
+        self.write_run()?;
+        for b in &mut self.blocks {
+            if let Some(dest) = b.destination.take() {
+                std::fs::rename(&b.path, &dest).map_err(|source| Error::File {
+                    path: dest.clone(),
+                    source,
+                })?;
+                b.path = dest;
+            }
         }
         Ok(())
     }

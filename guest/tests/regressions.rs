@@ -33,6 +33,7 @@ fn device_bodies(mut p: Parser<MemTransport>) -> Result<Vec<Vec<u8>>, String> {
         match p.next() {
             Ok(Item::End) => return Ok(bodies),
             Ok(Item::DeviceState(b)) => bodies.push(b.to_vec()),
+            Ok(Item::OpaqueDeviceState(b)) => bodies.push(b.to_vec()),
             Ok(_) => {}
             Err(e) => return Err(format!("{e:?}")),
         }
@@ -55,18 +56,23 @@ fn parser_errors_are_latched() {
     assert!(p.next().is_err());
 }
 
-/// A device size (from a vmdesc) that is wrong falls back to searching for
-/// the footer, also when the wrong size reaches past the end of the stream
-/// (a failed `peek_buffer` used to latch end-of-stream so the search never ran).
+/// A device size (from a vmdesc) that is wrong carries the section whole to
+/// EOF (its bytes are never searched for a footer), also when the wrong size
+/// reaches past the end of the stream (a failed `peek_buffer` used to latch
+/// end-of-stream).
 #[test]
-fn oversized_device_size_falls_back_to_search() {
+fn oversized_device_size_carries_the_rest_whole() {
     let bytes = timer_stream();
-    // 5 works (the peek fits in what is left); 6 reaches past the end.
+    let whole = vec![1, 2, 3, 4, 0x7e, 0, 0, 0, 3];
+    // 5 fits in what is left; 6 reaches past the end.
     for size in [5u64, 6, 100] {
         let sizes = HashMap::from([(("timer".to_string(), 0u32), size)]);
         let bodies = device_bodies(parser(bytes.clone()).with_device_sizes(sizes));
-        assert_eq!(bodies.unwrap(), [vec![1, 2, 3, 4]], "size {size}");
+        assert_eq!(bodies.unwrap(), std::slice::from_ref(&whole), "size {size}");
     }
+    let sizes = HashMap::from([(("timer".to_string(), 0u32), 4)]);
+    let bodies = device_bodies(parser(bytes).with_device_sizes(sizes));
+    assert_eq!(bodies.unwrap(), [vec![1, 2, 3, 4]]);
 }
 
 /// The stream of `colliding_block_file_names_in_child`: blocks `a` (two
@@ -192,7 +198,10 @@ fn huge_device_size_is_not_a_panic() {
     assert_eq!(sizes[&("timer".to_string(), 0)], u64::MAX - 2);
     let result =
         std::panic::catch_unwind(move || device_bodies(parser(bytes).with_device_sizes(sizes)));
-    // A wrong size falls back to the footer search.
+    // A wrong size carries the section whole to EOF.
     let bodies = result.expect("parser panicked");
-    assert_eq!(bodies.expect("the stream parses"), [vec![1, 2, 3, 4]]);
+    assert_eq!(
+        bodies.expect("the stream parses"),
+        [vec![1, 2, 3, 4, 0x7e, 0, 0, 0, 3]]
+    );
 }

@@ -109,6 +109,34 @@ pub fn ram_file_args(ram_file: &Path, size: u64) -> Vec<String> {
     ]
 }
 
+/// The RAM blocks of `-M pc -nodefaults` besides `mem` (QEMU 7.2 and 10).
+pub const PC_BLOCKS: [&str; 5] = [
+    "/rom@etc/acpi/tables",
+    "pc.bios",
+    "pc.rom",
+    "/rom@etc/table-loader",
+    "/rom@etc/acpi/rsdp",
+];
+
+/// `ferry receive --ram` options for `mem` (`dir/mem.ram`) and, on a pc,
+/// its ROM blocks (`dir/rom<i>.ram`).
+pub fn receive_ram_args(dir: &Path, pc: bool) -> Vec<String> {
+    let mut args = vec![
+        "--ram".to_owned(),
+        format!("{},name=mem", dir.join("mem.ram").display()),
+    ];
+    if pc {
+        for (i, block) in PC_BLOCKS.iter().enumerate() {
+            args.push("--ram".into());
+            args.push(format!(
+                "{},name={block}",
+                dir.join(format!("rom{i}.ram")).display()
+            ));
+        }
+    }
+    args
+}
+
 /// Arguments for the smallest machine: `-M none -nodefaults` with RAM from `ram_file`.
 pub fn none_machine_args(ram_file: &Path, size: u64) -> Vec<String> {
     let mut args = vec!["-M".into(), "none".into(), "-nodefaults".into()];

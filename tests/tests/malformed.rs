@@ -279,8 +279,9 @@ fn malformed_streams_get_their_expected_errors() {
 fn a_block_record_for_an_unknown_device_is_refused() {
     let dir = tempdir("ferry-malformed-");
     let (s, l) = base();
-    // Splice a block section with a chunk for device "nosuch" before EOF.
-    let eof = *l.boundaries.last().unwrap();
+    // Splice a block section with a chunk for device "nosuch" before the
+    // device section (after it, it would be device state no vmdesc sizes).
+    let eof = l.boundaries[l.boundaries.len() - 2];
     let mut f: Writer = QemuFileWriter::new(MemTransport::new());
     encode::put_section_start(&mut f, SectionKind::Start, 3, "block", 0, 1).unwrap();
     encode::put_block_chunk(&mut f, "nosuch", 0, &[7u8; 1 << 20]).unwrap();

@@ -1306,7 +1306,7 @@ impl<'m> Writer<'m, '_> {
         device.put_sections(&mut self.f).map_err(|e| self.wrap(e))?;
         self.checkpoint()?;
         encode::put_eof(&mut self.f);
-        encode::put_vmdesc(&mut self.f, encode::MINIMAL_VMDESC);
+        encode::put_vmdesc(&mut self.f, device.vmdesc_json());
         self.f.flush();
         self.check()?;
         Ok(self.multifd.take().map(Channels::close).unwrap_or_default())

@@ -38,13 +38,25 @@ struct Outcome {
     counts: PageCounts,
     /// Set once the stream was loaded and checked.
     digests: Option<Vec<BlockDigest>>,
+    /// --ram files that existed before the load.
+    pre_existing: Vec<String>,
 }
 
 /// Runs `ferry receive`.
 pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     let started = Instant::now();
     supervisor::start_memory_sampler();
-    let mut outcome = Outcome::default();
+    // A RAM file that exists before the load (a VMM's pre-allocated memory)
+    // is written in place; a new one only appears once the stream verified.
+    let mut outcome = Outcome {
+        pre_existing: args
+            .ram
+            .iter()
+            .filter(|r| r.path.exists())
+            .map(|r| r.path.display().to_string())
+            .collect(),
+        ..Outcome::default()
+    };
     let mut sup = Supervisor::new()?;
     let result = supervise(&mut sup, &args, &mut outcome);
     if result.is_err() {
@@ -159,6 +171,8 @@ fn stats(out: &Outcome, ok: bool, elapsed: Duration, actors: &[(ActorKind, Usage
         },
         "mbps": mbps,
         "digests": digests,
+        // After a failure these hold whatever part of the load reached them.
+        "possibly-partial-ram-files": if ok { &[][..] } else { &out.pre_existing[..] },
         "processes": stats::processes(actors),
     })
 }

@@ -6,10 +6,11 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 use ferry_guest::load::{self, RamImage};
+use ferry_proto::compress;
 use ferry_proto::qemu_file::QemuFileReader;
 use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::parse::{self, Item, Parser, RamRecord, SectionHeader};
-use ferry_proto::stream::{vmdesc, RamBlockInfo, PAGE_SIZE};
+use ferry_proto::stream::{integrity, xbzrle, RamBlockInfo, PAGE_SIZE};
 use ferry_proto::transport::{FileTransport, ReadTransport, Transport};
 use serde::Serialize;
 
@@ -39,9 +40,6 @@ pub enum Error {
     /// The stream is not a valid migration stream.
     #[error("invalid stream")]
     Stream(#[from] parse::Error),
-    /// The vmdesc trailer cannot be read.
-    #[error("cannot read the vmdesc trailer")]
-    Vmdesc(#[from] vmdesc::Error),
     /// RAM cannot be extracted (or a page in the stream is corrupt).
     #[error("cannot load RAM")]
     Load(#[from] load::Error),
@@ -99,42 +97,40 @@ pub struct Report {
     pub pages: Pages,
     /// Whether a vmdesc trailer followed EOF.
     pub vmdesc: bool,
+    /// Bytes of device state no vmdesc sized, carried whole (from the
+    /// header of the first such section to the EOF marker).
+    pub opaque_device_bytes: u64,
     /// Length of the stream in bytes.
     pub bytes: u64,
 }
 
-/// Device section body lengths by (idstr, instance), from a vmdesc trailer.
-type DeviceSizes = std::collections::HashMap<(String, u32), u64>;
-
-fn open(path: &Path) -> Result<(Box<dyn Transport>, DeviceSizes), Error> {
+/// The stream file, or standard input. The parser sizes device sections
+/// from the vmdesc trailer itself, the same way from a pipe as from a file.
+fn open(path: &Path) -> Result<Box<dyn Transport>, Error> {
     if path == Path::new("-") {
-        return Ok((Box::new(ReadTransport(io::stdin())), Default::default()));
+        return Ok(Box::new(ReadTransport(io::stdin())));
     }
-    let mut file = File::open(path).map_err(|source| Error::Open {
+    let file = File::open(path).map_err(|source| Error::Open {
         path: path.to_owned(),
         source,
     })?;
-    // A file can be read from the end first: the trailer sizes device sections
-    // exactly, where a pipe leaves only the search for their footers.
-    let is_file = file.metadata().is_ok_and(|m| m.is_file());
-    let sizes = match is_file {
-        true => match vmdesc::find_trailer(&mut file, parse::Limits::default().max_vmdesc)? {
-            Some(json) => vmdesc::section_sizes(&json).unwrap_or_default(),
-            None => Default::default(),
-        },
-        false => Default::default(),
-    };
-    Ok((Box::new(FileTransport(file)), sizes))
+    Ok(Box::new(FileTransport(file)))
 }
 
 /// Reads the whole stream, extracting what `opts` asks for.
 pub fn run(opts: &Options) -> Result<Report, Error> {
-    let (transport, sizes) = open(&opts.stream)?;
+    let transport = open(&opts.stream)?;
+    // A checkpoint of `ferry send --integrity` has a known length.
+    let sizes = std::collections::HashMap::from([(
+        (integrity::IDSTR.to_owned(), 0),
+        integrity::BODY_LEN as u64,
+    )]);
     let mut parser = Parser::new(QemuFileReader::new(transport)).with_device_sizes(sizes);
     let mut report = Report::default();
     let mut device = DeviceState::default();
     let mut ram: Option<RamImage> = None;
     let mut open_section: Option<SectionHeader> = None;
+    let mut check = PageCheck::new();
     loop {
         let offset = parser.offset();
         let item = parser.next()?;
@@ -165,11 +161,17 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
                         }
                     }
                 }
-                if let Some(image) = ram.as_mut() {
-                    image.apply(rec, offset)?;
+                match ram.as_mut() {
+                    Some(image) => image.apply(rec, offset)?,
+                    None => check.page(rec, offset)?,
                 }
             }
             Item::Vmdesc(_) => report.vmdesc = true,
+            Item::OpaqueDeviceState(bytes) => {
+                // The section whose header came last is part of it.
+                let header = open_section.take().map_or(0, |h| offset - h.start);
+                report.opaque_device_bytes += header + bytes.len() as u64;
+            }
             Item::End => break,
             Item::Block(_) | Item::DeviceState(_) | Item::Command { .. } | Item::Eof => {}
         }
@@ -189,6 +191,40 @@ pub fn run(opts: &Options) -> Result<Report, Error> {
         })?;
     }
     Ok(report)
+}
+
+/// Decodes every encoded page a stream carries, as `ferry receive` does,
+/// when no RAM is extracted: a page that would fail the load fails inspect.
+struct PageCheck {
+    inflater: compress::Decompress,
+    page: Box<[u8; PAGE_SIZE]>,
+}
+
+impl PageCheck {
+    fn new() -> Self {
+        Self {
+            inflater: compress::decompressor(),
+            page: Box::new([0; PAGE_SIZE]),
+        }
+    }
+
+    /// An XBZRLE delta is checked against a zero page: whether it decodes
+    /// depends on its runs, not on the page it applies to.
+    fn page(&mut self, rec: &RamRecord<'_>, offset: u64) -> Result<(), Error> {
+        match rec {
+            RamRecord::Compressed { data, .. } => {
+                compress::inflate_page(&mut self.inflater, data, &mut self.page)
+                    .map_err(|source| load::Error::Inflate { offset, source })?
+            }
+            RamRecord::Xbzrle { data, .. } => {
+                self.page.fill(0);
+                xbzrle::decode(data, &mut self.page)
+                    .map_err(|source| load::Error::Xbzrle { offset, source })?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
 }
 
 fn count(p: &mut Pages, rec: &RamRecord<'_>) {
@@ -233,6 +269,13 @@ pub fn print_table(r: &Report, out: &mut impl Write) -> io::Result<()> {
             s.version,
             s.start,
             end
+        )?;
+    }
+    if r.opaque_device_bytes > 0 {
+        writeln!(
+            out,
+            "device state carried whole (no vmdesc sizes it): {} bytes",
+            r.opaque_device_bytes
         )?;
     }
     for b in &r.ram_blocks {

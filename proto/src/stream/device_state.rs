@@ -1,6 +1,15 @@
 //! Device state carried as opaque bytes: the configuration section and every
 //! section that is neither RAM nor block, exactly as a VMM wrote them.
 //!
+//! The file (`ferry receive --device-state-out`, `ferry inspect
+//! --extract-device-state`, `ferry send --device-state`) holds, in stream
+//! order: the configuration section; the device sections ferry could size;
+//! the bytes from the first section it could not size on, carried whole;
+//! and, when sections were sized, the EOF marker and the source's vmdesc
+//! trailer that sized them, so the file splits again exactly as the stream
+//! did. A file of only the configuration and sections (no trailer) is the
+//! same format with everything after the configuration carried whole.
+//!
 //! ferry does not emulate devices, so it cannot produce their vmstate; it takes
 //! it from the VMM (or from a QEMU stream through `ferry inspect
 //! --extract-device-state`) and splices it into the streams it writes, which
@@ -10,6 +19,10 @@ use super::encode;
 use super::parse::{self, Item, Parser, SectionClass, SectionHeader};
 use crate::qemu_file::{QemuFileReader, QemuFileWriter, Result as FileResult};
 use crate::transport::{MemTransport, Transport};
+
+/// The section id ferry's own sections start from when device state it
+/// carries whole may use any id a QEMU would.
+pub const OPAQUE_FREE_SECTION_ID: u32 = 1 << 30;
 
 /// One opaque section: header, body and footer bytes as on the wire.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,6 +42,13 @@ pub struct DeviceState {
     pub configuration: Vec<u8>,
     /// Device sections in stream order.
     pub sections: Vec<DeviceSection>,
+    /// Device state after `sections` that no vmdesc sized: whole sections
+    /// as on the wire, never split on bytes the guest controls.
+    pub opaque: Vec<u8>,
+    /// The source's vmdesc JSON (QEMU's description of the sections).
+    pub vmdesc: Option<Vec<u8>>,
+    /// The last section's header came, its footer not yet.
+    open: bool,
 }
 
 impl DeviceState {
@@ -51,7 +71,27 @@ impl DeviceState {
         for s in &self.sections {
             out.extend_from_slice(&s.raw);
         }
+        out.extend_from_slice(&self.opaque);
+        if let Some(json) = self.sizing_vmdesc() {
+            out.push(super::marker::EOF);
+            out.push(super::marker::VMDESCRIPTION);
+            out.extend_from_slice(&(json.len() as u32).to_be_bytes());
+            out.extend_from_slice(json);
+        }
         out
+    }
+
+    /// The source's vmdesc, when it sized sections (without any it would
+    /// only repeat a description of bytes carried whole).
+    fn sizing_vmdesc(&self) -> Option<&[u8]> {
+        self.vmdesc.as_deref().filter(|_| !self.sections.is_empty())
+    }
+
+    /// The vmdesc trailer for a stream carrying this state: the source's
+    /// own, so a ferry receiver sizes the sections as the source's stream
+    /// did, or ferry's minimal one (QEMU destinations only skip it).
+    pub fn vmdesc_json(&self) -> &[u8] {
+        self.sizing_vmdesc().unwrap_or(encode::MINIMAL_VMDESC)
     }
 
     /// Collects what belongs to the device state from a parsed item; call it
@@ -75,7 +115,19 @@ impl DeviceState {
                     header: h.clone(),
                     raw,
                 });
+                self.open = true;
             }
+            Item::OpaqueDeviceState(bytes) => {
+                // The section whose header just came is carried whole too.
+                if self.open {
+                    if let Some(s) = self.sections.pop() {
+                        self.opaque.extend_from_slice(&s.raw);
+                    }
+                    self.open = false;
+                }
+                self.opaque.extend_from_slice(bytes);
+            }
+            Item::Vmdesc(json) => self.vmdesc = Some(json.to_vec()),
             Item::DeviceState(body) => {
                 if let Some(s) = self.sections.last_mut() {
                     s.raw.extend_from_slice(body);
@@ -87,6 +139,7 @@ impl DeviceState {
                 if let Some(s) = self.sections.last_mut().filter(|s| s.header.id == *id) {
                     s.raw.push(super::marker::SECTION_FOOTER);
                     s.raw.extend_from_slice(&id.to_be_bytes());
+                    self.open = false;
                 }
             }
             _ => {}
@@ -95,13 +148,22 @@ impl DeviceState {
 
     /// A section id that no device section uses and that QEMU can route PART
     /// and END headers to (never 0: every QEMU handler matches 0 by default).
+    /// With bytes carried whole, whose ids ferry does not know, an id above
+    /// any QEMU's: QEMU numbers its sections from 0, one per registered
+    /// device (savevm.c, global_section_id).
     pub fn free_section_id(&self) -> u32 {
-        self.sections
+        let known = self
+            .sections
             .iter()
             .map(|s| s.header.id)
             .max()
             .map_or(1, |m| m + 1)
-            .max(1)
+            .max(1);
+        if self.opaque.is_empty() {
+            known
+        } else {
+            known.max(OPAQUE_FREE_SECTION_ID)
+        }
     }
 
     /// Writes the configuration section, or one naming `machine` if there is none.
@@ -113,11 +175,12 @@ impl DeviceState {
         }
     }
 
-    /// Writes the device sections.
+    /// Writes the device sections, and the bytes carried whole after them.
     pub fn put_sections<T: Transport>(&self, f: &mut QemuFileWriter<'_, T>) -> FileResult<()> {
         for s in &self.sections {
             f.put_buffer(&s.raw);
         }
+        f.put_buffer(&self.opaque);
         f.error().cloned().map_or(Ok(()), Err)
     }
 }

@@ -203,6 +203,26 @@ pub enum Error {
         /// Offset of the first extra byte.
         offset: u64,
     },
+    /// A page size other than ferry's 4 KiB: every page offset and length
+    /// would be read wrong.
+    #[error("at byte {offset}: the stream's {source_of} declares {stream}-byte pages; ferry supports only {PAGE_SIZE}-byte pages")]
+    PageSize {
+        /// Offset of the declaration.
+        offset: u64,
+        /// Where: the configuration's target-page-bits, or the vmdesc.
+        source_of: &'static str,
+        /// The page size it declares, in bytes.
+        stream: u64,
+    },
+    /// A RAM or block section among the device sections: its records would
+    /// have to be found inside bytes ferry carries without understanding.
+    #[error("at byte {offset}: section {idstr:?} comes after the device state; ferry reads RAM and block sections only before it")]
+    SectionAfterDeviceState {
+        /// Offset of the section header.
+        offset: u64,
+        /// The section's name.
+        idstr: String,
+    },
 }
 
 impl Error {
@@ -239,6 +259,8 @@ impl Error {
             | Error::BadXbzrle { offset, .. }
             | Error::HookUnsupported { offset }
             | Error::BadVmdesc { offset, .. }
+            | Error::SectionAfterDeviceState { offset, .. }
+            | Error::PageSize { offset, .. }
             | Error::TrailingData { offset } => *offset,
         }
     }
@@ -254,6 +276,9 @@ pub struct Limits {
     pub max_device_section: usize,
     /// Largest vmdesc trailer.
     pub max_vmdesc: usize,
+    /// Most bytes from the first device section to the end of the stream
+    /// (device sections, EOF and vmdesc), which the parser holds at once.
+    pub max_device_tail: usize,
     /// Most RAM blocks in the block list.
     pub max_ram_blocks: usize,
     /// Most distinct sections.
@@ -269,6 +294,7 @@ impl Default for Limits {
         Self {
             max_device_section: 16 << 20,
             max_vmdesc: 16 << 20,
+            max_device_tail: 64 << 20,
             max_ram_blocks: 4096,
             max_sections: 65536,
             max_ram_size: u64::MAX,
@@ -395,6 +421,10 @@ pub enum Item<'p> {
     Block(BlockRecord<'p>),
     /// The opaque body of a device section (between header and footer).
     DeviceState(&'p [u8]),
+    /// Device state ferry cannot split into sections (no vmdesc sizes it):
+    /// the rest of the section whose header came last, and every byte after
+    /// it up to the EOF marker, carried as they are.
+    OpaqueDeviceState(&'p [u8]),
     /// The footer closing section `id`; `end` is the offset just past it.
     Footer {
         /// The section id.
@@ -422,10 +452,50 @@ enum State {
     FileHeader,
     Configuration,
     Top,
-    InSection { id: u32, class: SectionClass },
-    Footer { id: u32 },
+    InSection {
+        id: u32,
+        class: SectionClass,
+    },
+    Footer {
+        id: u32,
+    },
     AfterEof,
+    /// In the buffered device-state tail: the body of section `id` is next.
+    TailBody {
+        id: u32,
+    },
+    /// In the tail: the footer of section `id` is next.
+    TailFooter {
+        id: u32,
+    },
+    /// In the tail: a section header or the EOF marker is next.
+    TailTop,
+    /// In the tail: after the EOF marker.
+    TailVmdesc,
     Done,
+}
+
+/// The device-state tail of a stream: every byte from the body of the first
+/// device section the caller did not size up to the end of input. Device
+/// sections carry no length, and their bytes are the guest's, so they are
+/// never searched for a footer: they are sized from the vmdesc trailer at
+/// the very end, and whatever the vmdesc does not size is carried opaque.
+#[derive(Debug, Default)]
+struct Tail {
+    buf: Vec<u8>,
+    /// Stream offset of `buf[0]`.
+    base: u64,
+    /// Read position in `buf`.
+    pos: usize,
+    /// Index of the EOF marker (`buf.len()` in a fragment that has none).
+    eof: usize,
+    /// Where bytes carried whole end: `eof`, or the start of a section the
+    /// caller sized that closes the state (an integrity checkpoint).
+    opaque_end: usize,
+    /// Where the vmdesc JSON is in `buf`.
+    vmdesc: Option<std::ops::Range<usize>>,
+    /// Body lengths by (idstr, instance): the vmdesc's and the caller's.
+    sizes: HashMap<(String, u32), u64>,
 }
 
 #[derive(Debug, Clone)]
@@ -460,6 +530,11 @@ struct Core<T: Transport> {
     last_block: Option<usize>,
     /// Parsing a device-state file: no file header, no EOF, ends after a section.
     fragment: bool,
+    /// The device-state tail, once the stream reached it.
+    tail: Option<Tail>,
+    /// The configuration lists x-ignore-shared: MEM_SIZE gives each block's
+    /// guest address after its length (QEMU's parse_ramblock).
+    ignore_shared: bool,
 }
 
 impl<T: Transport> std::fmt::Debug for Parser<T> {
@@ -480,10 +555,17 @@ impl<T: Transport> Parser<T> {
                 state: State::FileHeader,
                 limits: Limits::default(),
                 sections: HashMap::new(),
-                device_sizes: HashMap::new(),
+                // ferry's own checkpoint section has a fixed length: a sealed
+                // stream opens with one, before its RAM.
+                device_sizes: HashMap::from([(
+                    (super::integrity::IDSTR.to_owned(), 0),
+                    super::integrity::BODY_LEN as u64,
+                )]),
                 blocks: Vec::new(),
                 last_block: None,
                 fragment: false,
+                tail: None,
+                ignore_shared: false,
             },
             scratch: Vec::new(),
             failed: None,
@@ -507,10 +589,11 @@ impl<T: Transport> Parser<T> {
     }
 
     /// Gives the body length of device sections, keyed by (idstr, instance),
-    /// as computed from a vmdesc trailer. A length is trusted only when the
-    /// footer is found right after it; otherwise the parser searches.
+    /// as computed from a vmdesc trailer, beside ferry's checkpoint section,
+    /// which is always sized. A length holds only when the footer is right
+    /// after it; otherwise the section and the rest are carried whole.
     pub fn with_device_sizes(mut self, sizes: HashMap<(String, u32), u64>) -> Self {
-        self.core.device_sizes = sizes;
+        self.core.device_sizes.extend(sizes);
         self
     }
 
@@ -521,7 +604,10 @@ impl<T: Transport> Parser<T> {
 
     /// Offset of the next byte to be parsed.
     pub fn offset(&self) -> u64 {
-        self.core.f.offset()
+        match &self.core.tail {
+            Some(t) => t.base + t.pos as u64,
+            None => self.core.f.offset(),
+        }
     }
 
     /// The reader underneath, for the caller to close or inspect.
@@ -565,6 +651,10 @@ impl<T: Transport> Core<T> {
             },
             State::Footer { id } => self.footer(id),
             State::AfterEof => self.after_eof(scratch),
+            State::TailBody { id } => self.tail_body(scratch, id),
+            State::TailFooter { id } => self.tail_footer(id),
+            State::TailTop => self.tail_top(scratch),
+            State::TailVmdesc => self.tail_vmdesc(scratch),
             State::Done => {
                 let offset = self.f.offset();
                 if self.f.at_end()? {
@@ -623,8 +713,16 @@ impl<T: Transport> Core<T> {
             raw.extend_from_slice(&version.to_be_bytes());
             match sub.as_str() {
                 "configuration/target-page-bits" => {
+                    let at = self.f.offset();
                     let v = self.f.get_be32()?;
                     raw.extend_from_slice(&v.to_be_bytes());
+                    if 1u64.checked_shl(v) != Some(PAGE_SIZE as u64) {
+                        return Err(Error::PageSize {
+                            offset: at,
+                            source_of: "configuration (target-page-bits)",
+                            stream: 1u64.checked_shl(v).unwrap_or(0),
+                        });
+                    }
                 }
                 "configuration/uuid" => {
                     let mut uuid = [0u8; 16];
@@ -641,6 +739,7 @@ impl<T: Transport> Core<T> {
                         let cap = self.f.get_counted_string()?;
                         raw.push(cap.len() as u8);
                         raw.extend_from_slice(cap.as_bytes());
+                        self.ignore_shared |= cap == "x-ignore-shared";
                     }
                 }
                 _ => return Err(bad(sub_at, &format!("unknown subsection {sub:?}"))),
@@ -687,38 +786,7 @@ impl<T: Transport> Core<T> {
             let idstr = self.f.get_counted_string()?;
             let instance = self.f.get_be32()?;
             let version = self.f.get_be32()?;
-            let class = match idstr.as_str() {
-                RAM_IDSTR => SectionClass::Ram,
-                BLOCK_IDSTR => SectionClass::Block,
-                _ => SectionClass::Device,
-            };
-            let supported = match class {
-                SectionClass::Ram => version == RAM_VERSION,
-                SectionClass::Block => version == BLOCK_VERSION,
-                SectionClass::Device => true,
-            };
-            if !supported {
-                return Err(Error::UnsupportedVersion {
-                    offset,
-                    idstr,
-                    version,
-                });
-            }
-            if !self.sections.contains_key(&id) && self.sections.len() >= self.limits.max_sections {
-                return Err(Error::LimitExceeded {
-                    offset,
-                    what: "number of sections",
-                    limit: self.limits.max_sections as u64,
-                });
-            }
-            let known = Known {
-                idstr,
-                instance,
-                version,
-                class,
-            };
-            self.sections.insert(id, known.clone());
-            known
+            self.register(id, idstr, instance, version, offset)?
         } else {
             self.sections
                 .get(&id)
@@ -738,6 +806,49 @@ impl<T: Transport> Core<T> {
             class: known.class,
             start: offset,
         }))
+    }
+
+    /// Records the identity a START or FULL header gives section `id`.
+    fn register(
+        &mut self,
+        id: u32,
+        idstr: String,
+        instance: u32,
+        version: u32,
+        offset: u64,
+    ) -> Result<Known> {
+        let class = match idstr.as_str() {
+            RAM_IDSTR => SectionClass::Ram,
+            BLOCK_IDSTR => SectionClass::Block,
+            _ => SectionClass::Device,
+        };
+        let supported = match class {
+            SectionClass::Ram => version == RAM_VERSION,
+            SectionClass::Block => version == BLOCK_VERSION,
+            SectionClass::Device => true,
+        };
+        if !supported {
+            return Err(Error::UnsupportedVersion {
+                offset,
+                idstr,
+                version,
+            });
+        }
+        if !self.sections.contains_key(&id) && self.sections.len() >= self.limits.max_sections {
+            return Err(Error::LimitExceeded {
+                offset,
+                what: "number of sections",
+                limit: self.limits.max_sections as u64,
+            });
+        }
+        let known = Known {
+            idstr,
+            instance,
+            version,
+            class,
+        };
+        self.sections.insert(id, known.clone());
+        Ok(known)
     }
 
     fn footer<'s>(&mut self, id: u32) -> Result<Item<'s>> {
@@ -772,6 +883,13 @@ impl<T: Transport> Core<T> {
             });
         }
         let vmdesc = self.read_into(scratch, len)?;
+        if let Some(size) = super::vmdesc::page_size(vmdesc).filter(|&s| s != PAGE_SIZE as u64) {
+            return Err(Error::PageSize {
+                offset,
+                source_of: "vmdesc (page_size)",
+                stream: size,
+            });
+        }
         self.state = State::Done;
         Ok(Item::Vmdesc(vmdesc))
     }
@@ -908,6 +1026,11 @@ impl<T: Transport> Core<T> {
             }
             let idstr = self.f.get_counted_string()?;
             let length = self.f.get_be64()?;
+            if self.ignore_shared {
+                // The block's guest address; a destination QEMU checks it
+                // against its own shared blocks, ferry has no address map.
+                self.f.get_be64()?;
+            }
             sum = sum.saturating_add(length);
             if length == 0 || sum > total {
                 break;
@@ -963,102 +1086,266 @@ impl<T: Transport> Core<T> {
         }))
     }
 
-    /// Reads an opaque section body: sized by the vmdesc when that size is
-    /// confirmed by a footer right behind it, otherwise up to the first footer
-    /// that is followed by something a stream may continue with.
+    /// Reads a device section's body: exactly the length the caller gave for
+    /// it when its footer follows, or else, as for every section whose bytes
+    /// are the guest's, from the buffered tail of the stream.
     fn device_state<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
-        let start = self.f.offset();
-        let footer = footer_bytes(id);
-        let sized = self.sections.get(&id).and_then(|k| {
-            self.device_sizes
-                .get(&(k.idstr.clone(), k.instance))
-                .copied()
-        });
-        scratch.clear();
-        // A size from the vmdesc (itself untrusted) is used only when the
-        // footer sits right behind it; otherwise the footer is searched for.
-        let sized = sized
+        let sized = self
+            .sections
+            .get(&id)
+            .and_then(|k| self.device_sizes.get(&(k.idstr.clone(), k.instance)))
+            .copied();
+        // A caller's length holds only with the footer right behind it; a
+        // wrong one is never a reason to search the guest's bytes.
+        let fits = sized
             .and_then(|l| usize::try_from(l).ok())
-            .filter(|&l| l.checked_add(5).is_some_and(|end| end <= IO_BUF_SIZE));
-        if let Some(len) = sized {
+            .filter(|&l| l <= self.limits.max_device_section)
+            .filter(|&l| l.checked_add(5).is_some_and(|n| n <= IO_BUF_SIZE));
+        if let Some(len) = fits {
             let window = self.f.peek_available(len + 5)?;
-            if window.len() == len + 5 && window[len..] == footer {
-                scratch.extend_from_slice(&window[..len]);
-                self.f.skip(len as u64)?;
+            if window.len() == len + 5 && window[len..] == footer_bytes(id) {
+                self.read_into(scratch, len)?;
                 self.state = State::Footer { id };
                 return Ok(Item::DeviceState(&scratch[..]));
             }
         }
+        self.read_tail()?;
+        self.tail_body(scratch, id)
+    }
+
+    /// Reads the rest of the input into the tail and finds its EOF marker
+    /// and vmdesc trailer. Without a trailer a stream must end with the EOF
+    /// marker; a device-state file may end anywhere.
+    fn read_tail(&mut self) -> Result<()> {
+        let base = self.f.offset();
+        let limit = self.limits.max_device_tail;
+        let mut buf = Vec::new();
         loop {
             let window = self.f.peek_available(IO_BUF_SIZE)?;
             if window.is_empty() {
-                return Err(qemu_file::Error::Eof {
-                    offset: self.f.offset(),
-                }
-                .into());
+                break;
             }
-            match window.iter().position(|&b| b == marker::SECTION_FOOTER) {
-                None => {
-                    let n = window.len();
-                    self.take_body(scratch, n, start)?;
+            if buf.len() + window.len() > limit {
+                return Err(Error::LimitExceeded {
+                    offset: base,
+                    what: "device state (sections, EOF and vmdesc)",
+                    limit: limit as u64,
+                });
+            }
+            buf.extend_from_slice(window);
+            let n = window.len() as u64;
+            self.f.skip(n)?;
+        }
+        let vmdesc = super::vmdesc::trailer_range(&buf);
+        let eof = match &vmdesc {
+            Some(json) => json.start - 6,
+            None if self.fragment => buf.len(),
+            None => buf.len().saturating_sub(1),
+        };
+        // Without a vmdesc only the end says the state is whole: a footer
+        // marker 5 bytes before it and (in a stream) EOF as the last byte.
+        // A stream cut on a footer or anywhere else fails here.
+        let whole = vmdesc.is_some()
+            || (eof >= 5
+                && (self.fragment || buf[eof] == marker::EOF)
+                && buf[eof - 5] == marker::SECTION_FOOTER);
+        if !whole {
+            return Err(qemu_file::Error::Eof {
+                offset: base + buf.len() as u64,
+            }
+            .into());
+        }
+        if let Some(r) = &vmdesc {
+            if let Some(size) = super::vmdesc::page_size(&buf[r.clone()]) {
+                if size != PAGE_SIZE as u64 {
+                    return Err(Error::PageSize {
+                        offset: base + r.start as u64 - 5,
+                        source_of: "vmdesc (page_size)",
+                        stream: size,
+                    });
                 }
-                Some(0) => {
-                    if self.is_footer_here(&footer)? {
-                        break;
-                    }
-                    self.take_body(scratch, 1, start)?;
-                }
-                Some(p) => self.take_body(scratch, p, start)?,
             }
         }
-        self.state = State::Footer { id };
-        Ok(Item::DeviceState(&scratch[..]))
+        let mut sizes = vmdesc
+            .as_ref()
+            .and_then(|r| super::vmdesc::section_sizes(&buf[r.clone()]).ok())
+            .unwrap_or_default();
+        sizes.extend(self.device_sizes.iter().map(|(k, v)| (k.clone(), *v)));
+        let opaque_end = self.closing_section(&buf[..eof]).unwrap_or(eof);
+        self.tail = Some(Tail {
+            buf,
+            base,
+            pos: 0,
+            eof,
+            opaque_end,
+            vmdesc,
+            sizes,
+        });
+        Ok(())
     }
 
-    fn take_body(&mut self, scratch: &mut Vec<u8>, n: usize, start: u64) -> Result<()> {
-        if scratch.len() + n > self.limits.max_device_section {
-            return Err(Error::LimitExceeded {
-                offset: start,
-                what: "device section size",
-                limit: self.limits.max_device_section as u64,
-            });
-        }
-        let bytes = self.f.peek_buffer(n, 0)?;
-        scratch.extend_from_slice(bytes);
-        Ok(self.f.skip(n as u64)?)
+    /// Where a section the caller sized starts when it is the last thing in
+    /// `state` and one of its kind came before the tail: a sealed stream's
+    /// last checkpoint, which must not be carried whole with the device
+    /// state before it.
+    fn closing_section(&self, state: &[u8]) -> Option<usize> {
+        self.device_sizes
+            .iter()
+            .find_map(|((idstr, instance), &len)| {
+                self.sections.values().find(|k| &k.idstr == idstr)?;
+                let header = 14 + idstr.len();
+                let start = state
+                    .len()
+                    .checked_sub(header + usize::try_from(len).ok()? + 5)?;
+                let (kind, id, identity, n) = tail_header(&state[start..])?;
+                let (name, inst, _) = identity?;
+                (kind == SectionKind::Full
+                    && n == header
+                    && name == *idstr
+                    && inst == *instance
+                    && state[state.len() - 5..] == footer_bytes(id))
+                .then_some(start)
+            })
     }
 
-    /// Decides whether the footer of the current section starts at the read
-    /// position, by checking that what follows it is a plausible next item.
-    fn is_footer_here(&mut self, footer: &[u8; 5]) -> Result<bool> {
-        // 5 footer bytes, then at most a START header: 1 + 4 + 1 + 255 + 8.
-        let look = self.f.peek_available(5 + 269)?;
-        if look.len() < 5 || look[..5] != footer[..] {
-            return Ok(false);
-        }
-        if look.len() == 5 {
-            // Only a device-state file may end right after a footer.
-            return Ok(self.fragment);
-        }
-        let next = &look[5..];
-        let be32 = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
-        Ok(match next[0] {
-            marker::EOF => next.len() == 1 || next[1] == marker::VMDESCRIPTION,
-            marker::SECTION_START | marker::SECTION_FULL => {
-                next.len() >= 6 && {
-                    let len = next[5] as usize;
-                    len > 0
-                        && next.len() >= 6 + len + 8
-                        && next[6..6 + len].iter().all(|c| c.is_ascii_graphic())
-                }
+    /// The body of section `id` from the tail: its vmdesc size when a
+    /// footer sits right behind it, else everything up to the EOF marker.
+    fn tail_body<'s>(&mut self, scratch: &'s mut Vec<u8>, id: u32) -> Result<Item<'s>> {
+        let known = self.sections.get(&id).cloned();
+        let t = self.tail.as_mut().expect("tail states follow read_tail");
+        let len = known
+            .and_then(|k| t.sizes.get(&(k.idstr, k.instance)).copied())
+            .and_then(|l| usize::try_from(l).ok());
+        let fits = len.filter(|&l| {
+            l.checked_add(5).is_some_and(|n| t.pos + n <= t.eof)
+                && t.buf[t.pos + l..t.pos + l + 5] == footer_bytes(id)
+        });
+        scratch.clear();
+        match fits {
+            Some(l) => {
+                scratch.extend_from_slice(&t.buf[t.pos..t.pos + l]);
+                t.pos += l;
+                self.state = State::TailFooter { id };
+                Ok(Item::DeviceState(&scratch[..]))
             }
-            marker::SECTION_PART | marker::SECTION_END => {
-                next.len() >= 5 && self.sections.contains_key(&be32(&next[1..5]))
+            None => {
+                let end = t.opaque_stop();
+                scratch.extend_from_slice(&t.buf[t.pos..end]);
+                t.pos = end;
+                self.state = State::TailTop;
+                Ok(Item::OpaqueDeviceState(&scratch[..]))
             }
-            marker::COMMAND => true,
-            _ => false,
+        }
+    }
+
+    fn tail_footer<'s>(&mut self, id: u32) -> Result<Item<'s>> {
+        let t = self.tail.as_mut().expect("tail states follow read_tail");
+        t.pos += 5;
+        self.state = State::TailTop;
+        Ok(Item::Footer {
+            id,
+            end: t.base + t.pos as u64,
         })
     }
+
+    /// The next section header in the tail, or its EOF marker. A header
+    /// that does not parse is carried opaque with the rest: only a section
+    /// the vmdesc sized and a footer confirmed comes before it.
+    fn tail_top<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
+        let t = self.tail.as_mut().expect("tail states follow read_tail");
+        let offset = t.base + t.pos as u64;
+        if t.pos == t.eof {
+            if t.eof == t.buf.len() {
+                self.state = State::Done;
+                return Ok(Item::End);
+            }
+            t.pos += 1;
+            self.state = match t.vmdesc {
+                Some(_) => State::TailVmdesc,
+                None => State::Done,
+            };
+            return Ok(Item::Eof);
+        }
+        let Some((kind, id, identity, len)) = tail_header(&t.buf[t.pos..t.eof]) else {
+            let end = t.opaque_stop();
+            scratch.clear();
+            scratch.extend_from_slice(&t.buf[t.pos..end]);
+            t.pos = end;
+            return Ok(Item::OpaqueDeviceState(&scratch[..]));
+        };
+        t.pos += len;
+        let known = match identity {
+            Some((idstr, instance, version)) => {
+                self.register(id, idstr, instance, version, offset)?
+            }
+            None => self
+                .sections
+                .get(&id)
+                .cloned()
+                .ok_or(Error::UnknownSectionId { offset, id })?,
+        };
+        if known.class != SectionClass::Device {
+            return Err(Error::SectionAfterDeviceState {
+                offset,
+                idstr: known.idstr,
+            });
+        }
+        self.state = State::TailBody { id };
+        Ok(Item::Section(SectionHeader {
+            kind,
+            id,
+            idstr: known.idstr,
+            instance: known.instance,
+            version: known.version,
+            class: known.class,
+            start: offset,
+        }))
+    }
+
+    fn tail_vmdesc<'s>(&mut self, scratch: &'s mut Vec<u8>) -> Result<Item<'s>> {
+        let t = self.tail.as_mut().expect("tail states follow read_tail");
+        let json = t.vmdesc.clone().expect("TailVmdesc only with a vmdesc");
+        if json.len() > self.limits.max_vmdesc {
+            return Err(Error::LimitExceeded {
+                offset: t.base + json.start as u64 - 5,
+                what: "vmdesc length",
+                limit: self.limits.max_vmdesc as u64,
+            });
+        }
+        scratch.clear();
+        scratch.extend_from_slice(&t.buf[json.clone()]);
+        t.pos = json.end;
+        self.state = State::Done;
+        Ok(Item::Vmdesc(&scratch[..]))
+    }
+}
+
+impl Tail {
+    /// Where bytes carried whole from the read position end.
+    fn opaque_stop(&self) -> usize {
+        if self.opaque_end > self.pos {
+            self.opaque_end
+        } else {
+            self.eof
+        }
+    }
+}
+
+/// A section header at the start of `b`: kind, id, identity (idstr,
+/// instance, version) for START and FULL, and its length; `None` if `b`
+/// does not start with a whole one.
+#[allow(clippy::type_complexity)]
+fn tail_header(b: &[u8]) -> Option<(SectionKind, u32, Option<(String, u32, u32)>, usize)> {
+    let be32 = |at: usize| Some(u32::from_be_bytes(b.get(at..at + 4)?.try_into().ok()?));
+    let kind = SectionKind::from_marker(*b.first()?)?;
+    let id = be32(1)?;
+    if !kind.has_identity() {
+        return Some((kind, id, None, 5));
+    }
+    let n = *b.get(5)? as usize;
+    let idstr = std::str::from_utf8(b.get(6..6 + n)?).ok()?.to_owned();
+    let (instance, version) = (be32(6 + n)?, be32(10 + n)?);
+    Some((kind, id, Some((idstr, instance, version)), 14 + n))
 }
 
 fn footer_bytes(id: u32) -> [u8; 5] {
@@ -1146,5 +1433,134 @@ mod tests {
             matches!(&e, Error::RamTooLarge { idstr, .. } if idstr == "b"),
             "{e:?}"
         );
+    }
+
+    /// header, configuration, RAM setup and END, then `devices` (idstr,
+    /// body) as FULL sections with ids from 10, EOF and, if given, a vmdesc.
+    fn with_devices(devices: &[(&str, Vec<u8>)], vmdesc: Option<&str>) -> Vec<u8> {
+        let mut f = QemuFileWriter::new(MemTransport::new());
+        encode::put_file_header(&mut f);
+        encode::put_configuration(&mut f, "none");
+        let info = [RamBlockInfo {
+            idstr: "mem".into(),
+            length: PAGE_SIZE as u64,
+        }];
+        let mut ram = RamWriter::new();
+        ram.put_setup_section(&mut f, 2, &info).unwrap();
+        encode::put_section_part(&mut f, SectionKind::End, 2);
+        ram.put_eos(&mut f);
+        encode::put_footer(&mut f, 2);
+        for (i, (idstr, body)) in devices.iter().enumerate() {
+            let id = 10 + i as u32;
+            encode::put_section_start(&mut f, SectionKind::Full, id, idstr, 0, 1).unwrap();
+            f.put_buffer(body);
+            encode::put_footer(&mut f, id);
+        }
+        encode::put_eof(&mut f);
+        if let Some(json) = vmdesc {
+            encode::put_vmdesc(&mut f, json.as_bytes());
+        }
+        f.into_transport().unwrap().take()
+    }
+
+    /// Every item's device-state view: (idstr, body) of sized sections, and
+    /// the opaque bytes.
+    #[allow(clippy::type_complexity)]
+    fn device_items(stream: Vec<u8>) -> Result<(Vec<(String, Vec<u8>)>, Vec<u8>)> {
+        let mut p = Parser::new(QemuFileReader::new(MemTransport::from_bytes(stream)));
+        let (mut sized, mut opaque, mut name) = (Vec::new(), Vec::new(), String::new());
+        loop {
+            match p.next()? {
+                Item::Section(h) if h.class == SectionClass::Device => name = h.idstr,
+                Item::DeviceState(b) => sized.push((name.clone(), b.to_vec())),
+                Item::OpaqueDeviceState(b) => opaque.extend_from_slice(b),
+                Item::End => return Ok((sized, opaque)),
+                _ => {}
+            }
+        }
+    }
+
+    /// A body whose bytes look like its own footer, EOF and a vmdesc header.
+    fn lure(id: u32, len: u32) -> Vec<u8> {
+        let mut b = vec![0u8; 20];
+        b.push(marker::SECTION_FOOTER);
+        b.extend_from_slice(&id.to_be_bytes());
+        b.extend_from_slice(&[marker::EOF, marker::VMDESCRIPTION]);
+        b.extend_from_slice(&len.to_be_bytes());
+        b.extend_from_slice(&[0u8; 20]);
+        b
+    }
+
+    const TWO_DEVICES: &str = r#"{"page_size":4096,"devices":[
+        {"name":"a","instance_id":0,"fields":[{"name":"x","size":51}]},
+        {"name":"b","instance_id":0,"fields":[{"name":"y","size":3}]}]}"#;
+
+    #[test]
+    fn device_sections_are_sized_by_the_vmdesc_not_by_lookalike_footers() {
+        for len in [4, 30, 1000] {
+            let devices = [("a", lure(10, len)), ("b", vec![1, 2, 3])];
+            let (sized, opaque) = device_items(with_devices(&devices, Some(TWO_DEVICES))).unwrap();
+            assert_eq!(
+                sized,
+                [("a".into(), lure(10, len)), ("b".into(), vec![1, 2, 3])]
+            );
+            assert!(opaque.is_empty());
+        }
+    }
+
+    #[test]
+    fn without_a_vmdesc_the_device_state_is_carried_whole_to_eof() {
+        let devices = [("a", lure(10, 4)), ("b", vec![1, 2, 3])];
+        let stream = with_devices(&devices, None);
+        let (sized, opaque) = device_items(stream.clone()).unwrap();
+        assert!(sized.is_empty());
+        // The first section's header came as an item; the rest is whole.
+        let body_at = stream.len() - 1 - opaque.len();
+        assert_eq!(opaque, stream[body_at..stream.len() - 1]);
+        assert_eq!(&opaque[..lure(10, 4).len()], &lure(10, 4)[..]);
+    }
+
+    #[test]
+    fn a_stream_cut_inside_the_device_state_fails() {
+        let devices = [("a", lure(10, 4)), ("b", vec![1, 2, 3])];
+        let whole = with_devices(&devices, Some(TWO_DEVICES));
+        let eof = whole.len() - TWO_DEVICES.len() - 6;
+        // Two headers of one-letter idstrs, the bodies, two footers.
+        let first_device = eof - (2 * 15 + 51 + 3 + 2 * 5);
+        let mut accepted = Vec::new();
+        for cut in first_device + 14..whole.len() {
+            if device_items(whole[..cut].to_vec()).is_ok() {
+                accepted.push(cut);
+            }
+        }
+        // Without its vmdesc a stream is whole when it ends in a footer and
+        // EOF: at its real end, and (the limit of a stream without a vmdesc)
+        // where the guest's bytes read so.
+        let lure_end = first_device + 15 + 20 + 6;
+        assert_eq!(accepted, [lure_end, eof + 1]);
+    }
+
+    #[test]
+    fn a_device_state_file_splits_again_as_the_stream_did() {
+        use crate::stream::device_state::DeviceState;
+        let devices = [("a", lure(10, 4)), ("b", vec![1, 2, 3])];
+        for vmdesc in [Some(TWO_DEVICES), None] {
+            let mut p = Parser::new(QemuFileReader::new(MemTransport::from_bytes(with_devices(
+                &devices, vmdesc,
+            ))));
+            let mut state = DeviceState::default();
+            loop {
+                let item = p.next().unwrap();
+                if matches!(item, Item::End) {
+                    break;
+                }
+                state.observe(&item);
+            }
+            assert_eq!(state.sections.len(), if vmdesc.is_some() { 2 } else { 0 });
+            let again = DeviceState::from_bytes(state.to_bytes()).unwrap();
+            assert_eq!(again.sections.len(), state.sections.len());
+            assert_eq!(again.opaque, state.opaque);
+            assert_eq!(again.to_bytes(), state.to_bytes());
+        }
     }
 }

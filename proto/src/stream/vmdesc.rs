@@ -6,8 +6,6 @@
 //! body length of each section follows without knowing any device.
 
 use std::collections::HashMap;
-use std::fs::File;
-use std::io::{self, Read, Seek, SeekFrom};
 
 use serde_json::Value;
 
@@ -16,39 +14,30 @@ use super::marker;
 /// Errors of reading a vmdesc trailer.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The stream file cannot be read.
-    #[error("stream file cannot be read")]
-    Io(#[from] io::Error),
     /// The trailer is not JSON.
     #[error("vmdesc trailer is not valid JSON")]
     Json(#[from] serde_json::Error),
 }
 
-/// Finds the vmdesc trailer at the end of a seekable stream file: the marker,
-/// its be32 length and exactly that much JSON up to the end of the file.
-/// Returns `None` when the file has no trailer.
-pub fn find_trailer(file: &mut File, max_len: usize) -> Result<Option<Vec<u8>>, Error> {
-    let size = file.seek(SeekFrom::End(0))?;
-    let tail_len = size.min(max_len as u64 + 5);
-    file.seek(SeekFrom::Start(size - tail_len))?;
-    let mut tail = vec![0u8; tail_len as usize];
-    file.read_exact(&mut tail)?;
-    file.seek(SeekFrom::Start(0))?;
-    Ok(locate(&tail).map(|range| tail[range].to_vec()))
-}
-
-/// The range of the JSON inside `tail`, which ends where the stream ends.
-fn locate(tail: &[u8]) -> Option<std::ops::Range<usize>> {
-    (0..tail.len().saturating_sub(5)).rev().find_map(|p| {
+/// The range of the vmdesc JSON in `tail`, the last bytes of a stream: the
+/// EOF marker, the vmdesc marker, a be32 length and exactly that much JSON
+/// up to the end. The last such position wins: QEMU's JSON is text, so no
+/// later match can start inside it, while an earlier one may be guest bytes.
+pub fn trailer_range(tail: &[u8]) -> Option<std::ops::Range<usize>> {
+    (1..tail.len().saturating_sub(5)).rev().find_map(|p| {
         let len = u32::from_be_bytes(tail[p + 1..p + 5].try_into().ok()?) as usize;
         let json = p + 5;
         (tail[p] == marker::VMDESCRIPTION
             && tail.len() - json == len
             && tail.get(json) == Some(&b'{')
-            && p > 0
             && tail[p - 1] == marker::EOF)
             .then_some(json..tail.len())
     })
+}
+
+/// The `page_size` a vmdesc declares, if it is JSON and has one.
+pub fn page_size(json: &[u8]) -> Option<u64> {
+    serde_json::from_slice::<Value>(json).ok()?["page_size"].as_u64()
 }
 
 /// Body lengths of device sections by (idstr, instance id), for every device
@@ -113,8 +102,8 @@ mod tests {
         let mut s = vec![1, 2, 3, marker::EOF, marker::VMDESCRIPTION];
         s.extend_from_slice(&(json.len() as u32).to_be_bytes());
         s.extend_from_slice(json);
-        assert_eq!(locate(&s).map(|r| &s[r]), Some(&json[..]));
+        assert_eq!(trailer_range(&s).map(|r| &s[r]), Some(&json[..]));
         s.push(0);
-        assert_eq!(locate(&s), None);
+        assert_eq!(trailer_range(&s), None);
     }
 }

@@ -166,6 +166,16 @@ pub enum Error {
     /// The listen URI does not parse.
     #[error("bad listen address")]
     Uri(#[source] uri::ParseError),
+    /// Two --ram or --disk options name one file.
+    #[error(
+        "{first} and {second} are the same file: every --ram and --disk needs a file of its own"
+    )]
+    SameFile {
+        /// The first option's path.
+        first: PathBuf,
+        /// The one naming the same file.
+        second: PathBuf,
+    },
     /// Two RAM files claim the same block.
     #[error("two --ram files are both named {0:?} (use PATH,name=BLOCK)")]
     DuplicateName(String),
@@ -330,6 +340,8 @@ impl Parsed {
                 })
             })
             .collect::<Result<Vec<_>, Error>>()?;
+        // Verified: the RAM files this load created take their names.
+        self.image.commit().map_err(Error::Save)?;
         Ok(Loaded {
             bytes: self.bytes,
             counts: self.counts,
@@ -374,6 +386,10 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map(tls::Server::new)
         .transpose()
         .map_err(|e| Error::Tls(Box::new(e)))?;
+    let paths: Vec<&std::path::Path> = (init.ram.iter().map(|(_, p)| p.as_path()))
+        .chain(init.disks.iter().map(|d| d.path.as_path()))
+        .collect();
+    refuse_same_file(&paths)?;
     let mut loader = Loader::new(&init.ram, init.decompress_workers)?;
     loader.disks = Sinks::open(&init.disks).map_err(Error::Disk)?;
     loader.limits.max_ram_size = init.max_ram_size;
@@ -434,6 +450,44 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         counts: loaded.counts,
         digests: loaded.digests,
     })
+}
+
+/// What a path names: the device and inode of an existing file (through
+/// any symlink), else the real directory it would be created in and its name.
+fn file_identity(path: &std::path::Path) -> io::Result<(u64, u64, PathBuf)> {
+    use std::os::unix::fs::MetadataExt;
+    match fs::metadata(path) {
+        Ok(m) => Ok((m.dev(), m.ino(), PathBuf::new())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            let dir = match path.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => std::path::Path::new("."),
+            };
+            let name = path.file_name().unwrap_or_default();
+            Ok((0, 0, fs::canonicalize(dir)?.join(name)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses two --ram or --disk options that name the same file (one block
+/// would overwrite the other), before anything is created or written.
+fn refuse_same_file(paths: &[&std::path::Path]) -> Result<(), Error> {
+    let mut seen: Vec<((u64, u64, PathBuf), &std::path::Path)> = Vec::new();
+    for &path in paths {
+        // A path that cannot be examined fails later, where it is opened.
+        let Ok(id) = file_identity(path) else {
+            continue;
+        };
+        if let Some((_, first)) = seen.iter().find(|(other, _)| *other == id) {
+            return Err(Error::SameFile {
+                first: first.to_path_buf(),
+                second: path.to_path_buf(),
+            });
+        }
+        seen.push((id, path));
+    }
+    Ok(())
 }
 
 /// Writes the device state under a temporary name beside `path` and renames
@@ -760,6 +814,7 @@ impl Loader {
             | Item::FileHeader
             | Item::Configuration { .. }
             | Item::DeviceState(_)
+            | Item::OpaqueDeviceState(_)
             | Item::Vmdesc(_) => {}
         }
         Ok(())
