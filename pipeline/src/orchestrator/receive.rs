@@ -63,6 +63,7 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     }
     control.set_pids(Vec::new());
     control.finish(&result);
+    control.drain(std::time::Duration::from_secs(1));
     let end = outcome.finished.unwrap_or_else(Instant::now);
     let elapsed = end.duration_since(outcome.connected.unwrap_or(started));
     let mut stats = stats(&outcome, result.is_ok(), elapsed, sup.usage());

@@ -232,6 +232,7 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         f.remaining = src.ram_remaining(result.is_ok(), &f.counts);
     }
     control.finish(&result);
+    control.drain(std::time::Duration::from_secs(1));
     if let Some(path) = &args.stats_json {
         write_stats(path, &result, &report, &control.figures(), &sup)?;
     }

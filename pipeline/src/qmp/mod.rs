@@ -15,7 +15,7 @@ pub mod params;
 pub mod server;
 pub mod signals;
 
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -50,8 +50,17 @@ pub enum Side {
     Destination,
 }
 
-/// Events queued for one client; a client that does not read them is dropped.
-type Subscriber = Sender<String>;
+/// One line for a client: an answer, or an event (counted until written).
+#[derive(Debug)]
+pub struct Line {
+    /// The JSON text.
+    pub text: String,
+    /// An event: [`Control::drain`] waits for it.
+    pub event: bool,
+}
+
+/// Lines queued for one client; a client that does not read them is dropped.
+type Subscriber = Sender<Line>;
 
 /// What the orchestrator and the QMP server share.
 #[derive(Debug)]
@@ -65,6 +74,8 @@ pub struct Control {
     /// 2 once a second signal asked to stop now.
     signals: AtomicU8,
     subscribers: Mutex<Vec<Subscriber>>,
+    /// Events queued and not written yet.
+    unwritten: AtomicUsize,
     /// The writer's command channel, for max-bandwidth (source only).
     writer: Mutex<Option<IpcSender<writer::Command>>>,
     /// Actor processes to kill when a second signal cannot wait.
@@ -101,6 +112,7 @@ impl Control {
             cancelled: AtomicBool::new(false),
             signals: AtomicU8::new(0),
             subscribers: Mutex::new(Vec::new()),
+            unwritten: AtomicUsize::new(0),
             writer: Mutex::new(None),
             pids: Mutex::new(Vec::new()),
         })
@@ -186,8 +198,38 @@ impl Control {
     /// Sends `event` to every negotiated client; one whose queue is full or
     /// closed is dropped, so a stuck client never holds up the migration.
     pub fn emit(&self, event: &Event) {
-        let line = serde_json::to_string(event).expect("events serialize");
-        lock(&self.subscribers).retain(|s| s.try_send(line.clone()).is_ok());
+        let text = serde_json::to_string(event).expect("events serialize");
+        lock(&self.subscribers).retain(|s| {
+            self.unwritten.fetch_add(1, Ordering::SeqCst);
+            let line = Line {
+                text: text.clone(),
+                event: true,
+            };
+            let queued = s.try_send(line).is_ok();
+            if !queued {
+                self.unwritten.fetch_sub(1, Ordering::SeqCst);
+            }
+            queued
+        });
+    }
+
+    /// Removes a client's queue (it disconnected).
+    pub fn unsubscribe(&self, s: &Subscriber) {
+        lock(&self.subscribers).retain(|o| !o.same_channel(s));
+    }
+
+    /// A client's writer wrote an event, or dropped it with the client.
+    pub fn written(&self) {
+        self.unwritten.fetch_sub(1, Ordering::SeqCst);
+    }
+
+    /// Waits up to `timeout` for the events queued to reach their clients:
+    /// the last MIGRATION event is written before the process exits.
+    pub fn drain(&self, timeout: std::time::Duration) {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.unwritten.load(Ordering::SeqCst) > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
     }
 
     /// Adds a client's event queue.

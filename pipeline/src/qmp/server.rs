@@ -21,7 +21,7 @@ use qapi::ErrorClass;
 use serde_json::{json, Map, Value};
 
 use super::commands::{self, Failure};
-use super::Control;
+use super::{Control, Line};
 
 /// Longest request line, bytes.
 pub const MAX_REQUEST: usize = 1 << 20;
@@ -119,93 +119,152 @@ impl Drop for Server {
 /// Serves one client until it disconnects.
 fn serve(stream: UnixStream, control: &Arc<Control>) -> io::Result<()> {
     stream.set_write_timeout(Some(WRITE_TIMEOUT))?;
-    let (tx, rx) = crossbeam_channel::bounded::<String>(QUEUE);
+    let (tx, rx) = crossbeam_channel::bounded::<Line>(QUEUE);
     let mut out = stream.try_clone()?;
+    let c = control.clone();
     let writer = std::thread::Builder::new()
         .name("qmp-write".into())
         .spawn(move || {
+            let mut ok = true;
             for line in rx {
-                if out.write_all(line.as_bytes()).is_err() || out.write_all(b"\r\n").is_err() {
-                    // The reader sees the closed socket too.
-                    let _ = out.shutdown(std::net::Shutdown::Both);
-                    return;
+                if ok {
+                    let text = line.text + "\r\n";
+                    ok = out.write_all(text.as_bytes()).is_ok();
+                    if !ok {
+                        // The reader sees the closed socket too.
+                        let _ = out.shutdown(std::net::Shutdown::Both);
+                    }
+                }
+                if line.event {
+                    c.written();
                 }
             }
         })?;
     let greeting = json!({ "QMP": { "version": commands::version(), "capabilities": [] } });
-    let _ = tx.send(greeting.to_string());
+    let _ = tx.send(Line {
+        text: greeting.to_string(),
+        event: false,
+    });
     let mut reader = BufReader::new(stream);
     let mut negotiated = false;
     let mut line = Vec::new();
     loop {
-        let answer = match read_request(&mut reader, &mut line)? {
-            Request::Eof => break,
-            Request::TooLong(n) => Some(error(
+        let answer = match read_request(&mut reader, &mut line) {
+            Ok(Request::Eof) | Err(_) => break,
+            Ok(Request::TooLong(n)) => Some(error(
                 None,
                 &Failure::generic(format!(
                     "JSON parse error, request of {n} bytes is longer than the {MAX_REQUEST} allowed"
                 )),
             )),
-            Request::Line => answer(control, &line, &mut negotiated, &tx),
+            Ok(Request::Line) => answer(control, &line, &mut negotiated, &tx),
         };
-        if let Some(a) = answer {
-            if tx.try_send(a).is_err() {
+        if let Some(text) = answer {
+            if tx.try_send(Line { text, event: false }).is_err() {
                 break; // not reading its answers
             }
         }
     }
+    control.unsubscribe(&tx);
     drop(tx);
     let _ = writer.join();
     Ok(())
 }
 
 /// What one read gave.
+#[derive(Debug, PartialEq, Eq)]
 enum Request {
-    /// A request line is in the buffer.
+    /// A request is in the buffer: a balanced JSON object or array, or a
+    /// line of anything else (which then fails to parse).
     Line,
-    /// A line longer than [`MAX_REQUEST`] (this many bytes) was skipped.
+    /// A request longer than [`MAX_REQUEST`] was skipped up to its newline:
+    /// this many bytes.
     TooLong(usize),
     /// The client closed.
     Eof,
 }
 
-/// Reads one line into `line` (without its newline), skipping over a line
-/// that is too long without keeping it.
-fn read_request(r: &mut impl BufRead, line: &mut Vec<u8>) -> io::Result<Request> {
-    line.clear();
+/// Where the splitter is inside a JSON text.
+#[derive(Debug, Default)]
+struct Depth {
+    nesting: u32,
+    in_string: bool,
+    escaped: bool,
+}
+
+impl Depth {
+    fn step(&mut self, b: u8) {
+        if self.in_string {
+            match (self.escaped, b) {
+                (true, _) => self.escaped = false,
+                (false, b'\\') => self.escaped = true,
+                (false, b'"') => self.in_string = false,
+                _ => {}
+            }
+            return;
+        }
+        match b {
+            b'"' => self.in_string = true,
+            b'{' | b'[' => self.nesting += 1,
+            b'}' | b']' => self.nesting = self.nesting.saturating_sub(1),
+            _ => {}
+        }
+    }
+
+    fn outside(&self) -> bool {
+        self.nesting == 0 && !self.in_string
+    }
+}
+
+/// Reads one request into `msg`, as QEMU's JSON streamer splits its input:
+/// by balanced braces, not by lines (`qemu.qmp` sends no newline). A request
+/// longer than [`MAX_REQUEST`] is dropped byte by byte up to the next
+/// newline, so memory stays bounded and the client can go on after it.
+fn read_request(r: &mut impl BufRead, msg: &mut Vec<u8>) -> io::Result<Request> {
+    msg.clear();
+    let mut depth = Depth::default();
     let mut skipped = 0usize;
     loop {
         let buf = r.fill_buf()?;
         if buf.is_empty() {
-            return Ok(if line.is_empty() && skipped == 0 {
-                Request::Eof
-            } else if skipped > 0 {
-                Request::TooLong(skipped)
-            } else {
-                Request::Line
+            return Ok(match (skipped, msg.is_empty()) {
+                (0, true) => Request::Eof,
+                (0, false) => Request::Line,
+                (n, _) => Request::TooLong(n),
             });
         }
-        let (chunk, done) = match buf.iter().position(|&b| b == b'\n') {
-            Some(i) => (&buf[..i], Some(i + 1)),
-            None => (buf, None),
-        };
-        if skipped > 0 || line.len() + chunk.len() > MAX_REQUEST {
-            skipped += line.len() + chunk.len();
-            line.clear();
-        } else {
-            line.extend_from_slice(chunk);
-        }
-        let used = done.unwrap_or(buf.len());
-        r.consume(used);
-        if done.is_some() {
+        let mut used = 0;
+        let mut done = None;
+        for &b in buf {
+            used += 1;
             if skipped > 0 {
-                return Ok(Request::TooLong(skipped));
+                skipped += 1;
+                if b == b'\n' {
+                    done = Some(Request::TooLong(skipped));
+                    break;
+                }
+                continue;
             }
-            if line.iter().all(u8::is_ascii_whitespace) {
-                line.clear();
-                continue; // blank lines between requests are fine
+            if msg.is_empty() && depth.outside() && b.is_ascii_whitespace() {
+                continue; // between requests
             }
-            return Ok(Request::Line);
+            depth.step(b);
+            msg.push(b);
+            if msg.len() > MAX_REQUEST {
+                skipped = msg.len();
+                msg.clear();
+                if b == b'\n' {
+                    done = Some(Request::TooLong(skipped));
+                    break;
+                }
+            } else if depth.outside() && matches!(b, b'}' | b']' | b'\n') {
+                done = Some(Request::Line);
+                break;
+            }
+        }
+        r.consume(used);
+        if let Some(d) = done {
+            return Ok(d);
         }
     }
 }
@@ -215,7 +274,7 @@ fn answer(
     control: &Arc<Control>,
     line: &[u8],
     negotiated: &mut bool,
-    tx: &crossbeam_channel::Sender<String>,
+    tx: &crossbeam_channel::Sender<Line>,
 ) -> Option<String> {
     let v: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
@@ -351,15 +410,18 @@ mod tests {
     }
 
     #[test]
-    fn a_long_line_is_skipped_and_the_next_one_read() {
-        let mut input = b"{\"a\":1}\n\n".to_vec();
+    fn requests_are_split_by_braces_and_a_long_one_is_skipped() {
+        let mut input = b"{\"a\":\"}{\\\"\"}{\"n\":{\"m\":[1]}} \r\n".to_vec();
+        input.extend(b"{\"s\":\"");
         input.extend(std::iter::repeat_n(b'x', MAX_REQUEST + 10));
-        input.extend(b"\n{\"b\":2}\n{\"c\":3}");
+        input.extend(b"\"}\nnot json\n{\"b\":2}{\"c\":3}");
         assert_eq!(
             read_all(&input),
             vec![
-                Ok("{\"a\":1}".into()),
-                Err(MAX_REQUEST + 10),
+                Ok("{\"a\":\"}{\\\"\"}".into()),
+                Ok("{\"n\":{\"m\":[1]}}".into()),
+                Err(MAX_REQUEST + 19),
+                Ok("not json\n".into()),
                 Ok("{\"b\":2}".into()),
                 Ok("{\"c\":3}".into())
             ]
