@@ -534,6 +534,8 @@ struct Migration<'a> {
     prev_bytes: u64,
     /// Pages the scanner batched in the current round.
     scanned: u64,
+    /// Pages sent before the current round began.
+    round_pages_start: u64,
     /// Rounds in a row in which the guest outran the link (auto-converge).
     dirty_high: u32,
     /// When `stop` was sent to the guest: the downtime runs from here.
@@ -569,6 +571,7 @@ impl<'a> Migration<'a> {
             round_start: Instant::now(),
             prev_bytes: 0,
             scanned: 0,
+            round_pages_start: 0,
             dirty_high: 0,
             stopped_at: None,
             digests: Digests::default(),
@@ -595,6 +598,8 @@ impl<'a> Migration<'a> {
 
     fn send_round(&mut self, all: bool, last: bool) -> anyhow::Result<()> {
         self.round_start = Instant::now();
+        self.round_pages_start = self.report.counts.pages();
+        self.scanned = 0;
         self.control.pass();
         let round = self.round;
         self.actors
@@ -667,11 +672,28 @@ impl<'a> Migration<'a> {
     fn progress(&mut self, bar: &ProgressBar, bytes: u64, counts: PageCounts) {
         self.report.bytes = bytes;
         self.report.counts = counts;
-        let remaining = self.src.ram_remaining(true, &counts);
+        let remaining = self.remaining(&counts);
         let mut f = self.control.figures();
         f.progress(bytes, counts);
         f.remaining = remaining;
         show(bar, &f);
+    }
+
+    /// RAM bytes not on the destination: what the dirty log marks, and what
+    /// the current round has yet to send of its pages (all of RAM in round
+    /// 0, as QEMU counts it).
+    fn remaining(&self, counts: &PageCounts) -> u64 {
+        let round = if self.round == 0 {
+            self.src.total / PAGE_SIZE as u64
+        } else {
+            self.scanned
+        };
+        let sent = counts.pages().saturating_sub(self.round_pages_start);
+        let dirty = match self.src.log {
+            Some(_) => self.src.ram_dirty_pages() * PAGE_SIZE as u64,
+            None => 0,
+        };
+        dirty + round.saturating_sub(sent) * PAGE_SIZE as u64
     }
 
     /// A ferry destination has the whole stream and will send its digests:
