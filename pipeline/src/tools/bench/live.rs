@@ -18,7 +18,7 @@ use crate::options::parse_rate;
 pub struct LiveArgs {
     /// Guest RAM size.
     #[arg(long, default_value = "2G", value_parser = parse_rate)]
-    size: u64,
+    pub(crate) size: u64,
     /// Bandwidth cap of every migration.
     #[arg(long, default_value = "1G", value_parser = parse_rate)]
     bandwidth: u64,
@@ -33,10 +33,14 @@ pub struct LiveArgs {
     timeout: u64,
     /// Where the plots go.
     #[arg(long, default_value = "bench-live")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Directory for guest RAM (tmpfs keeps the disk out of the figures).
     #[arg(long, default_value = "/dev/shm")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
+    /// Run only the cap-change scenario: a 16 MiB/s cap raised to unlimited
+    /// through the QMP socket mid-run (it also runs after the others).
+    #[arg(long)]
+    cap_change: bool,
 }
 
 struct Outcome {
@@ -75,6 +79,9 @@ impl Outcome {
 pub fn run(a: LiveArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    if a.cap_change {
+        return super::cap_change::run(&a);
+    }
     let mut rows = Vec::new();
     for &rate in &a.rates {
         for compress in [false, true] {
@@ -138,7 +145,7 @@ pub fn run(a: LiveArgs) -> anyhow::Result<()> {
         );
     }
     println!("plots in {}", a.out.display());
-    Ok(())
+    super::cap_change::run(&a)
 }
 
 fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Result<Outcome> {

@@ -4,6 +4,7 @@
 //! ferry, side by side in one run, into the same kind of sink: a TCP socket on
 //! loopback whose reader discards what it gets.
 
+mod cap_change;
 mod live;
 mod plot;
 mod qmp;
