@@ -8,15 +8,14 @@
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use qapi::qmp::{migrate_set_parameters, query_migrate, MigrateSetParameters, MigrationStatus};
 
-use super::live::LiveArgs;
+use super::live::{send_command, start, LiveArgs};
 use super::plot::{self, Series};
-use super::{wait_for, Killed};
 
 /// The cap the migration starts with, bytes per second.
 const CAP: u64 = 16 << 20;
@@ -63,23 +62,14 @@ pub fn run(a: &LiveArgs) -> anyhow::Result<()> {
         .arg(format!("{},name=ram", d.join("dst.ram").display()));
     let _receiver = start(&mut receive, &sock, "ferry receive")?;
     let qmp = d.join("send.qmp");
-    let mut send = Command::new(&exe);
-    send.arg("send")
-        .arg("--ram")
-        .arg(format!("{},name=ram", d.join("src.ram").display()))
-        .arg("--to")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--dirty-log")
-        .arg(d.join("dirty.log"))
-        .arg("--guest-control")
-        .arg(format!("unix:{}", ctl.display()))
-        .args([
-            "--max-bandwidth",
-            &CAP.to_string(),
-            "--no-progress",
-            "--qmp",
-        ])
-        .arg(format!("unix:{}", qmp.display()));
+    let mut send = send_command(&exe, d);
+    send.args([
+        "--max-bandwidth",
+        &CAP.to_string(),
+        "--no-progress",
+        "--qmp",
+    ])
+    .arg(format!("unix:{}", qmp.display()));
     let mut sender = start(&mut send, &qmp, "ferry send")?;
     let (samples, raised) = drive(&qmp)?;
     let status = sender.0.wait()?;
@@ -88,17 +78,6 @@ pub fn run(a: &LiveArgs) -> anyhow::Result<()> {
     }
     report(&samples, raised);
     plot_rate(a, &samples, raised)
-}
-
-/// Starts a helper process and waits for its socket.
-fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
-    let child = cmd
-        .stderr(Stdio::null())
-        .spawn()
-        .with_context(|| format!("cannot start {what}"))?;
-    let mut child = Killed(child);
-    wait_for(ready, &mut child.0, what, Duration::from_secs(60))?;
-    Ok(child)
 }
 
 /// Polls query-migrate until the migration ends, raising the cap to

@@ -190,17 +190,8 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
         "ferry receive",
     )?;
     let stats = d.join("send.json");
-    let mut send = Command::new(&exe);
-    send.arg("send")
-        .arg("--ram")
-        .arg(format!("{},name=ram", d.join("src.ram").display()))
-        .arg("--to")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--dirty-log")
-        .arg(d.join("dirty.log"))
-        .arg("--guest-control")
-        .arg(format!("unix:{}", ctl.display()))
-        .arg("--max-bandwidth")
+    let mut send = send_command(&exe, d);
+    send.arg("--max-bandwidth")
         .arg(a.bandwidth.to_string())
         .arg("--downtime-limit")
         .arg(a.downtime_limit.to_string())
@@ -223,9 +214,25 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
     Ok(Outcome::from_stats(name, converged, &v))
 }
 
+/// `ferry send` of the guest in `d` (`src.ram`, `dirty.log`, `guest.sock`)
+/// to the receiver on `d/migrate.sock`; add the scenario's options.
+pub(super) fn send_command(exe: &Path, d: &Path) -> Command {
+    let mut send = Command::new(exe);
+    send.arg("send")
+        .arg("--ram")
+        .arg(format!("{},name=ram", d.join("src.ram").display()))
+        .arg("--to")
+        .arg(format!("unix:{}", d.join("migrate.sock").display()))
+        .arg("--dirty-log")
+        .arg(d.join("dirty.log"))
+        .arg("--guest-control")
+        .arg(format!("unix:{}", d.join("guest.sock").display()));
+    send
+}
+
 /// Starts a helper ferry process (its stderr silenced: the figures are the
 /// output) and waits until it has created `ready`, its socket.
-fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
+pub(super) fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
     let child = cmd
         .stderr(Stdio::null())
         .spawn()
