@@ -73,6 +73,10 @@ pub struct Control {
     cancelled: AtomicBool,
     /// 2 once a second signal asked to stop now.
     signals: AtomicU8,
+    /// Set inside the signal handler itself, before the signal thread
+    /// records the cancel: a system call the signal interrupted (EINTR) may
+    /// fail the migration first.
+    signalled: Arc<AtomicBool>,
     subscribers: Mutex<Vec<Subscriber>>,
     /// Events queued and not written yet.
     unwritten: AtomicUsize,
@@ -111,6 +115,7 @@ impl Control {
             cancel: Mutex::new(None),
             cancelled: AtomicBool::new(false),
             signals: AtomicU8::new(0),
+            signalled: Arc::new(AtomicBool::new(false)),
             subscribers: Mutex::new(Vec::new()),
             unwritten: AtomicUsize::new(0),
             writer: Mutex::new(None),
@@ -256,6 +261,11 @@ impl Control {
         lock(&self.cancel).clone().map(|by| Cancelled { by })
     }
 
+    /// The flag the signal handler sets.
+    pub fn signalled_flag(&self) -> Arc<AtomicBool> {
+        self.signalled.clone()
+    }
+
     /// A second signal: the orchestrator skips whatever can wait.
     pub fn force(&self) {
         self.signals.store(2, Ordering::SeqCst);
@@ -299,6 +309,13 @@ impl Control {
     /// A failure after a cancel request is the cancel (the actors may have
     /// died of the same Ctrl-C); anything else stays what it is.
     pub fn explain(&self, result: anyhow::Result<()>) -> anyhow::Result<()> {
+        if result.is_err() && self.signalled.load(Ordering::SeqCst) {
+            // The signal thread records the cancel within microseconds.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(1);
+            while self.cancel_requested().is_none() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+        }
         match (result, self.cancel_requested()) {
             (Err(e), Some(c)) if e.downcast_ref::<Cancelled>().is_none() => {
                 tracing::info!("after the cancel request: {e:#}");

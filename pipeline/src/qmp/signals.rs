@@ -21,6 +21,9 @@ const GRACE: Duration = Duration::from_millis(500);
 
 /// Installs the handlers; signals are taken on a thread of their own.
 pub fn install(control: Arc<Control>) -> std::io::Result<()> {
+    for sig in [SIGINT, SIGTERM] {
+        signal_hook::flag::register(sig, control.signalled_flag())?;
+    }
     let mut signals = Signals::new([SIGINT, SIGTERM])?;
     std::thread::Builder::new()
         .name("signals".into())
