@@ -236,12 +236,14 @@ fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32])
     let mut writer = RamWriter::new();
     let mut zero_pages = 0;
     let mut pages = Vec::with_capacity(indices.len());
+    let mut zero_indices = Vec::new();
     for &i in indices {
         if ram.page_fill(i) == Some(0) {
             // Writing to memory cannot fail, and the name was checked at start.
             let offset = u64::from(i) * PAGE_SIZE as u64;
             let _ = writer.put_zero_page(&mut zero, name, offset, 0);
             zero_pages += 1;
+            zero_indices.push(i);
         } else {
             pages.push(i);
         }
@@ -255,6 +257,7 @@ fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32])
         block,
         zero_records,
         zero_pages,
+        zero: zero_indices,
         pages,
     }
 }
