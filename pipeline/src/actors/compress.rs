@@ -583,17 +583,17 @@ impl Packets {
             (Vec::new(), batch.zero_records)
         };
         let (normal, zeros) = (batch.pages.len(), zero.len());
-        // Two shares rounded up each fit one packet when the packets hold
-        // one page fewer on average.
-        let room = PAGES_PER_PACKET - usize::from(zeros > 0);
-        let packets = (normal + zeros).div_ceil(room);
-        let share = |all: usize| all.div_ceil(packets.max(1)).max(1);
-        let (ns, zs) = (share(normal), share(zeros));
+        let packets = (normal + zeros).div_ceil(PAGES_PER_PACKET);
+        let share = |all: usize| all.div_ceil(packets.max(1));
+        let normal_of =
+            |k: usize| (k * share(normal)).min(normal)..((k + 1) * share(normal)).min(normal);
+        let zero_counts = zero_shares((0..packets).map(|k| normal_of(k).len()), zeros);
         let mut slots: Vec<Vec<Slot>> = vec![Vec::new(); n];
         let mut channel_of = Vec::new();
-        for k in 0..packets {
-            let nr = (k * ns).min(normal)..((k + 1) * ns).min(normal);
-            let zr = (k * zs).min(zeros)..((k + 1) * zs).min(zeros);
+        let mut z = 0;
+        for (k, zk) in zero_counts.into_iter().enumerate() {
+            let (nr, zr) = (normal_of(k), z..z + zk);
+            z += zk;
             if nr.is_empty() && zr.is_empty() {
                 continue;
             }
@@ -669,6 +669,30 @@ impl Packets {
             counts,
         })
     }
+}
+
+/// How many of `zeros` zero pages go in each packet, given each packet's
+/// normal pages: an even share, then what is left in the room the packets
+/// still have; there is room for all when the packets were counted for
+/// normal and zero pages together.
+fn zero_shares(normal: impl Iterator<Item = usize>, zeros: usize) -> Vec<usize> {
+    let room: Vec<usize> = normal.map(|n| PAGES_PER_PACKET - n).collect();
+    let even = zeros.div_ceil(room.len().max(1));
+    let mut counts: Vec<usize> = room.iter().map(|&r| r.min(even)).collect();
+    let mut left = zeros.saturating_sub(counts.iter().sum());
+    for (c, r) in counts.iter_mut().zip(&room) {
+        let more = (r - *c).min(left);
+        *c += more;
+        left -= more;
+    }
+    // Round up, the even shares can take more than there are.
+    let mut over = counts.iter().sum::<usize>().saturating_sub(zeros);
+    for c in counts.iter_mut().rev() {
+        let less = (*c).min(over);
+        *c -= less;
+        over -= less;
+    }
+    counts
 }
 
 impl Lane {
@@ -960,6 +984,9 @@ mod tests {
                     zero_records.is_empty(),
                     "no ZERO records on the main channel"
                 );
+                // No more packets than the pages need: headers cost 1344 bytes.
+                let need = (normal.len() + zero.len()).div_ceil(PAGES_PER_PACKET);
+                assert_eq!(packets.len(), need, "{method:?} case {seq}");
                 assert_eq!(counts.zero, zero.len() as u64);
                 let (mut got_normal, mut got_zero) = (Vec::new(), Vec::new());
                 for pk in packets {
