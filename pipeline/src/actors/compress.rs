@@ -833,6 +833,35 @@ mod tests {
     use super::*;
     use ferry_proto::multifd::Decoder;
 
+    /// Two channels of `method` over one block "b" holding `bytes`, in a
+    /// file of the returned directory.
+    fn packets_over(
+        bytes: &[u8],
+        method: Compression,
+        zero_pages_in_packets: bool,
+    ) -> (tempfile::TempDir, Packets) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.ram");
+        std::fs::write(&path, bytes).unwrap();
+        let maps = Arc::new(vec![GuestRam::map(&path).unwrap()]);
+        let blocks: Arc<[BlockFile]> = vec![BlockFile {
+            name: "b".into(),
+            path,
+            length: bytes.len() as u64,
+        }]
+        .into();
+        let m = MultifdSend {
+            channels: 2,
+            compression: method,
+            level: 1,
+            legacy_sync: false,
+            auto: false,
+            zero_pages_in_packets,
+        };
+        let p = Packets::new(&m, &blocks, &maps, &blocks).unwrap();
+        (dir, p)
+    }
+
     /// Decodes `pk` on its channel's decoder, its raw pages taken from
     /// `bytes` as the writer takes them from its mapping, and checks that
     /// its normal pages are the very pages it names.
@@ -869,29 +898,11 @@ mod tests {
     #[test]
     fn packets_decode_per_channel_to_their_pages() {
         for method in [Compression::None, Compression::Zlib, Compression::Zstd] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("b.ram");
             let pages = 300u32;
             let bytes: Vec<u8> = (0..pages as usize * PAGE_SIZE)
                 .map(|i| ((i / PAGE_SIZE) as u8).wrapping_mul(7) ^ (i % 251) as u8)
                 .collect();
-            std::fs::write(&path, &bytes).unwrap();
-            let maps = Arc::new(vec![GuestRam::map(&path).unwrap()]);
-            let blocks: Arc<[BlockFile]> = vec![BlockFile {
-                name: "b".into(),
-                path: path.clone(),
-                length: u64::from(pages) * PAGE_SIZE as u64,
-            }]
-            .into();
-            let m = MultifdSend {
-                channels: 2,
-                compression: method,
-                level: 1,
-                legacy_sync: false,
-                auto: false,
-                zero_pages_in_packets: false,
-            };
-            let mut p = Packets::new(&m, &blocks, &maps, &blocks).unwrap();
+            let (_dir, mut p) = packets_over(&bytes, method, false);
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
             let mut seen = Vec::new();
             for (seq, range) in [(0u64, 0..pages), (1, 0..40)] {
@@ -925,30 +936,12 @@ mod tests {
     /// pages alone on a compressed channel keeps the flag with no payload.
     #[test]
     fn zero_pages_go_in_the_packets_zero_lists() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("b.ram");
         let pages = 600u32;
         let bytes: Vec<u8> = (0..pages as usize * PAGE_SIZE)
             .map(|i| ((i / PAGE_SIZE) as u8) ^ (i % 13) as u8 | 1)
             .collect();
-        std::fs::write(&path, &bytes).unwrap();
-        let maps = Arc::new(vec![GuestRam::map(&path).unwrap()]);
-        let blocks: Arc<[BlockFile]> = vec![BlockFile {
-            name: "b".into(),
-            path: path.clone(),
-            length: u64::from(pages) * PAGE_SIZE as u64,
-        }]
-        .into();
         for method in [Compression::None, Compression::Zstd] {
-            let m = MultifdSend {
-                channels: 2,
-                compression: method,
-                level: 1,
-                legacy_sync: false,
-                auto: false,
-                zero_pages_in_packets: true,
-            };
-            let mut p = Packets::new(&m, &blocks, &maps, &blocks).unwrap();
+            let (_dir, mut p) = packets_over(&bytes, method, true);
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
             // Mostly normal, mostly zero, zero only, and a split (129 + 127)
             // whose even shares rounded up would overfill a packet.
