@@ -343,10 +343,11 @@ pub fn block_file_name(idstr: &str) -> String {
     format!("{name}.ram")
 }
 
-/// The temporary name a new RAM file is written under, beside `path`.
-fn partial_name(path: &Path) -> PathBuf {
+/// The temporary name a new RAM file is written under, beside `path`, by
+/// the process `pid`: whoever kills that process removes it.
+pub fn partial_name(path: &Path, pid: u32) -> PathBuf {
     let name = path.file_name().unwrap_or_default().to_string_lossy();
-    path.with_file_name(format!(".{name}.ferry-partial-{}", std::process::id()))
+    path.with_file_name(format!(".{name}.ferry-partial-{pid}"))
 }
 
 /// Maps a destination's RAM file; one it creates goes under a temporary
@@ -355,7 +356,7 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
     if create && !path.exists() {
         // Written under a temporary name: a failed load leaves no file a VMM
         // could take for a guest at the destination path.
-        let temp = partial_name(path);
+        let temp = partial_name(path, std::process::id());
         let _ = std::fs::remove_file(&temp);
         let mut block = map_at(&temp, info, true)?;
         block.destination = Some(path.to_owned());

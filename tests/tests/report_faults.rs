@@ -304,13 +304,7 @@ fn inspect_refuses_the_compressed_pages_receive_refuses() {
 fn two_options_naming_one_file_are_refused_before_writing() {
     let dir = shm_tempdir("ferry-same-file-");
     let d = dir.path();
-    let stream = d.join("two.mig");
-    let mut f =
-        ferry_proto::qemu_file::QemuFileWriter::new(ferry_proto::transport::MemTransport::new());
-    let blocks: [(&str, &[u8]); 2] = [("a", &[1u8; 8192]), ("b", &[2u8; 8192])];
-    ferry_proto::stream::image::write_stream(&mut f, &blocks, &Default::default(), "none", None)
-        .unwrap();
-    std::fs::write(&stream, f.into_transport().unwrap().take()).unwrap();
+    let stream = two_block_stream(d);
     let file = d.join("one.ram");
     std::fs::write(&file, [9u8; 8192]).unwrap();
     let link = d.join("link.ram");
@@ -352,6 +346,73 @@ fn two_options_naming_one_file_are_refused_before_writing() {
         );
         assert!(!fresh.exists(), "{what}: created");
     }
+}
+
+/// A stream of two 8 KiB blocks, "a" and "b", in `d`.
+fn two_block_stream(d: &Path) -> std::path::PathBuf {
+    let stream = d.join("two.mig");
+    let mut f =
+        ferry_proto::qemu_file::QemuFileWriter::new(ferry_proto::transport::MemTransport::new());
+    let blocks: [(&str, &[u8]); 2] = [("a", &[1u8; 8192]), ("b", &[2u8; 8192])];
+    ferry_proto::stream::image::write_stream(&mut f, &blocks, &Default::default(), "none", None)
+        .unwrap();
+    std::fs::write(&stream, f.into_transport().unwrap().take()).unwrap();
+    stream
+}
+
+/// `--device-state-out` naming a RAM file, and a `--ram` path that is a
+/// symlink to nothing: refused before anything is written.
+#[test]
+fn device_state_out_on_ram_and_dangling_symlinks_are_refused() {
+    let dir = shm_tempdir("ferry-same-file-");
+    let d = dir.path();
+    let stream = two_block_stream(d);
+    let file = d.join("one.ram");
+    std::fs::write(&file, [9u8; 8192]).unwrap();
+    let link = d.join("link.ram");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    // The device state may not land on a RAM file either.
+    let args = [
+        "receive".to_owned(),
+        "--listen".into(),
+        format!("file:{}", stream.display()),
+        "--ram".into(),
+        format!("{},name=a", file.display()),
+        "--ram".into(),
+        format!("{},name=b", d.join("b.ram").display()),
+        "--device-state-out".into(),
+        link.display().to_string(),
+    ];
+    let o = run_ferry(&args, TIMEOUT).unwrap();
+    assert!(
+        !o.status.success(),
+        "--device-state-out on a RAM file: accepted"
+    );
+    assert!(o.stderr.contains("are the same file"), "{}", o.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), [9u8; 8192]);
+    // A symlink to a file that does not exist would be replaced by a new
+    // file, and a VMM mapping its target would get nothing.
+    let target = d.join("missing").join("mem");
+    let dangling = d.join("dangling.ram");
+    std::os::unix::fs::symlink(&target, &dangling).unwrap();
+    let args = [
+        "receive".to_owned(),
+        "--listen".into(),
+        format!("file:{}", stream.display()),
+        "--ram".into(),
+        format!("{},name=a", dangling.display()),
+        "--ram".into(),
+        format!("{},name=b", d.join("b.ram").display()),
+    ];
+    let o = run_ferry(&args, TIMEOUT).unwrap();
+    assert!(!o.status.success(), "a dangling symlink: accepted");
+    assert!(
+        o.stderr.contains("symlink to a file that does not exist"),
+        "{}",
+        o.stderr
+    );
+    assert!(dangling.is_symlink(), "the symlink was replaced");
+    assert!(!d.join("b.ram").exists(), "b.ram created");
 }
 
 /// A failed receive leaves no new RAM file (nor its temporary name) at the
@@ -414,4 +475,54 @@ fn a_failed_receive_leaves_no_new_ram_file() {
     assert_eq!(std::fs::read(&fresh).unwrap(), a);
     assert_eq!(std::fs::read(&existing).unwrap(), b);
     assert_eq!(read_json(&stats)["possibly-partial-ram-files"], json!([]));
+}
+
+/// A receive cancelled mid-stream (SIGTERM kills its reader) leaves neither
+/// the new RAM file nor its temporary name behind.
+#[test]
+fn a_cancelled_receive_leaves_no_partial_ram_file() {
+    let dir = shm_tempdir("ferry-cancelled-");
+    let d = dir.path();
+    let source = d.join("source.ram");
+    write_mixed_image(&source, RAM as usize, 5).unwrap();
+    let dest_dir = d.join("dest");
+    std::fs::create_dir(&dest_dir).unwrap();
+    let dest = dest_dir.join("mem.ram");
+    let (mut receiver, addr) = ferry(&[
+        "receive".to_owned(),
+        "--listen".into(),
+        "tcp:127.0.0.1:0".into(),
+        "--ram".into(),
+        format!("{},name=mem", dest.display()),
+    ])
+    .start_listening(&d.join("receive.log"))
+    .expect("starting ferry receive");
+    let mut sender = ferry(&[
+        "send".to_owned(),
+        "--ram".into(),
+        format!("{},name=mem", source.display()),
+        "--to".into(),
+        addr,
+        "--max-bandwidth".into(),
+        "4M".into(),
+        "--no-progress".into(),
+    ])
+    .start(&d.join("send.log"))
+    .expect("starting ferry send");
+    let entries = || std::fs::read_dir(&dest_dir).unwrap().count();
+    ferry_tests::proc::wait_until(TIMEOUT, "the receiver's RAM file", || entries() > 0)
+        .unwrap_or_else(|e| panic!("{e}\n{}", receiver.stderr()));
+    receiver.signal(15);
+    let status = receiver.wait(TIMEOUT).expect("ferry receive ends");
+    assert_eq!(status.code(), Some(3), "{}", receiver.stderr());
+    let left: Vec<_> = std::fs::read_dir(&dest_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let sent = sender.wait(TIMEOUT).expect("ferry send ends");
+    assert!(
+        !sent.success(),
+        "the sender succeeded into a cancelled receive"
+    );
 }

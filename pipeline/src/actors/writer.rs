@@ -395,7 +395,11 @@ impl Limiter {
 
     fn set_rate<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>, rate: u64) {
         self.rate = rate;
-        f.set_rate_limit(rate / 10);
+        // Under 10 bytes/s a window's share rounds to 0, which the QEMUFile
+        // reads as "no limit": keep at least one byte a window. A window
+        // writes at least one slice (a page), so caps under 40 KiB/s act as
+        // 40 KiB/s.
+        f.set_rate_limit(if rate == 0 { 0 } else { (rate / 10).max(1) });
     }
 
     /// The largest piece to write between checks: small against the window's

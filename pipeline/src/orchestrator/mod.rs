@@ -130,6 +130,8 @@ pub struct SendArgs {
     #[arg(long, value_name = "N", default_value_t = default_workers(), value_parser = parse_workers)]
     pub compress_workers: usize,
     /// Bandwidth cap in bytes per second, with K/M/G suffixes; 0 = unlimited.
+    /// The writer paces in 100 ms windows of at least one page: caps under
+    /// 40K act as 40K.
     #[arg(long, value_name = "RATE", default_value = "0", value_parser = parse_rate)]
     pub max_bandwidth: u64,
     /// Machine type for the configuration section when there is no

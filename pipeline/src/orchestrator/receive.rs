@@ -71,7 +71,9 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     let result = supervise(&mut sup, &args, &mut outcome, &control);
     let result = control.explain(result);
     if result.is_err() {
+        let pids = sup.pids();
         sup.kill_all();
+        remove_partial_files(&args, &pids);
     }
     control.set_pids(Vec::new());
     control.finish(&result);
@@ -219,4 +221,20 @@ fn stats(out: &Outcome, ok: bool, elapsed: Duration, actors: &[(ActorKind, Usage
         "possibly-partial-ram-files": if ok { &[][..] } else { &out.pre_existing[..] },
         "processes": stats::processes(actors),
     })
+}
+
+/// Removes the RAM files a killed reader was writing under their temporary
+/// names (a reader that fails by itself removes its own): a failed or
+/// cancelled receive leaves no file a VMM could take for a guest.
+fn remove_partial_files(args: &ReceiveArgs, pids: &[(ActorKind, u32)]) {
+    for (_, pid) in pids.iter().filter(|(k, _)| *k == ActorKind::Reader) {
+        for ram in &args.ram {
+            let partial = ferry_guest::load::partial_name(&ram.path, *pid);
+            if let Err(e) = std::fs::remove_file(&partial) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove {}: {e}", partial.display());
+                }
+            }
+        }
+    }
 }

@@ -129,6 +129,10 @@ impl Source {
             Some(path) => {
                 let bytes = std::fs::read(path)
                     .with_context(|| format!("cannot read device state {}", path.display()))?;
+                // A VMM that failed to write its state must not go unnoticed.
+                if bytes.is_empty() {
+                    bail!("device state {} is empty", path.display());
+                }
                 DeviceState::from_bytes(bytes.clone())
                     .with_context(|| format!("device state {} is not valid", path.display()))?;
                 Some(bytes)

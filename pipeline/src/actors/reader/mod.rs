@@ -168,7 +168,8 @@ pub enum Error {
     Uri(#[source] uri::ParseError),
     /// Two --ram or --disk options name one file.
     #[error(
-        "{first} and {second} are the same file: every --ram and --disk needs a file of its own"
+        "{first} and {second} are the same file: every --ram, --disk and --device-state-out \
+         needs a file of its own"
     )]
     SameFile {
         /// The first option's path.
@@ -176,6 +177,10 @@ pub enum Error {
         /// The one naming the same file.
         second: PathBuf,
     },
+    /// A path is a symlink whose target does not exist: creating the file
+    /// would replace the link, and a VMM mapping the target would get nothing.
+    #[error("{0} is a symlink to a file that does not exist: create the target or give its path")]
+    DanglingSymlink(PathBuf),
     /// Two RAM files claim the same block.
     #[error("two --ram files are both named {0:?} (use PATH,name=BLOCK)")]
     DuplicateName(String),
@@ -388,6 +393,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .map_err(|e| Error::Tls(Box::new(e)))?;
     let paths: Vec<&std::path::Path> = (init.ram.iter().map(|(_, p)| p.as_path()))
         .chain(init.disks.iter().map(|d| d.path.as_path()))
+        .chain(init.device_state_out.as_deref())
         .collect();
     refuse_same_file(&paths)?;
     let mut loader = Loader::new(&init.ram, init.decompress_workers)?;
@@ -470,11 +476,15 @@ fn file_identity(path: &std::path::Path) -> io::Result<(u64, u64, PathBuf)> {
     }
 }
 
-/// Refuses two --ram or --disk options that name the same file (one block
-/// would overwrite the other), before anything is created or written.
+/// Refuses two --ram, --disk or --device-state-out paths that name the same
+/// file (one would overwrite the other) and dangling symlinks, before
+/// anything is created or written.
 fn refuse_same_file(paths: &[&std::path::Path]) -> Result<(), Error> {
     let mut seen: Vec<((u64, u64, PathBuf), &std::path::Path)> = Vec::new();
     for &path in paths {
+        if path.is_symlink() && !path.exists() {
+            return Err(Error::DanglingSymlink(path.to_path_buf()));
+        }
         // A path that cannot be examined fails later, where it is opened.
         let Ok(id) = file_identity(path) else {
             continue;
