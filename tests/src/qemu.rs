@@ -30,7 +30,7 @@ use crate::qmp::Qmp;
 pub const MIGRATION_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// How long QEMU may take to open its QMP socket.
-const STARTUP_TIMEOUT: Duration = Duration::from_secs(20);
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How often migration state is polled.
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
