@@ -464,7 +464,7 @@ fn partial_stream(sealed: bool) -> Vec<u8> {
         encode::put_footer(f, 2);
         w.put_end_section(f, 2);
     });
-    let eof = written(|f| encode::put_eof(f));
+    let eof = written(encode::put_eof);
     if !sealed {
         return [head, ram, eof].concat();
     }
