@@ -7,6 +7,7 @@
 //! - [`actors`]: the processes it spawns: scanner, compress, writer, reader, blockio.
 //! - [`supervisor`]: spawning actor processes, watching them, and the messages between them.
 //! - [`channel`]: the migration connection: URIs, stall detection, TLS, integrity checkpoints.
+//! - [`qmp`]: the control plane: QMP server (`--qmp`), runtime parameters, cancel, signals.
 //! - [`tools`]: inspect, loadgen, demo, bench.
 //! - [`options`]: command-line values shared by the subcommands.
 //!
@@ -17,5 +18,6 @@ pub mod actors;
 pub mod channel;
 pub mod options;
 pub mod orchestrator;
+pub mod qmp;
 pub mod supervisor;
 pub mod tools;

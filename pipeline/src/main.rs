@@ -84,7 +84,11 @@ fn main() -> ExitCode {
         Err(e) => {
             // One line: the error and its causes.
             eprintln!("ferry: {}", chain(&e));
-            ExitCode::FAILURE
+            // A cancel (migrate_cancel, SIGINT, SIGTERM) is not a failure.
+            match e.downcast_ref::<ferry::qmp::Cancelled>() {
+                Some(_) => ExitCode::from(ferry::qmp::EXIT_CANCELLED),
+                None => ExitCode::FAILURE,
+            }
         }
     }
 }

@@ -206,6 +206,14 @@ pub struct SendArgs {
     /// SAN for an address), instead of the tcp: host or "ferry" for unix:.
     #[arg(long, value_name = "NAME", requires = "tls_cert")]
     pub tls_hostname: Option<String>,
+    /// Serve QMP on this socket while the migration runs, as QEMU's monitor:
+    /// query-migrate, query-migrate-parameters, migrate-set-parameters
+    /// (max-bandwidth, downtime-limit, throttle-trigger-threshold,
+    /// cpu-throttle-initial, cpu-throttle-increment), migrate_cancel, and
+    /// the MIGRATION and MIGRATION_PASS events. A cancel (or SIGINT/SIGTERM)
+    /// resumes a guest ferry stopped and exits with status 3.
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<String>,
     // multifd settings.
     #[command(flatten)]
     pub multifd: MultifdArgs,
@@ -263,6 +271,9 @@ impl MultifdArgs {
             },
             auto: self.multifd_compression == MultifdCompression::Auto,
             legacy_sync: self.multifd_flush_after_each_section,
+            // As QEMU's machine types: legacy zero pages up to 8.2, and
+            // flushing after each section only up to 8.0.
+            zero_pages_in_packets: !self.multifd_flush_after_each_section,
         })
     }
 }
@@ -319,6 +330,26 @@ pub struct ReceiveArgs {
     /// stream has loaded and verified; a failed receive leaves no FILE.
     #[arg(long, value_name = "FILE")]
     pub device_state_out: Option<PathBuf>,
+    /// Serve QMP on this socket: query-migrate (the incoming side's status
+    /// and figures), migrate_cancel, and MIGRATION events. A cancel, SIGINT
+    /// or SIGTERM fails the receive (status "cancelled", exit status 3).
+    #[arg(long, value_name = "unix:PATH")]
+    pub qmp: Option<String>,
+}
+
+/// Starts the QMP server of `--qmp`, if given.
+pub fn qmp_server(
+    uri: Option<&str>,
+    control: &std::sync::Arc<crate::qmp::Control>,
+) -> anyhow::Result<Option<crate::qmp::server::Server>> {
+    let Some(uri) = uri else {
+        return Ok(None);
+    };
+    let path = crate::qmp::server::parse_uri(uri)?;
+    Ok(Some(crate::qmp::server::Server::start(
+        &path,
+        control.clone(),
+    )?))
 }
 
 /// A `--stall-timeout` value as the sockets take it.

@@ -18,7 +18,10 @@ use super::{stats, ReceiveArgs};
 use crate::actors::reader;
 use crate::channel::tls;
 use crate::channel::uri::Uri;
+use crate::qmp::{self, Control, Side};
 use crate::supervisor::{self, Supervisor};
+use qapi::qmp::MigrationStatus;
+use std::sync::Arc;
 
 /// How long one wait for an event lasts; also how soon a dead reader is noticed.
 const POLL: Duration = Duration::from_millis(100);
@@ -60,13 +63,28 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
         ..Outcome::default()
     };
     let mut sup = Supervisor::new()?;
-    let result = supervise(&mut sup, &args, &mut outcome);
+    let control = Control::new(
+        Side::Destination,
+        stats::Figures::new(started, 0),
+        qmp::Parameters::default(),
+    );
+    let _server = super::qmp_server(args.qmp.as_deref(), &control)?;
+    qmp::signals::install(control.clone()).context("cannot handle SIGINT/SIGTERM")?;
+    let result = supervise(&mut sup, &args, &mut outcome, &control);
+    let result = control.explain(result);
     if result.is_err() {
         sup.kill_all();
     }
+    control.set_pids(Vec::new());
+    control.finish(&result);
+    control.drain(std::time::Duration::from_secs(1));
     let end = outcome.finished.unwrap_or_else(Instant::now);
     let elapsed = end.duration_since(outcome.connected.unwrap_or(started));
-    let stats = stats(&outcome, result.is_ok(), elapsed, sup.usage());
+    let mut stats = stats(&outcome, result.is_ok(), elapsed, sup.usage());
+    if result.is_err() {
+        // "failed" or "cancelled", as query-migrate says.
+        stats["status"] = serde_json::to_value(control.figures().status)?;
+    }
     let written = args
         .stats_json
         .as_deref()
@@ -101,7 +119,12 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
 }
 
 /// Starts the reader and follows it until it has loaded the stream and exited.
-fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> anyhow::Result<()> {
+fn supervise(
+    sup: &mut Supervisor,
+    args: &ReceiveArgs,
+    out: &mut Outcome,
+    control: &Arc<Control>,
+) -> anyhow::Result<()> {
     let tls = args.tls.files()?;
     if let Some(files) = &tls {
         if matches!(args.listen, Uri::File(_)) {
@@ -127,8 +150,11 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
     .with_max_ram_size(args.max_ram_size)
     .with_multifd_channels(args.multifd_channels)
     .with_device_state_out(args.device_state_out.clone());
+    control.check_cancel()?;
     sup.spawn(ActorKind::Reader, init)?;
+    control.set_pids(sup.pids().into_iter().map(|(_, pid)| pid).collect());
     loop {
+        control.check_cancel()?;
         let Some(ev) = sup.next_event(POLL)? else {
             continue;
         };
@@ -138,6 +164,7 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
                 out.connected.get_or_insert_with(Instant::now);
                 out.bytes = bytes;
                 out.counts = counts;
+                incoming(control, out, bytes, counts);
             }
             Event::Loaded {
                 bytes,
@@ -148,6 +175,8 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
                 out.finished = Some(Instant::now());
                 out.bytes = bytes;
                 out.counts = counts;
+                control.figures().total = digests.iter().map(|d| d.length).sum();
+                incoming(control, out, bytes, counts);
                 out.digests = Some(digests);
                 out.received = received;
             }
@@ -160,6 +189,21 @@ fn supervise(sup: &mut Supervisor, args: &ReceiveArgs, out: &mut Outcome) -> any
     }
     sup.wait_all(EXIT_TIMEOUT)?;
     Ok(())
+}
+
+/// The incoming side's figures for query-migrate: active from the first
+/// bytes, with the reader's byte and page counts.
+fn incoming(control: &Control, out: &Outcome, bytes: u64, counts: PageCounts) {
+    {
+        let mut f = control.figures();
+        if let Some(t) = out.connected {
+            let start = f.start;
+            f.setup_time.get_or_insert_with(|| t.duration_since(start));
+        }
+        f.progress(bytes, counts);
+        f.remaining = 0;
+    }
+    control.set_status(MigrationStatus::active);
 }
 
 /// The statistics in query-migrate's vocabulary. `mbps` is megabits per

@@ -3,6 +3,7 @@
 //! limit, and verifies the destination's digests.
 
 use std::io::IsTerminal;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::supervisor::messages::{ActorKind, Chunk, DiskChunk, Event, PageCounts, Work};
@@ -12,6 +13,7 @@ use ferry_proto::stream::device_state::DeviceState;
 use ferry_proto::stream::PAGE_SIZE;
 use indicatif::{ProgressBar, ProgressStyle};
 use ipc_channel::ipc::{self, IpcSender};
+use qapi::qmp::MigrationStatus;
 use serde::Serialize;
 use serde_json::json;
 
@@ -19,6 +21,7 @@ use super::guest::Guest;
 use super::{stats, SendArgs};
 use crate::actors::{blockio, compress, scanner, writer};
 use crate::channel::uri::Uri;
+use crate::qmp::{self, Control, Parameters, Side};
 use crate::supervisor::Supervisor;
 use ferry_guest::dirty_log::DirtyLog;
 use ferry_guest::ram::{self, BlockFile};
@@ -100,10 +103,8 @@ struct Report {
     channel_bytes: Vec<u64>,
     counts: PageCounts,
     return_path: Option<ReturnPath>,
-    setup: Duration,
     rounds: Vec<RoundStats>,
     downtime: Option<Duration>,
-    expected_downtime_ms: Option<f64>,
     throttle: u32,
 }
 
@@ -208,23 +209,52 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     let start = Instant::now();
     crate::supervisor::start_memory_sampler();
     let mut src = Source::open(&args)?;
+    let control = Control::new(
+        Side::Source,
+        stats::Figures::new(start, src.total),
+        parameters(&args),
+    );
+    let _server = super::qmp_server(args.qmp.as_deref(), &control)?;
+    qmp::signals::install(control.clone()).context("cannot handle SIGINT/SIGTERM")?;
     let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
     let mut sup = Supervisor::new()?;
     let mut report = Report::default();
-    let result = Migration::new(&args, &mut src, &mut sup, &mut report, start)
+    let result = Migration::new(&args, &mut src, &mut sup, &mut report, start, &control)
         .and_then(|m| m.run(show_progress));
+    let result = control.explain(result);
     if result.is_err() {
         sup.kill_all();
         src.recover();
     }
-    let seconds = start.elapsed().as_secs_f64();
+    control.set_pids(Vec::new());
+    {
+        let mut f = control.figures();
+        f.remaining = src.ram_remaining(result.is_ok(), &f.counts);
+    }
+    control.finish(&result);
+    control.drain(std::time::Duration::from_secs(1));
     if let Some(path) = &args.stats_json {
-        let remaining = src.ram_remaining(result.is_ok(), &report.counts);
-        write_stats(path, &result, &report, &src, remaining, seconds, &sup)?;
+        write_stats(path, &result, &report, &control.figures(), &sup)?;
     }
     result?;
+    let seconds = control.figures().total_time().as_secs_f64();
     summary(&args, &report, seconds, src.guest.is_some());
     Ok(())
+}
+
+/// The runtime parameters as the command line sets them.
+fn parameters(args: &SendArgs) -> Parameters {
+    let level = |l: i32| u8::try_from(l).unwrap_or(0);
+    Parameters {
+        max_bandwidth: args.max_bandwidth,
+        downtime_limit: args.downtime_limit,
+        compress_level: level(args.compress_level as i32),
+        multifd_zlib_level: level(args.multifd.multifd_zlib_level),
+        multifd_zstd_level: level(args.multifd.multifd_zstd_level),
+        throttle_trigger_threshold: Parameters::default().throttle_trigger_threshold,
+        cpu_throttle_initial: level(args.throttle_initial as i32),
+        cpu_throttle_increment: level(args.throttle_increment as i32),
+    }
 }
 
 /// multifd goes over plain tcp: or unix: connections, RAM only, without
@@ -256,10 +286,17 @@ fn check_multifd(args: &SendArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    match clash {
-        Some(what) => bail!("--multifd-channels does not work with {what}"),
-        None => Ok(()),
+    if let Some(what) = clash {
+        bail!("--multifd-channels does not work with {what}");
     }
+    // QEMU fails at the first raw packet on a compressed channel.
+    if args.return_path && args.multifd.multifd_compression == super::MultifdCompression::Auto {
+        bail!(
+            "--multifd-compression auto is for ferry receivers: a QEMU destination \
+             (--return-path) refuses its raw packets on zstd channels; use none, zlib or zstd"
+        );
+    }
+    Ok(())
 }
 
 /// The lines a successful run prints.
@@ -312,46 +349,25 @@ fn summary(args: &SendArgs, report: &Report, seconds: f64, live: bool) {
     }
 }
 
+/// `--stats-json`: query-migrate's final answer, and ferry's rounds, throttle
+/// and processes.
 fn write_stats(
     path: &std::path::Path,
     result: &anyhow::Result<()>,
     r: &Report,
-    src: &Source,
-    remaining: u64,
-    seconds: f64,
+    f: &stats::Figures,
     sup: &Supervisor,
 ) -> anyhow::Result<()> {
-    let ok = result.is_ok();
-    let status = match (ok, r.return_path) {
-        (false, _) => "failed",
-        (true, Some(ReturnPath::Silent)) => "completed-unverified",
-        (true, _) => "completed",
-    };
-    let mut v = json!({
-        "status": status,
-        "total-time": (seconds * 1000.0) as u64,
-        "setup-time": r.setup.as_millis() as u64,
-        "ram": stats::ram(src.total, r.bytes, remaining, &r.counts, seconds),
-        "compression": stats::compression(&r.counts),
-        "iterations": r.rounds.len() + usize::from(ok),
-        "rounds": r.rounds,
-        "throttle-percent": r.throttle,
-        "processes": stats::processes(sup.usage()),
-    });
-    if let Some(d) = r.downtime {
-        v["downtime"] = json!(d.as_millis() as u64);
+    let mut v = f.to_json();
+    if let (true, Some(ReturnPath::Silent)) = (result.is_ok(), r.return_path) {
+        v["status"] = json!("completed-unverified");
     }
-    if let Some(e) = r.expected_downtime_ms {
-        v["expected-downtime"] = json!(e as u64);
-    }
-    if !r.channel_bytes.is_empty() {
-        v["multifd"] = stats::multifd(&r.channel_bytes);
-    }
+    v["iterations"] = json!(r.rounds.len() + usize::from(result.is_ok()));
+    v["rounds"] = serde_json::to_value(&r.rounds)?;
+    v["throttle-percent"] = json!(r.throttle);
+    v["processes"] = stats::processes(sup.usage());
     if let Some(rp) = r.return_path {
         v["return-path"] = serde_json::to_value(rp)?;
-    }
-    if let Err(e) = result {
-        v["error-desc"] = json!(format!("{e:#}"));
     }
     stats::write(path, &v)
 }
@@ -361,8 +377,8 @@ fn write_stats(
 struct Actors {
     scan: IpcSender<scanner::Command>,
     disk: Option<IpcSender<blockio::Command>>,
-    /// Held so that the writer's command channel stays open.
-    _writer: IpcSender<writer::Command>,
+    /// The writer's command channel (max-bandwidth from QMP).
+    writer: IpcSender<writer::Command>,
     /// The disk chunk buffers shared by the blockio actor and the writer,
     /// removed when the run ends.
     _slots: Option<tempfile::NamedTempFile>,
@@ -371,7 +387,12 @@ struct Actors {
 impl Actors {
     /// Starts the writer, the blockio actor (with disks), the compress stage
     /// and the scanner, in that order: each one's consumer runs before it.
-    fn spawn(args: &SendArgs, src: &Source, sup: &mut Supervisor) -> anyhow::Result<Self> {
+    fn spawn(
+        args: &SendArgs,
+        src: &Source,
+        sup: &mut Supervisor,
+        params: &Parameters,
+    ) -> anyhow::Result<Self> {
         let tls = tls_init(args)?;
         let (scan_tx, scan_rx) = ipc::channel::<scanner::Command>()?;
         let (work_tx, work_rx) = ipc::channel::<Work>()?;
@@ -392,7 +413,7 @@ impl Actors {
                 blocks: src.blocks.clone(),
                 device_state: src.device_state.clone(),
                 machine: args.machine.clone(),
-                rate: args.max_bandwidth,
+                rate: params.max_bandwidth,
                 stall_timeout: super::stall(args.stall_timeout),
                 tls,
                 integrity: args.integrity,
@@ -448,7 +469,7 @@ impl Actors {
         Ok(Self {
             scan: scan_tx,
             disk: has_disks.then_some(disk_cmd_tx),
-            _writer: cmd_tx,
+            writer: cmd_tx,
             _slots: slots,
         })
     }
@@ -530,11 +551,15 @@ struct Migration<'a> {
     prev_bytes: u64,
     /// Pages the scanner batched in the current round.
     scanned: u64,
+    /// Pages sent before the current round began.
+    round_pages_start: u64,
     /// Rounds in a row in which the guest outran the link (auto-converge).
     dirty_high: u32,
     /// When `stop` was sent to the guest: the downtime runs from here.
     stopped_at: Option<Instant>,
     digests: Digests,
+    /// The figures, the parameters and the cancel request, shared with QMP.
+    control: Arc<Control>,
 }
 
 impl<'a> Migration<'a> {
@@ -545,9 +570,12 @@ impl<'a> Migration<'a> {
         sup: &'a mut Supervisor,
         report: &'a mut Report,
         start: Instant,
+        control: &Arc<Control>,
     ) -> anyhow::Result<Self> {
-        let actors = Actors::spawn(args, src, sup)?;
-        report.setup = start.elapsed();
+        control.check_cancel()?;
+        let actors = Actors::spawn(args, src, sup, &control.params())?;
+        control.attach_writer(actors.writer.clone());
+        control.set_pids(sup.pids().into_iter().map(|(_, pid)| pid).collect());
         tracing::info!(pids = ?sup.pids(), "actors started");
         Ok(Self {
             args,
@@ -560,9 +588,11 @@ impl<'a> Migration<'a> {
             round_start: Instant::now(),
             prev_bytes: 0,
             scanned: 0,
+            round_pages_start: 0,
             dirty_high: 0,
             stopped_at: None,
             digests: Digests::default(),
+            control: control.clone(),
         })
     }
 
@@ -574,6 +604,7 @@ impl<'a> Migration<'a> {
         let bar = progress_bar(show_progress, self.src.total);
         while !self.next_event(&bar)? {}
         bar.finish_and_clear();
+        self.control.check_cancel()?;
         self.verify()?;
         self.sup.wait_all(Duration::from_secs(10))?;
         if let Some(g) = self.src.guest.as_mut() {
@@ -584,6 +615,9 @@ impl<'a> Migration<'a> {
 
     fn send_round(&mut self, all: bool, last: bool) -> anyhow::Result<()> {
         self.round_start = Instant::now();
+        self.round_pages_start = self.report.counts.pages();
+        self.scanned = 0;
+        self.control.pass();
         let round = self.round;
         self.actors
             .scanner(scanner::Command::Round { round, all, last })?;
@@ -593,6 +627,7 @@ impl<'a> Migration<'a> {
 
     /// Waits for one event and acts on it; true once the stream is finished.
     fn next_event(&mut self, bar: &ProgressBar) -> anyhow::Result<bool> {
+        self.control.check_cancel()?;
         let Some(mut ev) = self.sup.next_event(Duration::from_millis(100))? else {
             if self.args.timeout > 0
                 && self.stopped_at.is_none()
@@ -604,6 +639,9 @@ impl<'a> Migration<'a> {
         };
         if self.digests.take(&mut ev.event) {
             return Ok(false);
+        }
+        if ev.actor == ActorKind::Writer {
+            self.connected();
         }
         match ev.event {
             Event::Progress { bytes, counts } => self.progress(bar, bytes, counts),
@@ -622,8 +660,11 @@ impl<'a> Migration<'a> {
             } => {
                 self.finished(ack)?;
                 self.report.bytes = bytes;
-                self.report.channel_bytes = channel_bytes;
+                self.report.channel_bytes = channel_bytes.clone();
                 self.report.counts = counts;
+                let mut f = self.control.figures();
+                f.progress(bytes, counts);
+                f.channel_bytes = channel_bytes;
                 self.report.return_path = Some(return_path);
                 return Ok(true);
             }
@@ -632,18 +673,44 @@ impl<'a> Migration<'a> {
         Ok(false)
     }
 
+    /// The writer's first word: it is connected and streaming, setup is over.
+    fn connected(&mut self) {
+        let mut f = self.control.figures();
+        if f.status != MigrationStatus::setup {
+            return;
+        }
+        f.setup_time = Some(self.start.elapsed());
+        drop(f);
+        self.control.set_status(MigrationStatus::active);
+    }
+
+    /// The writer's byte and page counters, into the figures that
+    /// query-migrate, the bar and `--stats-json` read.
     fn progress(&mut self, bar: &ProgressBar, bytes: u64, counts: PageCounts) {
         self.report.bytes = bytes;
         self.report.counts = counts;
-        bar.set_position((counts.pages() * PAGE_SIZE as u64).min(self.src.total));
-        bar.set_message(format!(
-            "round {}, {:.0} MB sent, {} zero / {} raw / {} compressed",
-            self.round,
-            bytes as f64 / 1e6,
-            counts.zero,
-            counts.raw,
-            counts.compressed
-        ));
+        let remaining = self.remaining(&counts);
+        let mut f = self.control.figures();
+        f.progress(bytes, counts);
+        f.remaining = remaining;
+        show(bar, &f);
+    }
+
+    /// RAM bytes not on the destination: what the dirty log marks, and what
+    /// the current round has yet to send of its pages (all of RAM in round
+    /// 0, as QEMU counts it).
+    fn remaining(&self, counts: &PageCounts) -> u64 {
+        let round = if self.round == 0 {
+            self.src.total / PAGE_SIZE as u64
+        } else {
+            self.scanned
+        };
+        let sent = counts.pages().saturating_sub(self.round_pages_start);
+        let dirty = match self.src.log {
+            Some(_) => self.src.ram_dirty_pages() * PAGE_SIZE as u64,
+            None => 0,
+        };
+        dirty + round.saturating_sub(sent) * PAGE_SIZE as u64
     }
 
     /// A ferry destination has the whole stream and will send its digests:
@@ -651,6 +718,7 @@ impl<'a> Migration<'a> {
     fn peer_loaded(&mut self) -> anyhow::Result<()> {
         if let Some(t) = self.stopped_at {
             self.report.downtime = Some(t.elapsed());
+            self.control.figures().downtime = self.report.downtime;
         }
         self.actors.scanner(scanner::Command::Digest)?;
         self.digests.digesting = true;
@@ -662,6 +730,7 @@ impl<'a> Migration<'a> {
     fn finished(&mut self, ack: Option<Ack>) -> anyhow::Result<()> {
         if let (Some(t), None) = (self.stopped_at, self.report.downtime) {
             self.report.downtime = Some(t.elapsed());
+            self.control.figures().downtime = self.report.downtime;
         }
         if !self.digests.digesting {
             // An acknowledgement without a hello is odd, but is checked all the same.
@@ -699,12 +768,19 @@ impl<'a> Migration<'a> {
         );
         self.report.rounds.push(r.clone());
         self.round += 1;
-        if r.expected_downtime_ms <= self.args.downtime_limit as f64 {
+        {
+            let mut f = self.control.figures();
+            f.remaining = r.remaining;
+            f.dirty_pages_rate = (r.dirty_rate / PAGE_SIZE as f64) as u64;
+            f.expected_downtime_ms = Some(r.expected_downtime_ms);
+        }
+        let params = self.control.params();
+        if r.expected_downtime_ms <= params.downtime_limit as f64 {
             return self.switchover(r.expected_downtime_ms);
         }
-        self.give_up_if_stuck(r.expected_downtime_ms)?;
+        self.give_up_if_stuck(r.expected_downtime_ms, &params)?;
         if self.args.auto_converge {
-            self.auto_converge(&r)?;
+            self.auto_converge(&r, &params)?;
         }
         self.send_round(false, false)
     }
@@ -757,20 +833,22 @@ impl<'a> Migration<'a> {
             .guest
             .as_mut()
             .expect("a live migration has a guest");
-        self.report.expected_downtime_ms = Some(expected_ms);
+        self.control.figures().expected_downtime_ms = Some(expected_ms);
         let stopping = Instant::now();
         guest.stop()?;
         self.stopped_at = Some(stopping);
+        self.control.figures().stop_bytes = Some(self.report.bytes);
+        self.control.set_status(MigrationStatus::device);
         self.send_round(false, true)
     }
 
-    fn give_up_if_stuck(&self, expected_ms: f64) -> anyhow::Result<()> {
+    fn give_up_if_stuck(&self, expected_ms: f64, params: &Parameters) -> anyhow::Result<()> {
         if self.round >= self.args.max_iterations {
             bail!(
                 "did not converge in {} rounds: {:.0} ms of dirty memory left against a {} ms limit",
                 self.round,
                 expected_ms,
-                self.args.downtime_limit
+                params.downtime_limit
             );
         }
         if self.args.timeout > 0 && self.start.elapsed().as_secs() >= self.args.timeout {
@@ -778,16 +856,17 @@ impl<'a> Migration<'a> {
                 "did not converge within {} s: {:.0} ms of dirty memory left against a {} ms limit",
                 self.args.timeout,
                 expected_ms,
-                self.args.downtime_limit
+                params.downtime_limit
             );
         }
         Ok(())
     }
 
-    /// QEMU's rule: throttle the guest once it dirtied more than half of
-    /// what went out, two rounds in a row.
-    fn auto_converge(&mut self, r: &RoundStats) -> anyhow::Result<()> {
-        if r.dirty_bytes * 2 > r.bytes {
+    /// QEMU's rule: throttle the guest once it dirtied more than
+    /// throttle-trigger-threshold percent (50) of what went out, two rounds
+    /// in a row.
+    fn auto_converge(&mut self, r: &RoundStats, params: &Parameters) -> anyhow::Result<()> {
+        if r.dirty_bytes * 100 > r.bytes * u64::from(params.throttle_trigger_threshold) {
             self.dirty_high += 1;
         } else {
             self.dirty_high = 0;
@@ -798,10 +877,11 @@ impl<'a> Migration<'a> {
         self.dirty_high = 0;
         let throttle = &mut self.report.throttle;
         *throttle = if *throttle == 0 {
-            self.args.throttle_initial
+            u32::from(params.cpu_throttle_initial)
         } else {
-            (*throttle + self.args.throttle_increment).min(99)
+            (*throttle + u32::from(params.cpu_throttle_increment)).min(99)
         };
+        self.control.figures().throttle = *throttle;
         tracing::info!(throttle = *throttle, "auto-converge");
         let guest = self
             .src
@@ -816,6 +896,7 @@ impl<'a> Migration<'a> {
     fn verify(&mut self) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(300);
         while self.digests.waiting() {
+            self.control.check_cancel()?;
             if Instant::now() > deadline {
                 bail!("the source's digests did not arrive within 300 s");
             }
@@ -856,6 +937,25 @@ fn tls_init(args: &SendArgs) -> anyhow::Result<Option<writer::TlsInit>> {
     // Fail on unreadable files before spawning anything.
     init.client().context("cannot set up TLS")?;
     Ok(Some(init))
+}
+
+/// Shows the figures on the bar: RAM covered by page records, and the
+/// round and bytes query-migrate reports.
+fn show(bar: &ProgressBar, f: &stats::Figures) {
+    if bar.is_hidden() {
+        return;
+    }
+    bar.set_position((f.counts.pages() * PAGE_SIZE as u64).min(f.total));
+    bar.set_message(format!(
+        "{:?}, pass {}, {:.0} MB sent, {:.0} Mbps, {} zero / {} raw / {} compressed",
+        f.status,
+        f.dirty_sync_count,
+        f.transferred as f64 / 1e6,
+        f.ram().mbps,
+        f.counts.zero,
+        f.counts.raw,
+        f.counts.compressed
+    ));
 }
 
 fn progress_bar(show: bool, total: u64) -> ProgressBar {

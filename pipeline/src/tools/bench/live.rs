@@ -18,7 +18,7 @@ use crate::options::parse_rate;
 pub struct LiveArgs {
     /// Guest RAM size.
     #[arg(long, default_value = "2G", value_parser = parse_rate)]
-    size: u64,
+    pub(crate) size: u64,
     /// Bandwidth cap of every migration.
     #[arg(long, default_value = "1G", value_parser = parse_rate)]
     bandwidth: u64,
@@ -33,10 +33,14 @@ pub struct LiveArgs {
     timeout: u64,
     /// Where the plots go.
     #[arg(long, default_value = "bench-live")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Directory for guest RAM (tmpfs keeps the disk out of the figures).
     #[arg(long, default_value = "/dev/shm")]
-    dir: PathBuf,
+    pub(crate) dir: PathBuf,
+    /// Run only the cap-change scenario: a 16 MiB/s cap raised to unlimited
+    /// through the QMP socket mid-run (it also runs after the others).
+    #[arg(long)]
+    cap_change: bool,
 }
 
 struct Outcome {
@@ -75,6 +79,9 @@ impl Outcome {
 pub fn run(a: LiveArgs) -> anyhow::Result<()> {
     std::fs::create_dir_all(&a.out)
         .with_context(|| format!("cannot create {}", a.out.display()))?;
+    if a.cap_change {
+        return super::cap_change::run(&a);
+    }
     let mut rows = Vec::new();
     for &rate in &a.rates {
         for compress in [false, true] {
@@ -138,7 +145,7 @@ pub fn run(a: LiveArgs) -> anyhow::Result<()> {
         );
     }
     println!("plots in {}", a.out.display());
-    Ok(())
+    super::cap_change::run(&a)
 }
 
 fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Result<Outcome> {
@@ -183,17 +190,8 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
         "ferry receive",
     )?;
     let stats = d.join("send.json");
-    let mut send = Command::new(&exe);
-    send.arg("send")
-        .arg("--ram")
-        .arg(format!("{},name=ram", d.join("src.ram").display()))
-        .arg("--to")
-        .arg(format!("unix:{}", sock.display()))
-        .arg("--dirty-log")
-        .arg(d.join("dirty.log"))
-        .arg("--guest-control")
-        .arg(format!("unix:{}", ctl.display()))
-        .arg("--max-bandwidth")
+    let mut send = send_command(&exe, d);
+    send.arg("--max-bandwidth")
         .arg(a.bandwidth.to_string())
         .arg("--downtime-limit")
         .arg(a.downtime_limit.to_string())
@@ -216,9 +214,25 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
     Ok(Outcome::from_stats(name, converged, &v))
 }
 
+/// `ferry send` of the guest in `d` (`src.ram`, `dirty.log`, `guest.sock`)
+/// to the receiver on `d/migrate.sock`; add the scenario's options.
+pub(super) fn send_command(exe: &Path, d: &Path) -> Command {
+    let mut send = Command::new(exe);
+    send.arg("send")
+        .arg("--ram")
+        .arg(format!("{},name=ram", d.join("src.ram").display()))
+        .arg("--to")
+        .arg(format!("unix:{}", d.join("migrate.sock").display()))
+        .arg("--dirty-log")
+        .arg(d.join("dirty.log"))
+        .arg("--guest-control")
+        .arg(format!("unix:{}", d.join("guest.sock").display()));
+    send
+}
+
 /// Starts a helper ferry process (its stderr silenced: the figures are the
 /// output) and waits until it has created `ready`, its socket.
-fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
+pub(super) fn start(cmd: &mut Command, ready: &Path, what: &str) -> anyhow::Result<Killed> {
     let child = cmd
         .stderr(Stdio::null())
         .spawn()

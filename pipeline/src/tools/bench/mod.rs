@@ -4,6 +4,7 @@
 //! ferry, side by side in one run, each into its own real receiver (see
 //! side.rs); `live` migrates a guest that keeps writing.
 
+mod cap_change;
 mod live;
 mod memory;
 mod plot;
