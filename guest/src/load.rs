@@ -127,22 +127,24 @@ pub enum Error {
 /// Result of loading.
 pub type Result<T> = std::result::Result<T, Error>;
 
-/// Pages written so far in a fresh file: one bit a page, as QEMU's
-/// `receivedmap`, in an anonymous mapping whose memory the kernel allocates
-/// only where a bit is first set, so the cost follows what the stream sends
-/// (at most 32 MiB for a 1 TiB block written in full), never what it
-/// claims. Shared, lock-free, with the threads that write multifd pages
-/// ([`SharedPages`]).
+/// Pages received so far, of every kind (a zero page too): one bit a page,
+/// as QEMU's `receivedmap` (migration/ram.c), kept for every block so a
+/// stream that never sends some pages is seen ([`LoadedBlock::received`]).
+/// In a fresh file an unset bit is also a hole that reads zero. An anonymous
+/// mapping whose memory the kernel allocates only where a bit is first set,
+/// so the cost follows what the stream sends (at most 32 MiB for a 1 TiB
+/// block sent in full), never what it claims. Shared, lock-free, with the
+/// threads that write multifd pages ([`SharedPages`]).
 #[derive(Clone, Default)]
-struct Written(Option<Arc<MmapRegion>>);
+struct Received(Option<Arc<MmapRegion>>);
 
-impl std::fmt::Debug for Written {
+impl std::fmt::Debug for Received {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Written").finish_non_exhaustive()
+        f.debug_struct("Received").finish_non_exhaustive()
     }
 }
 
-impl Written {
+impl Received {
     /// A clean bitmap for a block of `length` bytes.
     fn new(path: &Path, length: u64) -> Result<Self> {
         let words = (length / PAGE_SIZE as u64).div_ceil(64).max(1) as usize;
@@ -180,7 +182,25 @@ impl Written {
         end
     }
 
-    /// The runs of written pages, as ascending byte ranges.
+    /// How many of the first `pages` pages were received.
+    fn count(&self, pages: u64) -> u64 {
+        let mut n = 0;
+        let mut page = 0;
+        while page < pages {
+            let Some(w) = self.word(page) else { break };
+            let left = pages - page;
+            let mask = if left >= 64 {
+                u64::MAX
+            } else {
+                (1 << left) - 1
+            };
+            n += u64::from((w.load(Ordering::Acquire) & mask).count_ones());
+            page += 64;
+        }
+        n
+    }
+
+    /// The runs of received pages, as ascending byte ranges.
     fn runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
         let end = self.pages();
         let mut page = 0;
@@ -195,18 +215,18 @@ impl Written {
     }
 }
 
-/// Marks the page at `offset` written.
-fn mark(written: &Written, offset: u64) {
+/// Marks the page at `offset` received.
+fn mark(received: &Received, offset: u64) {
     let page = offset / PAGE_SIZE as u64;
-    if let Some(w) = written.word(page) {
+    if let Some(w) = received.word(page) {
         w.fetch_or(1 << (page % 64), Ordering::AcqRel);
     }
 }
 
-/// True when the page at `offset` was never marked written.
-fn unmarked(written: &Written, offset: u64) -> bool {
+/// True when the page at `offset` was never marked received.
+fn unmarked(received: &Received, offset: u64) -> bool {
     let page = offset / PAGE_SIZE as u64;
-    written
+    received
         .word(page)
         .is_none_or(|w| w.load(Ordering::Acquire) & (1 << (page % 64)) == 0)
 }
@@ -221,8 +241,8 @@ struct Block {
     map: Option<MmapRegion>,
     /// The file was created here, so every page not yet written reads zero.
     fresh: bool,
-    /// Pages written so far, kept for a fresh file only.
-    written: Written,
+    /// Pages received so far.
+    received: Received,
     /// Where a fresh file goes once the stream verified ([`RamImage::commit`]);
     /// until then it lives at `path`, a temporary name beside it.
     destination: Option<PathBuf>,
@@ -261,17 +281,15 @@ impl Block {
         Ok(())
     }
 
-    /// Records that the page at `offset` was written.
-    fn mark_written(&self, offset: u64) {
-        if self.fresh {
-            mark(&self.written, offset);
-        }
+    /// Records that the page at `offset` was received.
+    fn mark_received(&self, offset: u64) {
+        mark(&self.received, offset);
     }
 
-    /// True when the page at `offset` of a fresh file was never written, so it
-    /// reads zero without being touched (and allocated).
+    /// True when the page at `offset` of a fresh file was never received, so
+    /// it reads zero without being touched (and allocated).
     fn untouched(&self, offset: u64) -> bool {
-        self.fresh && unmarked(&self.written, offset)
+        self.fresh && unmarked(&self.received, offset)
     }
 }
 
@@ -282,12 +300,25 @@ pub struct LoadedBlock<'a> {
     pub info: &'a RamBlockInfo,
     /// The file behind it.
     pub path: &'a Path,
-    written: Option<Written>,
+    received: Received,
+    fresh: bool,
 }
 
 impl LoadedBlock<'_> {
+    /// The block's length in pages.
+    pub fn pages(&self) -> u64 {
+        self.info.length / PAGE_SIZE as u64
+    }
+
+    /// How many of its pages the stream sent at least once, in a record of
+    /// any kind (a zero page too). A complete precopy stream sends every page
+    /// in its first pass; fewer means the pages left were never sent.
+    pub fn received(&self) -> u64 {
+        self.received.count(self.pages())
+    }
+
     /// The byte ranges of the file that may hold data, ascending: for a file
-    /// this load created, the runs of pages the stream wrote (every other
+    /// this load created, the runs of pages the stream sent (every other
     /// page is a hole that reads zero); for a file that existed before, all
     /// of it.
     pub fn data_ranges(&self) -> Vec<std::ops::Range<u64>> {
@@ -298,9 +329,10 @@ impl LoadedBlock<'_> {
     /// they are asked for: a fragmented 1 TiB block would need gigabytes to
     /// hold them all.
     pub fn data_runs(&self) -> Box<dyn Iterator<Item = std::ops::Range<u64>> + '_> {
-        match &self.written {
-            Some(written) => Box::new(written.runs()),
-            None => Box::new(std::iter::once(0..self.info.length)),
+        if self.fresh {
+            Box::new(self.received.runs())
+        } else {
+            Box::new(std::iter::once(0..self.info.length))
         }
     }
 }
@@ -397,11 +429,7 @@ fn map_at(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         file: Arc::new(file),
         map: None,
         fresh: !exists,
-        written: if exists {
-            Written::default()
-        } else {
-            Written::new(path, info.length)?
-        },
+        received: Received::new(path, info.length)?,
         destination: None,
     })
 }
@@ -479,16 +507,18 @@ impl RamImage {
                 offset: at,
                 fill,
             } => {
-                let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
-                // A zero page never written in a new file is already zero:
+                let b = self.locate(block, at)?;
+                // A zero page never received in a new file is already zero:
                 // writing it would only allocate it.
                 if fill == 0 && b.untouched(at) {
+                    b.mark_received(at);
                     return Ok(());
                 }
                 let mut page = [fill; PAGE_SIZE];
                 if fill == 0 {
                     self.read_page(block, at, &mut page)?;
                     if ferry_proto::stream::encode::is_zero(&page) {
+                        self.blocks[block].mark_received(at);
                         return Ok(());
                     }
                     page.fill(0);
@@ -563,7 +593,7 @@ impl RamImage {
         }
         if let Some(mapped) = self.locate(block, at)?.mapped_page(at, PAGE_SIZE) {
             mapped.copy_from(data);
-            self.blocks[block].mark_written(at);
+            self.blocks[block].mark_received(at);
             return Ok(());
         }
         let run = &self.run;
@@ -579,7 +609,7 @@ impl RamImage {
             self.run.start = at;
         }
         self.run.bytes.extend_from_slice(data);
-        self.blocks[block].mark_written(at);
+        self.blocks[block].mark_received(at);
         Ok(())
     }
 
@@ -631,7 +661,7 @@ impl RamImage {
     }
 
     /// A handle that writes pages from other threads (multifd channels),
-    /// sharing this image's files and its record of written pages. Pending
+    /// sharing this image's files and its record of received pages. Pending
     /// pages are written first.
     ///
     /// # Errors
@@ -647,7 +677,7 @@ impl RamImage {
                     path: b.path.clone(),
                     file: Arc::clone(&b.file),
                     fresh: b.fresh,
-                    written: b.written.clone(),
+                    received: b.received.clone(),
                 })
                 .collect(),
         })
@@ -660,7 +690,8 @@ impl RamImage {
         Ok(self.blocks.iter().map(|b| LoadedBlock {
             info: &b.info,
             path: &b.path,
-            written: b.fresh.then(|| b.written.clone()),
+            received: b.received.clone(),
+            fresh: b.fresh,
         }))
     }
 
@@ -684,7 +715,7 @@ struct SharedBlock {
     path: PathBuf,
     file: Arc<File>,
     fresh: bool,
-    written: Written,
+    received: Received,
 }
 
 /// Pages written from threads beside the loader's (QEMU's multifd receive
@@ -751,14 +782,12 @@ impl SharedPages {
                 })?;
             i += n;
         }
-        if b.fresh {
-            offsets.iter().for_each(|&o| mark(&b.written, o));
-        }
+        offsets.iter().for_each(|&o| mark(&b.received, o));
         Ok(())
     }
 
     /// Makes the pages at `offsets` of block `block` zero: a page of a fresh
-    /// file that was never written already is, and stays a hole.
+    /// file that was never received already is, and stays a hole.
     ///
     /// # Errors
     /// As [`SharedPages::write_pages`].
@@ -766,7 +795,9 @@ impl SharedPages {
         let b = self.checked(block, offsets)?;
         const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
         for &o in offsets {
-            if b.fresh && unmarked(&b.written, o) {
+            let untouched = b.fresh && unmarked(&b.received, o);
+            mark(&b.received, o);
+            if untouched {
                 continue;
             }
             b.file
@@ -865,5 +896,65 @@ mod tests {
         want[3 * PAGE_SIZE..].fill(9);
         assert_eq!(std::fs::read(path).unwrap(), want);
         assert!(image.blocks[0].map.is_some(), "the block left its mapping");
+    }
+
+    /// Every kind of page record counts as received, a zero page left as a
+    /// hole and a multifd page too, in a fresh file as in an existing one;
+    /// a page sent twice counts once.
+    #[test]
+    fn pages_received_are_counted_per_block_whatever_their_kind() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 130u64;
+        let info = |name: &str| RamBlockInfo {
+            idstr: name.into(),
+            length: pages * PAGE_SIZE as u64,
+        };
+        let existing = dir.path().join("old.ram");
+        std::fs::write(&existing, vec![3u8; (pages as usize) * PAGE_SIZE]).unwrap();
+        let files = [
+            ("new".to_owned(), dir.path().join("new.ram")),
+            ("old".to_owned(), existing),
+        ];
+        let mut image = RamImage::open(&files, &[info("new"), info("old")], true).unwrap();
+        let page = [7u8; PAGE_SIZE];
+        let at = |p: u64| p * PAGE_SIZE as u64;
+        for block in 0..2 {
+            let records = [
+                RamRecord::Page {
+                    block,
+                    offset: at(0),
+                    data: &page,
+                },
+                RamRecord::Page {
+                    block,
+                    offset: at(0),
+                    data: &page,
+                },
+                RamRecord::Zero {
+                    block,
+                    offset: at(64),
+                    fill: 0,
+                },
+                RamRecord::Zero {
+                    block,
+                    offset: at(129),
+                    fill: 4,
+                },
+            ];
+            for r in &records {
+                image.apply(r, 0).unwrap();
+            }
+        }
+        let shared = image.shared_pages().unwrap();
+        shared
+            .write_pages(1, &[at(5), at(6)], &[1u8; 2 * PAGE_SIZE])
+            .unwrap();
+        shared.zero_pages(0, &[at(7), at(0)]).unwrap();
+        let got: Vec<(u64, u64)> = image
+            .files()
+            .unwrap()
+            .map(|b| (b.pages(), b.received()))
+            .collect();
+        assert_eq!(got, [(pages, 4), (pages, 5)]);
     }
 }

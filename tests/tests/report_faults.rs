@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use ferry_proto::transport::MemTransport;
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{read_json, shm_tempdir};
 use ferry_tests::proc::ferry;
@@ -525,4 +526,138 @@ fn a_cancelled_receive_leaves_no_partial_ram_file() {
         !sent.success(),
         "the sender succeeded into a cancelled receive"
     );
+
+/// Bytes a closure writes through a QEMUFile.
+fn written(
+    w: impl FnOnce(&mut ferry_proto::qemu_file::QemuFileWriter<'_, MemTransport>),
+) -> Vec<u8> {
+    let mut f = ferry_proto::qemu_file::QemuFileWriter::new(MemTransport::new());
+    w(&mut f);
+    f.into_transport().unwrap().take()
+}
+
+/// A stream that announces block "a" of 16 pages and "b" of 4 but sends
+/// only pages 0..4 of "a" (two raw, two zero) and all of "b"; `sealed`, it
+/// carries ferry's integrity checkpoints, which only a ferry sender writes
+/// (after the configuration and right before EOF, each hashing the bytes
+/// since the previous one's first byte).
+fn partial_stream(sealed: bool) -> Vec<u8> {
+    use ferry_proto::stream::encode::{self, RamWriter};
+    use ferry_proto::stream::integrity::Checkpoint;
+    use ferry_proto::stream::{RamBlockInfo, SectionKind};
+    let head = written(|f| {
+        encode::put_file_header(f);
+        encode::put_configuration(f, "none");
+    });
+    let blocks = [("a", 16u64), ("b", 4)].map(|(n, pages)| RamBlockInfo {
+        idstr: n.into(),
+        length: pages * 4096,
+    });
+    let ram = written(|f| {
+        let mut w = RamWriter::new();
+        w.put_setup_section(f, 2, &blocks).unwrap();
+        encode::put_section_part(f, SectionKind::Part, 2);
+        for (block, page) in [
+            ("a", 0u64),
+            ("a", 1),
+            ("b", 0),
+            ("b", 1),
+            ("b", 2),
+            ("b", 3),
+        ] {
+            w.put_page(f, block, page * 4096, &[page as u8 + 1; 4096])
+                .unwrap();
+        }
+        w.put_zero_page(f, "a", 2 * 4096, 0).unwrap();
+        w.put_zero_page(f, "a", 3 * 4096, 0).unwrap();
+        w.put_eos(f);
+        encode::put_footer(f, 2);
+        w.put_end_section(f, 2);
+    });
+    let eof = written(encode::put_eof);
+    if !sealed {
+        return [head, ram, eof].concat();
+    }
+    let checkpoint = |seq: u64, covered: &[u8]| {
+        written(|f| {
+            Checkpoint {
+                seq,
+                covered: covered.len() as u64,
+                digest: xxhash_rust::xxh3::xxh3_128(covered),
+            }
+            .put(f, 1)
+            .unwrap()
+        })
+    };
+    let first = checkpoint(0, &head);
+    let second = checkpoint(1, &[&first[..], &ram[..]].concat());
+    [head, first, ram, second, eof].concat()
+}
+
+/// Pages never sent. A source that ends its stream without sending some
+/// pages (QEMU 10 with multifd on, its channels refused, sends only the
+/// main channel's records) loads as a success: each block's pages, pages
+/// received and pages never sent are in --stats-json, and stderr warns. A
+/// sealed stream comes from a ferry sender, whose first pass sends every
+/// page: the same holes are an error naming the block and the count, and
+/// no RAM file is created.
+#[test]
+fn pages_never_sent_are_reported_and_fail_a_ferry_stream() {
+    let dir = shm_tempdir("ferry-never-sent-");
+    let d = dir.path();
+    let stats = d.join("stats.json");
+    let receive = |name: &str, stream: Vec<u8>| {
+        let path = d.join(name);
+        std::fs::write(&path, stream).unwrap();
+        let _ = std::fs::remove_file(d.join("a.ram"));
+        let _ = std::fs::remove_file(d.join("b.ram"));
+        run_ferry(
+            [
+                "receive".to_owned(),
+                "--listen".into(),
+                format!("file:{}", path.display()),
+                "--ram".into(),
+                format!("{},name=a", d.join("a.ram").display()),
+                "--ram".into(),
+                format!("{},name=b", d.join("b.ram").display()),
+                "--stats-json".into(),
+                stats.display().to_string(),
+            ],
+            TIMEOUT,
+        )
+        .unwrap()
+    };
+    let o = receive("plain.mig", partial_stream(false));
+    assert!(o.status.success(), "{}", o.stderr);
+    let st = read_json(&stats);
+    assert_eq!(
+        st["ram"]["blocks"],
+        json!([
+            {"name": "a", "pages": 16, "received": 4, "never-sent": 12},
+            {"name": "b", "pages": 4, "received": 4, "never-sent": 0},
+        ]),
+        "{st}"
+    );
+    assert!(
+        o.stderr
+            .contains("\"a\": 12 of its 16 pages were never sent"),
+        "{}",
+        o.stderr
+    );
+    let mut want = vec![0u8; 16 * 4096];
+    want[..4096].fill(1);
+    want[4096..8192].fill(2);
+    assert_eq!(std::fs::read(d.join("a.ram")).unwrap(), want);
+
+    let o = receive("sealed.mig", partial_stream(true));
+    assert!(!o.status.success(), "a ferry stream with holes loaded");
+    assert!(
+        o.stderr.contains(
+            "\"a\": 12 of its 16 pages were never sent, though a ferry sender sends every page"
+        ),
+        "{}",
+        o.stderr
+    );
+    assert_eq!(read_json(&stats)["status"], "failed");
+    assert!(!d.join("a.ram").exists(), "the failed load left a.ram");
 }

@@ -43,6 +43,8 @@ struct Outcome {
     digests: Option<Vec<BlockDigest>>,
     /// --ram files that existed before the load.
     pre_existing: Vec<String>,
+    /// Per block: name, pages, pages the stream sent at least once.
+    received: Vec<(String, u64, u64)>,
 }
 
 /// Runs `ferry receive`.
@@ -95,15 +97,26 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     let secs = elapsed.as_secs_f64();
     let c = &outcome.counts;
     eprintln!(
-        "ferry: received {} bytes in {:.2} s ({:.1} MB/s): {} zero, {} raw, {} compressed pages ({} bytes compressed)",
+        "ferry: received {} bytes in {:.2} s ({:.1} MB/s): {} zero, {} raw, {} compressed ({} bytes), {} xbzrle pages",
         outcome.bytes,
         secs,
         outcome.bytes as f64 / 1e6 / secs.max(1e-9),
         c.zero,
         c.raw,
         c.compressed,
-        c.compressed_bytes
+        c.compressed_bytes,
+        c.xbzrle
     );
+    // A QEMU source can end a stream that never sent some pages (a lone
+    // multifd main channel) and QEMU would load it: say so, loudly.
+    for (name, pages, received) in &outcome.received {
+        if received < pages {
+            eprintln!(
+                "ferry: warning: RAM block {name:?}: {} of its {pages} pages were never sent; they hold what the destination file held before",
+                pages - received
+            );
+        }
+    }
     Ok(())
 }
 
@@ -159,6 +172,7 @@ fn supervise(
                 bytes,
                 counts,
                 digests,
+                received,
             } => {
                 out.finished = Some(Instant::now());
                 out.bytes = bytes;
@@ -166,6 +180,7 @@ fn supervise(
                 control.figures().total = digests.iter().map(|d| d.length).sum();
                 incoming(control, out, bytes, counts);
                 out.digests = Some(digests);
+                out.received = received;
             }
             Event::Exiting { .. } => break,
             _ => {}
@@ -195,7 +210,9 @@ fn incoming(control: &Control, out: &Outcome, bytes: u64, counts: PageCounts) {
 
 /// The statistics in query-migrate's vocabulary. `mbps` is megabits per
 /// second, as QEMU reports it; `total-time` runs from the connection to the
-/// end of the load.
+/// end of the load. `ram.blocks` gives, per block, its length in pages, the
+/// pages the stream sent at least once (any kind, zero pages too) and the
+/// pages it never sent (0 for every complete precopy stream).
 fn stats(out: &Outcome, ok: bool, elapsed: Duration, actors: &[(ActorKind, Usage)]) -> Value {
     let digests = out.digests.as_deref().unwrap_or_default();
     let secs = elapsed.as_secs_f64();
@@ -214,7 +231,14 @@ fn stats(out: &Outcome, ok: bool, elapsed: Duration, actors: &[(ActorKind, Usage
             "normal": out.counts.raw,
             "compressed": out.counts.compressed,
             "compressed-size": out.counts.compressed_bytes,
+            "blocks": out.received.iter().map(|(name, pages, received)| json!({
+                "name": name,
+                "pages": pages,
+                "received": received,
+                "never-sent": pages - received,
+            })).collect::<Vec<_>>(),
         },
+        "xbzrle-cache": { "pages": out.counts.xbzrle },
         "mbps": mbps,
         "digests": digests,
         // After a failure these hold whatever part of the load reached them.

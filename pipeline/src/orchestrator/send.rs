@@ -1065,6 +1065,7 @@ mod tests {
             raw: 7,
             compressed: 3,
             compressed_bytes: 1000,
+            ..PageCounts::default()
         };
         assert_eq!(src.ram_remaining(true, &counts), PAGE);
         counts.raw += 1;

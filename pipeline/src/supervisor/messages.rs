@@ -73,6 +73,8 @@ pub struct PageCounts {
     pub compressed: u64,
     /// Bytes of zlib data in them.
     pub compressed_bytes: u64,
+    /// XBZRLE records (query-migrate's `xbzrle-cache.pages`).
+    pub xbzrle: u64,
 }
 
 impl PageCounts {
@@ -82,11 +84,12 @@ impl PageCounts {
         self.raw += other.raw;
         self.compressed += other.compressed;
         self.compressed_bytes += other.compressed_bytes;
+        self.xbzrle += other.xbzrle;
     }
 
     /// All pages counted.
     pub fn pages(&self) -> u64 {
-        self.zero + self.raw + self.compressed
+        self.zero + self.raw + self.compressed + self.xbzrle
     }
 }
 
@@ -311,6 +314,9 @@ pub enum Event {
         counts: PageCounts,
         /// Digests of the loaded blocks.
         digests: Vec<BlockDigest>,
+        /// Per block: its name, its length in pages, and how many of them
+        /// the stream sent at least once.
+        received: Vec<(String, u64, u64)>,
     },
     /// Scanner: the source RAM's digests, one per block, taken after the
     /// last round was scanned (the guest is stopped then).

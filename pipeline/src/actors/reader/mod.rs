@@ -226,6 +226,17 @@ pub enum Error {
     /// The stream is not what the sender wrote (`--integrity` checkpoints).
     #[error("the migration stream is corrupt")]
     Integrity(#[source] integrity::Error),
+    /// A ferry sender, whose first pass sends every page, left pages of a
+    /// block unsent: the destination would run on stale memory.
+    #[error("RAM block {block:?}: {never_sent} of its {pages} pages were never sent, though a ferry sender sends every page")]
+    NeverSent {
+        /// The block.
+        block: String,
+        /// Pages that no record carried.
+        never_sent: u64,
+        /// The block's length in pages.
+        pages: u64,
+    },
     /// The stream announces a block that has no RAM file.
     #[error("the stream has RAM block {block:?} ({length} bytes) but no --ram file is named {block:?} (names given: {given})")]
     NoRamFile {
@@ -328,8 +339,29 @@ struct Parsed {
 }
 
 impl Parsed {
+    /// Per block: its name, pages and pages received. From a sealed stream
+    /// (`--integrity`: only ferry writes one, and a ferry sender's first
+    /// pass covers every page), a block with pages never sent is an error.
+    fn received(&mut self) -> Result<Vec<(String, u64, u64)>, Error> {
+        let sealed = self.checkpoints.is_some();
+        let mut out = Vec::new();
+        for block in self.image.files().map_err(Error::Save)? {
+            let (pages, received) = (block.pages(), block.received());
+            if sealed && received < pages {
+                return Err(Error::NeverSent {
+                    block: block.info.idstr.clone(),
+                    never_sent: pages - received,
+                    pages,
+                });
+            }
+            out.push((block.info.idstr.clone(), pages, received));
+        }
+        Ok(out)
+    }
+
     /// Writes the RAM back to its files and computes the digests.
     fn finish(mut self) -> Result<Loaded, Error> {
+        let received = self.received()?;
         self.image.sync().map_err(Error::Save)?;
         let digests = self
             .image
@@ -352,6 +384,7 @@ impl Parsed {
             counts: self.counts,
             digests,
             disks: self.disks,
+            received,
         })
     }
 }
@@ -367,6 +400,8 @@ struct Loaded {
     digests: Vec<BlockDigest>,
     /// Digests of the disks.
     disks: Vec<BlockDigest>,
+    /// Per block: name, pages, pages received.
+    received: Vec<(String, u64, u64)>,
 }
 
 /// Runs the reader.
@@ -455,6 +490,7 @@ pub fn run(init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         bytes: loaded.bytes,
         counts: loaded.counts,
         digests: loaded.digests,
+        received: loaded.received,
     })
 }
 
@@ -861,9 +897,12 @@ impl Loader {
                 self.counts.zero += 1;
                 (block, offset)
             }
-            // XBZRLE pages are full pages too; PageCounts has no kind for them.
-            RamRecord::Page { block, offset, .. } | RamRecord::Xbzrle { block, offset, .. } => {
+            RamRecord::Page { block, offset, .. } => {
                 self.counts.raw += 1;
+                (block, offset)
+            }
+            RamRecord::Xbzrle { block, offset, .. } => {
+                self.counts.xbzrle += 1;
                 (block, offset)
             }
             RamRecord::Compressed {
@@ -1088,8 +1127,10 @@ mod tests {
         let want = [&b[..], &x[..], &[0x11; PAGE_SIZE][..], &e[..]].concat();
         assert!(got == want, "stream order was not kept");
         assert_eq!(loaded.counts.compressed, 5);
-        assert_eq!(loaded.counts.raw, 2);
+        assert_eq!(loaded.counts.raw, 1);
+        assert_eq!(loaded.counts.xbzrle, 1, "XBZRLE pages are counted apart");
         assert_eq!(loaded.counts.zero, 1);
+        assert_eq!(loaded.received, [("b".to_owned(), 4, 4)]);
         assert_eq!(loaded.digests.len(), 1);
         assert_eq!(loaded.digests[0].xxh3, ram::digest(&want));
     }
