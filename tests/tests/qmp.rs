@@ -248,10 +248,43 @@ fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
 
     // The end figures in --stats-json are query-migrate's.
     let stats = read_json(&run.path("send.json"));
+    assert_rate_change_within_one_window(&stats, CAP);
     assert_eq!(stats["status"], "completed");
     assert_eq!(stats["ram"]["total"], 384u64 << 20);
     assert!(stats["ram"]["transferred"].as_u64() >= active.last().map(|a| a.1));
     assert_eq!(run.guest.status().unwrap(), "postmigrate");
+}
+
+/// The writer's own counters (`rate-changes` in --stats-json: its bytes per
+/// 100 ms rate window around each max-bandwidth change) show the raise
+/// from `cap` to unlimited in the first window after it: the windows before
+/// stay near the cap, the first one after carries four times as much.
+fn assert_rate_change_within_one_window(stats: &Value, cap: f64) {
+    let changes = stats["rate-changes"].as_array().expect("rate-changes");
+    assert_eq!(changes.len(), 1, "one change: {stats}");
+    let c = &changes[0];
+    assert_eq!((c["from"].as_f64(), c["to"].as_u64()), (Some(cap), Some(0)));
+    let rate =
+        |w: &Value| w["bytes"].as_f64().unwrap() / (w["ms"].as_f64().unwrap().max(1.0) / 1e3);
+    let before = c["before"].as_array().unwrap();
+    assert!(before.len() >= 4, "windows before the change: {c}");
+    // Whole windows only: the one the change cut short may be a sliver.
+    let full: Vec<_> = before
+        .iter()
+        .filter(|w| w["ms"].as_u64() >= Some(100))
+        .collect();
+    let bytes: f64 = full.iter().map(|w| w["bytes"].as_f64().unwrap()).sum();
+    let secs: f64 = full.iter().map(|w| w["ms"].as_f64().unwrap() / 1e3).sum();
+    assert!(bytes / secs < cap * 1.5, "capped windows: {c}");
+    let first = &c["after"][0];
+    assert_eq!(first["start-ms"], 0, "{c}");
+    assert_eq!(first["cap"], 0, "{c}");
+    assert!(first["ms"].as_u64() >= Some(100), "a whole window: {c}");
+    assert!(
+        rate(first) > 4.0 * cap,
+        "the first window after the change ran at {:.0} B/s: {c}",
+        rate(first)
+    );
 }
 
 /// The extra arguments that put a migration at `point` for a while.
@@ -337,6 +370,29 @@ fn cancel_at(point: &str, how: &str) {
     let stats = read_json(&run.path("send.json"));
     assert_eq!(stats["status"], "cancelled", "{ctx}: {stats}");
     assert_in_order(&report, "cancelled");
+    if point == "setup" {
+        // A client that comes during setup hears of it first, as from QEMU.
+        let first = events(&report).into_iter().next();
+        assert_eq!(
+            first.map(|(e, d)| (e, d["status"].clone())),
+            Some(("MIGRATION".to_owned(), Value::from("setup"))),
+            "{ctx}: {report}"
+        );
+    }
+    if point == "late" {
+        // The guest dirties 32 MiB/s of its 16 MiB: query-migrate says so
+        // once a round ended (at most 4096 pages per round of about 2 s).
+        let rate = acted["info"]["ram"]["dirty-pages-rate"].as_u64();
+        assert!(rate > Some(100), "{ctx}: dirty-pages-rate: {report}");
+    }
+    // query-status: the guest as ferry knows it when the cancel came.
+    let state = if point == "device" {
+        "finish-migrate"
+    } else {
+        "running"
+    };
+    assert_eq!(acted["run-state"]["status"], state, "{ctx}: {report}");
+    assert_eq!(acted["run-state"]["running"], state == "running", "{ctx}");
     if point == "device" {
         assert_eq!(acted["info"]["status"], "device");
     }
@@ -439,6 +495,10 @@ fn receive_answers_query_migrate_and_sigterm_fails_it() {
     assert_eq!(rstats["status"], "cancelled", "{rstats}");
     assert!(
         report["acted"]["info"]["ram"]["transferred"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert_eq!(
+        report["acted"]["run-state"]["status"], "inmigrate",
         "{report}"
     );
     assert_in_order(&report, "cancelled");

@@ -214,6 +214,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         stats::Figures::new(start, src.total),
         parameters(&args),
     );
+    if src.guest.is_some() {
+        control.set_guest_stopped(false);
+    }
     let _server = super::qmp_server(args.qmp.as_deref(), &control)?;
     qmp::signals::install(control.clone()).context("cannot handle SIGINT/SIGTERM")?;
     let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
@@ -225,6 +228,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     if result.is_err() {
         sup.kill_all();
         src.recover();
+        if let Some(g) = &src.guest {
+            control.set_guest_stopped(g.is_stopped());
+        }
     }
     control.set_pids(Vec::new());
     {
@@ -358,6 +364,7 @@ fn write_stats(
     v["iterations"] = json!(r.rounds.len() + usize::from(result.is_ok()));
     v["rounds"] = serde_json::to_value(&r.rounds)?;
     v["throttle-percent"] = json!(r.throttle);
+    v["rate-changes"] = serde_json::to_value(&f.rate_changes)?;
     v["processes"] = stats::processes(sup.usage());
     if let Some(rp) = r.return_path {
         v["return-path"] = serde_json::to_value(rp)?;
@@ -639,6 +646,7 @@ impl<'a> Migration<'a> {
         match ev.event {
             Event::Progress { bytes, counts } => self.progress(bar, bytes, counts),
             Event::RoundScanned { pages, .. } => self.scanned = pages,
+            Event::RateChange(c) => self.control.figures().rate_changes.push(c),
             Event::RoundSent { bytes, .. } if self.stopped_at.is_none() => {
                 self.report.bytes = bytes;
                 self.round_sent(bytes)?;
@@ -829,6 +837,7 @@ impl<'a> Migration<'a> {
         self.control.figures().expected_downtime_ms = Some(expected_ms);
         let stopping = Instant::now();
         guest.stop()?;
+        self.control.set_guest_stopped(true);
         self.stopped_at = Some(stopping);
         self.control.figures().stop_bytes = Some(self.report.bytes);
         self.control.set_status(MigrationStatus::device);

@@ -11,9 +11,11 @@
 //! - [`signals`]: SIGINT/SIGTERM as migrate_cancel; a second one kills.
 
 pub mod commands;
+pub mod levels;
 pub mod params;
 pub mod server;
 pub mod signals;
+pub mod windows;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -84,6 +86,9 @@ pub struct Control {
     writer: Mutex<Option<IpcSender<writer::Command>>>,
     /// Actor processes to kill when a second signal cannot wait.
     pids: Mutex<Vec<u32>>,
+    /// The source guest as ferry knows it: `None` without --guest-control,
+    /// else whether ferry has it stopped.
+    guest_stopped: Mutex<Option<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -120,6 +125,7 @@ impl Control {
             unwritten: AtomicUsize::new(0),
             writer: Mutex::new(None),
             pids: Mutex::new(Vec::new()),
+            guest_stopped: Mutex::new(None),
         })
     }
 
@@ -157,6 +163,36 @@ impl Control {
     /// Hands over the writer's command channel; the current cap is applied.
     pub fn attach_writer(&self, w: IpcSender<writer::Command>) {
         *lock(&self.writer) = Some(w);
+    }
+
+    /// Records whether ferry has the source guest stopped (it has one).
+    pub fn set_guest_stopped(&self, stopped: bool) {
+        *lock(&self.guest_stopped) = Some(stopped);
+    }
+
+    /// query-status: the guest's run state as ferry knows it. The source's
+    /// guest runs until ferry stops it (`finish-migrate` while the last
+    /// round goes, `postmigrate` once the destination has it, `running`
+    /// again if ferry resumed it); a ferry destination is `inmigrate` until
+    /// the stream loaded, then `paused` (ferry never runs a guest). `None`:
+    /// a source without --guest-control, whose guest ferry cannot see.
+    pub fn run_state(&self) -> Option<qapi::qmp::StatusInfo> {
+        use qapi::qmp::RunState;
+        let status = self.figures().status;
+        let state = match (self.side, *lock(&self.guest_stopped)) {
+            (Side::Destination, _) if status == MigrationStatus::completed => RunState::paused,
+            (Side::Destination, _) => RunState::inmigrate,
+            (Side::Source, None) => return None,
+            (Side::Source, Some(false)) => RunState::running,
+            (Side::Source, Some(true)) if status == MigrationStatus::completed => {
+                RunState::postmigrate
+            }
+            (Side::Source, Some(true)) => RunState::finish_migrate,
+        };
+        Some(qapi::qmp::StatusInfo {
+            running: state == RunState::running,
+            status: state,
+        })
     }
 
     /// Records the actors' process ids, for a second signal to kill.
@@ -237,9 +273,28 @@ impl Control {
         }
     }
 
-    /// Adds a client's event queue.
+    /// Adds a client's event queue. A client that arrives during setup
+    /// gets the MIGRATION `setup` event it would have seen from QEMU (which
+    /// emits it as `migrate` starts), before any later status.
     pub fn subscribe(&self, s: Subscriber) {
+        // Under the figures' lock, which set_status takes to change the
+        // status: a later status is emitted after this, never before.
+        let f = self.figures();
+        if f.status == MigrationStatus::setup {
+            let event = Event::MIGRATION {
+                data: MIGRATION {
+                    status: MigrationStatus::setup,
+                },
+                timestamp: timestamp(),
+            };
+            let text = serde_json::to_string(&event).expect("events serialize");
+            self.unwritten.fetch_add(1, Ordering::SeqCst);
+            if s.try_send(Line { text, event: true }).is_err() {
+                self.unwritten.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         lock(&self.subscribers).push(s);
+        drop(f);
     }
 
     /// Asks the orchestrator to cancel (migrate_cancel or a signal). The
