@@ -118,8 +118,8 @@ fn multifd_send_into_ferry_receive_with_2_and_4_channels_none_zlib_zstd() {
     for channels in [2, 4] {
         for compression in ["none", "zlib", "zstd"] {
             let st = ferry_to_ferry(d, &src, channels, compression, &[]);
-            // Zero pages stay ZERO records on the main stream; every other
-            // page went in a packet.
+            // Zero pages are counted as such (in the packets' zero-page
+            // lists); every other page went in a packet as a normal page.
             assert_eq!(st["ram"]["duplicate"], census.zero, "{st}");
             let packed = st["ram"]["normal"].as_u64().unwrap()
                 + st["compression"]["pages"].as_u64().unwrap();

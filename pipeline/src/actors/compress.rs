@@ -11,16 +11,27 @@
 //! hop, fewer on the hot path.
 //!
 //! With multifd the non-zero pages of a batch go into packets of at most
-//! [`PAGES_PER_PACKET`] pages, dealt round robin over the channels. Each
-//! channel has one compression stream for the whole migration, as in QEMU,
-//! so a channel's packets are encoded in the order the writer sends them;
-//! the channels of a batch are encoded in parallel. A raw packet leaves
+//! [`PAGES_PER_PACKET`] pages, dealt round robin over the channels, and
+//! toward QEMU 9.0+ and ferry receivers the zero pages into the packets'
+//! zero-page lists (QEMU's `zero-page-detection=multifd`) instead of ZERO
+//! records on the main channel. Each channel has one compression stream
+//! for the whole migration, as in QEMU, owned by one encoder thread that
+//! takes the channel's share of each batch in batch order, so a channel's
+//! packets are encoded in the order the writer sends them. Up to
+//! `IN_FLIGHT` batches are in the threads at once, so no channel waits
+//! for another's packet or for the writer's credit; chunks still leave in
+//! batch order, round ends included, so round N's packets all reach the
+//! writer (and its sync point) before round N+1's. A raw packet leaves
 //! here as its header and its page indices: the writer copies the pages
 //! from its own mapping into the channel. With `--multifd-compression auto`
 //! (see `Auto`) each window of chunks goes all raw or all zstd, whichever
 //! moved guest RAM faster when last tried.
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
+use std::ops::Range;
+use std::sync::mpsc::{self, Receiver, SyncSender};
+use std::sync::Arc;
 use std::time::Instant;
 
 use crate::supervisor::messages::{
@@ -36,6 +47,7 @@ use ferry_proto::transport::MemTransport;
 use ferry_proto::{compress, qemu_file};
 use ipc_channel::ipc::{IpcReceiver, IpcSender};
 use ipc_channel::IpcError;
+use ipc_channel::TryRecvError;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -118,6 +130,9 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// A channel's encoder thread cannot be started.
+    #[error("cannot start the encoder thread of multifd channel {0}")]
+    Thread(usize, #[source] std::io::Error),
     /// The scanner's channel broke.
     #[error("lost the scanner's batches")]
     Work(#[source] std::io::Error),
@@ -143,57 +158,112 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         .thread_name(|i| format!("compress-{i}"))
         .build()
         .map_err(|e| Error::Pool(init.workers, e))?;
+    let maps = Arc::new(maps);
+    let blocks: Arc<[BlockFile]> = init.blocks.clone().into();
     let mut packets = init
         .multifd
-        .map(|m| Packets::new(&m, &init.blocks))
+        .map(|m| Packets::new(&m, &init.blocks, &maps, &blocks))
         .transpose()?;
-    let mut credits = init.window.max(1);
+    let mut out = Out {
+        chunks: &init.chunks,
+        credits: &init.credits,
+        left: init.window.max(1),
+    };
+    let mut pending: VecDeque<Pending> = VecDeque::new();
     loop {
-        let work = match init.work.recv() {
-            Ok(w) => w,
-            // The scanner finished and closed its end.
-            Err(IpcError::Disconnected) => return Ok(()),
-            Err(e) => return Err(Error::Work(ipc_error(e))),
+        // Take work while the channels' encoder threads have room; once the
+        // scanner has nothing ready, hand the oldest chunk to the writer.
+        let work = if pending.len() >= IN_FLIGHT {
+            None
+        } else if pending.is_empty() {
+            match init.work.recv() {
+                Ok(w) => Some(w),
+                // The scanner finished and closed its end.
+                Err(IpcError::Disconnected) => return Ok(()),
+                Err(e) => return Err(Error::Work(ipc_error(e))),
+            }
+        } else {
+            match init.work.try_recv() {
+                Ok(w) => Some(w),
+                Err(TryRecvError::Empty | TryRecvError::IpcError(IpcError::Disconnected)) => None,
+                Err(TryRecvError::IpcError(e)) => return Err(Error::Work(ipc_error(e))),
+            }
         };
-        let chunk = match work {
-            Work::RoundEnd { seq, round, last } => Chunk::RoundEnd { seq, round, last },
+        let Some(work) = work else {
+            let front = pending.pop_front().expect("pending is not empty");
+            let chunk = match (front, &mut packets) {
+                (Pending::Ready(c), _) => c,
+                (Pending::Packets(p), Some(packets)) => packets.collect(p)?,
+                (Pending::Packets(_), None) => unreachable!("packets only come with multifd"),
+            };
+            out.send(chunk, packets.as_mut().and_then(|p| p.auto.as_mut()))?;
+            continue;
+        };
+        let next = match work {
+            Work::RoundEnd { seq, round, last } => {
+                Pending::Ready(Chunk::RoundEnd { seq, round, last })
+            }
             Work::Batch(batch) => {
                 // The scanner may be gone after its last batch; that is fine.
                 let _ = init.scan_credits.send(1);
                 check(&batch, &maps)?;
                 match (&mut packets, init.level) {
-                    (Some(p), _) => {
-                        let name = &init.blocks[batch.block as usize].name;
-                        let map = &maps[batch.block as usize];
-                        pool.install(|| p.encode(batch, name, map))?
-                    }
-                    (None, None) => Chunk::RawPages {
+                    (Some(p), _) => Pending::Packets(p.start(batch)?),
+                    (None, None) => Pending::Ready(Chunk::RawPages {
                         seq: batch.seq,
                         block: batch.block,
                         zero_records: batch.zero_records,
                         zero_pages: batch.zero_pages,
                         pages: batch.pages,
-                    },
+                    }),
                     (None, Some(level)) => {
                         let name = &init.blocks[batch.block as usize].name;
                         let map = &maps[batch.block as usize];
-                        pool.install(|| encode(&batch, name, map, level, init.workers))?
+                        Pending::Ready(
+                            pool.install(|| encode(&batch, name, map, level, init.workers))?,
+                        )
                     }
                 }
             }
         };
+        pending.push_back(next);
+    }
+}
+
+/// Batches taken from the scanner and not yet handed to the writer: enough
+/// to keep every channel's encoder busy while the oldest waits for credit.
+const IN_FLIGHT: usize = 4;
+
+/// A chunk on its way to the writer, in stream order.
+enum Pending {
+    /// Made already.
+    Ready(Chunk),
+    /// Its packets are being encoded on the channels' threads.
+    Packets(Started),
+}
+
+/// The writer's end and its credit.
+struct Out<'a> {
+    chunks: &'a IpcSender<Chunk>,
+    credits: &'a IpcReceiver<u32>,
+    left: u32,
+}
+
+impl Out<'_> {
+    /// Hands `chunk` to the writer, waiting for credit unless it ends a round.
+    fn send(&mut self, chunk: Chunk, auto: Option<&mut Auto>) -> Result<(), Error> {
         if !matches!(chunk, Chunk::RoundEnd { .. }) {
-            while credits == 0 {
-                credits += init.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
+            while self.left == 0 {
+                self.left += self.credits.recv().map_err(|e| Error::Send(ipc_error(e)))?;
             }
-            credits -= 1;
-            if let Some(a) = packets.as_mut().and_then(|p| p.auto.as_mut()) {
+            self.left -= 1;
+            if let Some(a) = auto {
                 a.chunk_sent(&chunk);
             }
         }
-        init.chunks
+        self.chunks
             .send(chunk)
-            .map_err(|e| Error::Send(ipc_error(e)))?;
+            .map_err(|e| Error::Send(ipc_error(e)))
     }
 }
 
@@ -299,12 +369,54 @@ fn encode_part(
     })
 }
 
-/// The multifd channels' compressors and whose turn it is.
+/// The multifd channels' encoder threads and whose turn it is.
 struct Packets {
-    encoders: Vec<Encoder>,
+    lanes: Vec<Lane>,
+    /// Zero pages go in the packets' zero-page lists.
+    zero_in_packets: bool,
     next: usize,
     /// With `auto`, which packets to compress.
     auto: Option<Auto>,
+}
+
+/// One channel's encoder thread: it owns the channel's compression stream
+/// and takes the channel's share of each batch in batch order, so the
+/// channel's packets are encoded in the order the writer sends them while
+/// the other channels, and later batches, go on in parallel.
+struct Lane {
+    jobs: SyncSender<Job>,
+    done: Receiver<Result<Share, Error>>,
+}
+
+/// A channel's encoded share of a batch: each packet's place in the batch
+/// and what it became.
+type Share = Vec<(usize, Vec<Encoded>)>;
+
+/// One channel's share of a batch: its packets' places in the batch and
+/// their pages (ranges of `pages`).
+struct Job {
+    seq: u64,
+    channel: u8,
+    block: u32,
+    pages: Arc<Vec<u32>>,
+    /// The batch's zero pages, when they go in the packets.
+    zero: Arc<Vec<u32>>,
+    slots: Vec<Slot>,
+}
+
+/// One packet to build: its place in the batch's packets, its normal pages
+/// (a range of the job's `pages`), its zero pages (of `zero`), and how
+/// they go out.
+type Slot = (usize, Range<usize>, Range<usize>, Mode);
+
+/// A batch whose packets the lanes are encoding.
+struct Started {
+    seq: u64,
+    block: u32,
+    zero_records: Vec<u8>,
+    zero_pages: u64,
+    /// The channel of each packet, in batch order.
+    channel_of: Vec<usize>,
 }
 
 /// How one packet's pages go out.
@@ -421,120 +533,232 @@ impl Auto {
     }
 }
 
-/// One packet to build: its place in the batch's packets, its pages, and
-/// how they go out.
-type Slot<'b> = (usize, &'b [u32], Mode);
-
 impl Packets {
-    fn new(m: &MultifdSend, blocks: &[BlockFile]) -> Result<Self, Error> {
+    fn new(
+        m: &MultifdSend,
+        blocks: &[BlockFile],
+        maps: &Arc<Vec<GuestRam>>,
+        names: &Arc<[BlockFile]>,
+    ) -> Result<Self, Error> {
         if let Some(b) = blocks
             .iter()
             .find(|b| b.name.len() > multifd::MAX_BLOCK_NAME)
         {
             return Err(Error::BlockName(b.name.clone()));
         }
-        let encoders = (0..m.channels.max(1))
-            .map(|_| Encoder::new(m.compression, m.level))
-            .collect::<Result<_, _>>()
-            .map_err(|source| Error::Encoder {
-                method: m.compression.name(),
-                level: m.level,
-                source,
-            })?;
+        let lanes = (0..m.channels.max(1))
+            .map(|channel| {
+                let enc =
+                    Encoder::new(m.compression, m.level).map_err(|source| Error::Encoder {
+                        method: m.compression.name(),
+                        level: m.level,
+                        source,
+                    })?;
+                Lane::spawn(
+                    usize::from(channel),
+                    enc,
+                    Arc::clone(maps),
+                    Arc::clone(names),
+                )
+            })
+            .collect::<Result<_, _>>()?;
         Ok(Self {
-            encoders,
+            lanes,
+            zero_in_packets: m.zero_pages_in_packets,
             next: 0,
             auto: m.auto.then(Auto::new),
         })
     }
 
-    /// The batch's pages in packets, in round-robin channel order; every
-    /// channel's packets are compressed on the pool in parallel with the
-    /// other channels'.
-    fn encode(&mut self, batch: PageBatch, name: &str, map: &GuestRam) -> Result<Chunk, Error> {
-        let n = self.encoders.len();
-        let mut slots: Vec<Vec<Slot<'_>>> = vec![Vec::new(); n];
+    /// Deals the batch's pages into packets of even size (full ones and a
+    /// short last one would load the channels unevenly), round robin over
+    /// the channels, and hands each channel its share. With zero pages in
+    /// the packets, every packet gets an even share of them too, after its
+    /// normal pages, as QEMU's `multifd_send_zero_page_detect` orders them.
+    fn start(&mut self, batch: PageBatch) -> Result<Started, Error> {
+        let n = self.lanes.len();
+        let (zero, zero_records) = if self.zero_in_packets {
+            (batch.zero, Vec::new())
+        } else {
+            (Vec::new(), batch.zero_records)
+        };
+        let (normal, zeros) = (batch.pages.len(), zero.len());
+        let packets = (normal + zeros).div_ceil(PAGES_PER_PACKET);
+        let share = |all: usize| all.div_ceil(packets.max(1));
+        let normal_of =
+            |k: usize| (k * share(normal)).min(normal)..((k + 1) * share(normal)).min(normal);
+        let zero_counts = zero_shares((0..packets).map(|k| normal_of(k).len()), zeros);
+        let mut slots: Vec<Vec<Slot>> = vec![Vec::new(); n];
         let mut channel_of = Vec::new();
-        // Packets of even size: full ones and a short last one would load
-        // the channels unevenly, the same channels getting the short ones.
-        let packets = batch.pages.len().div_ceil(PAGES_PER_PACKET);
-        let size = batch.pages.len().div_ceil(packets.max(1)).max(1);
-        for (i, pages) in batch.pages.chunks(size).enumerate() {
+        let mut z = 0;
+        for (k, zk) in zero_counts.into_iter().enumerate() {
+            let (nr, zr) = (normal_of(k), z..z + zk);
+            z += zk;
+            if nr.is_empty() && zr.is_empty() {
+                continue;
+            }
             let mode = self.auto.as_mut().map_or(Mode::Method, Auto::next);
-            slots[self.next].push((i, pages, mode));
+            slots[self.next].push((channel_of.len(), nr, zr, mode));
             channel_of.push(self.next);
             self.next = (self.next + 1) % n;
         }
-        let seq = batch.seq;
-        let encoded: Vec<Vec<(usize, Vec<Encoded>)>> = self
-            .encoders
-            .par_iter_mut()
-            .zip(slots)
-            .enumerate()
-            .map(|(channel, (enc, slots))| {
-                slots
-                    .into_iter()
-                    .map(|(i, pages, mode)| Ok((i, packets_of(enc, name, map, pages, mode)?)))
-                    .collect::<std::io::Result<Vec<_>>>()
-                    .map_err(|source| Error::Packet {
-                        seq,
-                        channel: channel as u8,
-                        source,
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let pages = Arc::new(batch.pages);
+        let zero = Arc::new(zero);
+        for (channel, (lane, slots)) in self.lanes.iter().zip(slots).enumerate() {
+            let job = Job {
+                seq: batch.seq,
+                channel: channel as u8,
+                block: batch.block,
+                pages: Arc::clone(&pages),
+                zero: Arc::clone(&zero),
+                slots,
+            };
+            lane.jobs
+                .send(job)
+                .map_err(|_| lane.gone(batch.seq, channel))?;
+        }
+        Ok(Started {
+            seq: batch.seq,
+            block: batch.block,
+            zero_records,
+            zero_pages: batch.zero_pages,
+            channel_of,
+        })
+    }
+
+    /// Waits for every channel's share of `s` and puts its packets back in
+    /// batch order.
+    fn collect(&mut self, s: Started) -> Result<Chunk, Error> {
         let mut packets: Vec<Vec<Encoded>> = Vec::new();
-        packets.resize_with(channel_of.len(), Vec::new);
+        packets.resize_with(s.channel_of.len(), Vec::new);
         let mut counts = PageCounts {
-            zero: batch.zero_pages,
+            zero: s.zero_pages,
             ..PageCounts::default()
         };
-        for (i, made) in encoded.into_iter().flatten() {
-            for e in &made {
-                if e.compressed {
-                    counts.compressed += e.pages as u64;
-                    counts.compressed_bytes += (e.bytes.len() - HEADER_LEN) as u64;
-                } else {
-                    counts.raw += e.pages as u64;
+        for (channel, lane) in self.lanes.iter().enumerate() {
+            let made = lane.done.recv().map_err(|_| lane.gone(s.seq, channel))??;
+            for (i, made) in made {
+                for e in &made {
+                    if e.compressed {
+                        counts.compressed += e.pages as u64;
+                        counts.compressed_bytes += (e.bytes.len() - HEADER_LEN) as u64;
+                    } else {
+                        counts.raw += e.pages as u64;
+                    }
                 }
+                packets[i] = made;
             }
-            packets[i] = made;
         }
+        let block = s.block;
         let packets = packets
             .into_iter()
-            .zip(channel_of)
+            .zip(s.channel_of)
             .flat_map(|(made, channel)| {
                 made.into_iter().map(move |e| Packet {
                     channel: channel as u8,
                     bytes: e.bytes,
-                    block: batch.block,
+                    block,
                     raw_pages: e.raw_pages,
                 })
             })
             .collect();
         Ok(Chunk::Packets {
-            seq,
-            zero_records: batch.zero_records,
+            seq: s.seq,
+            zero_records: s.zero_records,
             packets,
             counts,
         })
     }
 }
 
+/// How many of `zeros` zero pages go in each packet, given each packet's
+/// normal pages: an even share, then what is left in the room the packets
+/// still have; there is room for all when the packets were counted for
+/// normal and zero pages together.
+fn zero_shares(normal: impl Iterator<Item = usize>, zeros: usize) -> Vec<usize> {
+    let room: Vec<usize> = normal.map(|n| PAGES_PER_PACKET - n).collect();
+    let even = zeros.div_ceil(room.len().max(1));
+    let mut counts: Vec<usize> = room.iter().map(|&r| r.min(even)).collect();
+    let mut left = zeros.saturating_sub(counts.iter().sum());
+    for (c, r) in counts.iter_mut().zip(&room) {
+        let more = (r - *c).min(left);
+        *c += more;
+        left -= more;
+    }
+    // Round up, the even shares can take more than there are.
+    let mut over = counts.iter().sum::<usize>().saturating_sub(zeros);
+    for c in counts.iter_mut().rev() {
+        let less = (*c).min(over);
+        *c -= less;
+        over -= less;
+    }
+    counts
+}
+
+impl Lane {
+    fn spawn(
+        channel: usize,
+        mut enc: Encoder,
+        maps: Arc<Vec<GuestRam>>,
+        blocks: Arc<[BlockFile]>,
+    ) -> Result<Self, Error> {
+        let (jobs, job_rx) = mpsc::sync_channel::<Job>(IN_FLIGHT);
+        let (done_tx, done) = mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("multifd-enc-{channel}"))
+            .spawn(move || {
+                // Ends when `Packets` drops its sender or stops listening.
+                for job in job_rx {
+                    let name = &blocks[job.block as usize].name;
+                    let map = &maps[job.block as usize];
+                    let made = job
+                        .slots
+                        .into_iter()
+                        .map(|(i, r, z, mode)| {
+                            let (pages, zero) = (&job.pages[r], &job.zero[z]);
+                            Ok((i, packets_of(&mut enc, name, map, pages, zero, mode)?))
+                        })
+                        .collect::<std::io::Result<Vec<_>>>()
+                        .map_err(|source| Error::Packet {
+                            seq: job.seq,
+                            channel: job.channel,
+                            source,
+                        });
+                    if done_tx.send(made).is_err() {
+                        return;
+                    }
+                }
+            })
+            .map_err(|e| Error::Thread(channel, e))?;
+        Ok(Self { jobs, done })
+    }
+
+    /// The error for a lane whose thread ended (it panicked).
+    fn gone(&self, seq: u64, channel: usize) -> Error {
+        Error::Packet {
+            seq,
+            channel: channel as u8,
+            source: std::io::Error::other("the channel's encoder thread ended"),
+        }
+    }
+}
+
 /// One slot's packets: the pages (copied out of guest RAM first, as QEMU
 /// does, so the guest cannot change them under the compressor) in one
 /// packet as `mode` says, or with [`Mode::Split`] in up to two: the pages
-/// that look compressible compressed, the others raw.
+/// that look compressible compressed, the others raw. The `zero` pages go
+/// in the first packet's zero-page list.
 fn packets_of(
     enc: &mut Encoder,
     name: &str,
     map: &GuestRam,
     pages: &[u32],
+    zero: &[u32],
     mode: Mode,
 ) -> std::io::Result<Vec<Encoded>> {
     let raw_only = mode == Mode::Raw || enc.method() == Compression::None;
     if raw_only {
-        return Ok(vec![packet(None, name, pages, &[])?]);
+        return Ok(vec![packet(None, name, pages, zero, &[])?]);
     }
     let mut raw = vec![0u8; pages.len() * PAGE_SIZE];
     for (&i, dst) in pages.iter().zip(raw.chunks_exact_mut(PAGE_SIZE)) {
@@ -542,7 +766,7 @@ fn packets_of(
             .expect("`check` saw every index inside the block");
     }
     if mode == Mode::Method {
-        return Ok(vec![packet(Some(enc), name, pages, &raw)?]);
+        return Ok(vec![packet(Some(enc), name, pages, zero, &raw)?]);
     }
     let (mut dense, mut sparse) = (Vec::new(), (Vec::new(), Vec::new()));
     for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
@@ -555,35 +779,42 @@ fn packets_of(
     }
     let mut out = Vec::with_capacity(2);
     if !sparse.0.is_empty() {
-        out.push(packet(Some(enc), name, &sparse.0, &sparse.1)?);
+        out.push(packet(Some(enc), name, &sparse.0, zero, &sparse.1)?);
     }
-    if !dense.is_empty() {
-        out.push(packet(None, name, &dense, &[])?);
+    if !dense.is_empty() || out.is_empty() {
+        let zero = if out.is_empty() { zero } else { &[] };
+        out.push(packet(None, name, &dense, zero, &[])?);
     }
     Ok(out)
 }
 
 /// One packet: the header, then `raw` (the `pages`' bytes) as `enc` makes
-/// them; without `enc` only the header, the writer adds the pages.
+/// them; without `enc` only the header, the writer adds the pages. A
+/// compressed packet without normal pages keeps its method's flag and has
+/// no payload, as QEMU's receiver asserts.
 fn packet(
     enc: Option<&mut Encoder>,
     name: &str,
     pages: &[u32],
+    zero: &[u32],
     raw: &[u8],
 ) -> std::io::Result<Encoded> {
     let mut out = vec![0u8; HEADER_LEN];
     let compressed = enc.is_some();
     let (flags, len, raw_pages) = match enc {
+        Some(enc) if pages.is_empty() => (enc.method().flag(), 0, Vec::new()),
         Some(enc) => (enc.method().flag(), enc.encode(raw, &mut out)?, Vec::new()),
         None => (0, pages.len() * PAGE_SIZE, pages.to_vec()),
     };
     let header = PacketHeader {
         flags,
         normal_pages: pages.len() as u32,
+        zero_pages: zero.len() as u32,
         next_packet_size: len as u32,
         block: name.to_owned(),
         offsets: pages
             .iter()
+            .chain(zero)
             .map(|&i| u64::from(i) * PAGE_SIZE as u64)
             .collect(),
         ..PacketHeader::default()
@@ -602,28 +833,76 @@ mod tests {
     use super::*;
     use ferry_proto::multifd::Decoder;
 
+    /// Two channels of `method` over one block "b" holding `bytes`, in a
+    /// file of the returned directory.
+    fn packets_over(
+        bytes: &[u8],
+        method: Compression,
+        zero_pages_in_packets: bool,
+    ) -> (tempfile::TempDir, Packets) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("b.ram");
+        std::fs::write(&path, bytes).unwrap();
+        let maps = Arc::new(vec![GuestRam::map(&path).unwrap()]);
+        let blocks: Arc<[BlockFile]> = vec![BlockFile {
+            name: "b".into(),
+            path,
+            length: bytes.len() as u64,
+        }]
+        .into();
+        let m = MultifdSend {
+            channels: 2,
+            compression: method,
+            level: 1,
+            legacy_sync: false,
+            auto: false,
+            zero_pages_in_packets,
+        };
+        let p = Packets::new(&m, &blocks, &maps, &blocks).unwrap();
+        (dir, p)
+    }
+
+    /// Decodes `pk` on its channel's decoder, its raw pages taken from
+    /// `bytes` as the writer takes them from its mapping, and checks that
+    /// its normal pages are the very pages it names.
+    fn decode_packet(
+        pk: &Packet,
+        method: Compression,
+        bytes: &[u8],
+        decoders: &mut [Decoder; 2],
+    ) -> PacketHeader {
+        let head: &[u8; HEADER_LEN] = pk.bytes[..HEADER_LEN].try_into().unwrap();
+        let h = PacketHeader::decode(head, Some(method)).unwrap();
+        let mut payload = pk.bytes[HEADER_LEN..].to_vec();
+        for &i in &pk.raw_pages {
+            let at = i as usize * PAGE_SIZE;
+            payload.extend_from_slice(&bytes[at..at + PAGE_SIZE]);
+        }
+        assert_eq!(payload.len(), h.payload_len());
+        if h.normal_pages > 0 {
+            let mut out = vec![0u8; h.normal_pages as usize * PAGE_SIZE];
+            decoders[usize::from(pk.channel)]
+                .decode(&payload, &mut out)
+                .unwrap();
+            for (off, page) in h.normal().iter().zip(out.chunks(PAGE_SIZE)) {
+                let at = *off as usize;
+                assert_eq!(page, &bytes[at..at + PAGE_SIZE], "{method:?} {off}");
+            }
+        }
+        h
+    }
+
     /// Packets of a batch decode, on one decoder per channel in the order
     /// of each channel's packets, to the very pages they name; the packets
     /// are even, alternate channels, and the stream carries over batches.
     #[test]
     fn packets_decode_per_channel_to_their_pages() {
         for method in [Compression::None, Compression::Zlib, Compression::Zstd] {
-            let dir = tempfile::tempdir().unwrap();
-            let path = dir.path().join("b.ram");
             let pages = 300u32;
             let bytes: Vec<u8> = (0..pages as usize * PAGE_SIZE)
                 .map(|i| ((i / PAGE_SIZE) as u8).wrapping_mul(7) ^ (i % 251) as u8)
                 .collect();
-            std::fs::write(&path, &bytes).unwrap();
-            let map = GuestRam::map(&path).unwrap();
-            let m = MultifdSend {
-                channels: 2,
-                compression: method,
-                level: 1,
-                legacy_sync: false,
-                auto: false,
-            };
-            let mut p = Packets::new(&m, &[]).unwrap();
+            let (_dir, mut p) = packets_over(&bytes, method, false);
             let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
             let mut seen = Vec::new();
             for (seq, range) in [(0u64, 0..pages), (1, 0..40)] {
@@ -632,36 +911,95 @@ mod tests {
                     block: 0,
                     zero_records: Vec::new(),
                     zero_pages: 0,
+                    zero: Vec::new(),
                     pages: range.collect(),
                 };
-                let Chunk::Packets { packets, .. } = p.encode(batch, "b", &map).unwrap() else {
+                let started = p.start(batch).unwrap();
+                let Chunk::Packets { packets, .. } = p.collect(started).unwrap() else {
                     panic!("not packets");
                 };
                 for pk in packets {
-                    let head: &[u8; HEADER_LEN] = pk.bytes[..HEADER_LEN].try_into().unwrap();
-                    let h = PacketHeader::decode(head, Some(method)).unwrap();
+                    let h = decode_packet(&pk, method, &bytes, &mut decoders);
                     assert_eq!(h.block, "b");
-                    // A raw packet's pages come from the writer's mapping.
-                    let mut payload = pk.bytes[HEADER_LEN..].to_vec();
-                    for &i in &pk.raw_pages {
-                        let at = i as usize * PAGE_SIZE;
-                        payload.extend_from_slice(&bytes[at..at + PAGE_SIZE]);
-                    }
-                    assert_eq!(payload.len(), h.payload_len());
-                    let mut out = vec![0u8; h.normal_pages as usize * PAGE_SIZE];
-                    decoders[usize::from(pk.channel)]
-                        .decode(&payload, &mut out)
-                        .unwrap();
-                    for (off, page) in h.normal().iter().zip(out.chunks(PAGE_SIZE)) {
-                        let at = *off as usize;
-                        assert_eq!(page, &bytes[at..at + PAGE_SIZE], "{method:?} {off}");
-                    }
                     seen.push((pk.channel, h.normal_pages));
                 }
             }
             // 300 pages: three packets of 100; then one of 40. Round robin
             // carries on from one batch to the next.
             assert_eq!(seen, [(0, 100), (1, 100), (0, 100), (1, 40)], "{method:?}");
+        }
+    }
+
+    /// With zero pages in the packets, every page of a batch is named by
+    /// exactly one packet, zero pages only in zero-page lists and without
+    /// payload; no packet holds more than it may, and a packet of zero
+    /// pages alone on a compressed channel keeps the flag with no payload.
+    #[test]
+    fn zero_pages_go_in_the_packets_zero_lists() {
+        let pages = 600u32;
+        let bytes: Vec<u8> = (0..pages as usize * PAGE_SIZE)
+            .map(|i| ((i / PAGE_SIZE) as u8) ^ (i % 13) as u8 | 1)
+            .collect();
+        for method in [Compression::None, Compression::Zstd] {
+            let (_dir, mut p) = packets_over(&bytes, method, true);
+            let mut decoders = [Decoder::new(method).unwrap(), Decoder::new(method).unwrap()];
+            // Mostly normal, mostly zero, zero only, and a split (129 + 127)
+            // whose even shares rounded up would overfill a packet.
+            let cases: [(Vec<u32>, Vec<u32>); 4] = [
+                (
+                    (0..300).filter(|i| i % 3 != 0).collect(),
+                    (0..300).filter(|i| i % 3 == 0).collect(),
+                ),
+                ((0..20).collect(), (20..400).collect()),
+                (Vec::new(), (0..200).collect()),
+                ((0..129).collect(), (129..256).collect()),
+            ];
+            for (seq, (normal, zero)) in cases.into_iter().enumerate() {
+                let batch = PageBatch {
+                    seq: seq as u64,
+                    block: 0,
+                    zero_records: vec![1, 2, 3],
+                    zero_pages: zero.len() as u64,
+                    zero: zero.clone(),
+                    pages: normal.clone(),
+                };
+                let started = p.start(batch).unwrap();
+                let Chunk::Packets {
+                    packets,
+                    zero_records,
+                    counts,
+                    ..
+                } = p.collect(started).unwrap()
+                else {
+                    panic!("not packets");
+                };
+                assert!(
+                    zero_records.is_empty(),
+                    "no ZERO records on the main channel"
+                );
+                // No more packets than the pages need: headers cost 1344 bytes.
+                let need = (normal.len() + zero.len()).div_ceil(PAGES_PER_PACKET);
+                assert_eq!(packets.len(), need, "{method:?} case {seq}");
+                assert_eq!(counts.zero, zero.len() as u64);
+                let (mut got_normal, mut got_zero) = (Vec::new(), Vec::new());
+                for pk in packets {
+                    let h = decode_packet(&pk, method, &bytes, &mut decoders);
+                    assert!(h.offsets.len() <= PAGES_PER_PACKET);
+                    assert_eq!(h.flags, method.flag(), "{method:?}");
+                    if h.normal_pages == 0 {
+                        assert_eq!(pk.bytes.len(), HEADER_LEN, "zero pages have no payload");
+                    }
+                    got_normal.extend(h.normal().iter().map(|o| (o / PAGE_SIZE as u64) as u32));
+                    got_zero.extend(h.zero().iter().map(|o| (o / PAGE_SIZE as u64) as u32));
+                }
+                got_normal.sort_unstable();
+                got_zero.sort_unstable();
+                assert_eq!(
+                    (got_normal, got_zero),
+                    (normal, zero),
+                    "{method:?} case {seq}"
+                );
+            }
         }
     }
 }

@@ -327,8 +327,9 @@ impl<'i> Scanner<'i> {
         let batch = PageBatch {
             seq: self.seq,
             block: block as u32,
-            zero_records: zero_records(name, hole),
+            zero_records: zero_records(name, hole.clone()),
             zero_pages,
+            zero: hole.collect(),
             pages: Vec::new(),
         };
         self.send(Work::Batch(batch))
@@ -353,19 +354,21 @@ impl<'i> Scanner<'i> {
 /// page with value N").
 fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32]) -> PageBatch {
     let mut pages = Vec::with_capacity(indices.len());
-    let zeros = indices.iter().copied().filter(|&i| {
-        let zero = ram.page_fill(i) == Some(0);
-        if !zero {
+    let mut zero_indices = Vec::new();
+    for &i in indices {
+        if ram.page_fill(i) == Some(0) {
+            zero_indices.push(i);
+        } else {
             pages.push(i);
         }
-        zero
-    });
-    let zero_records = zero_records(name, zeros);
+    }
+    let zero_records = zero_records(name, zero_indices.iter().copied());
     PageBatch {
         seq,
         block,
         zero_pages: (indices.len() - pages.len()) as u64,
         zero_records,
+        zero: zero_indices,
         pages,
     }
 }

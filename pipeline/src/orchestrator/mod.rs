@@ -271,6 +271,9 @@ impl MultifdArgs {
             },
             auto: self.multifd_compression == MultifdCompression::Auto,
             legacy_sync: self.multifd_flush_after_each_section,
+            // As QEMU's machine types: legacy zero pages up to 8.2, and
+            // flushing after each section only up to 8.0.
+            zero_pages_in_packets: !self.multifd_flush_after_each_section,
         })
     }
 }

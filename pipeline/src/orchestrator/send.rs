@@ -292,10 +292,17 @@ fn check_multifd(args: &SendArgs) -> anyhow::Result<()> {
     } else {
         None
     };
-    match clash {
-        Some(what) => bail!("--multifd-channels does not work with {what}"),
-        None => Ok(()),
+    if let Some(what) = clash {
+        bail!("--multifd-channels does not work with {what}");
     }
+    // QEMU fails at the first raw packet on a compressed channel.
+    if args.return_path && args.multifd.multifd_compression == super::MultifdCompression::Auto {
+        bail!(
+            "--multifd-compression auto is for ferry receivers: a QEMU destination \
+             (--return-path) refuses its raw packets on zstd channels; use none, zlib or zstd"
+        );
+    }
+    Ok(())
 }
 
 /// The lines a successful run prints.

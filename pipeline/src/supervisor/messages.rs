@@ -103,6 +103,9 @@ pub struct PageBatch {
     pub zero_records: Vec<u8>,
     /// How many zero pages `zero_records` holds.
     pub zero_pages: u64,
+    /// Page indices (within the block) of those zero pages, for multifd
+    /// packets' zero-page lists.
+    pub zero: Vec<u32>,
     /// Page indices (within the block) of the non-zero pages.
     pub pages: Vec<u32>,
 }
@@ -137,6 +140,11 @@ pub struct MultifdSend {
     /// EOS and no MULTIFD_FLUSH (machine types up to 8.0), instead of one
     /// per round with MULTIFD_FLUSH.
     pub legacy_sync: bool,
+    /// QEMU's `zero-page-detection=multifd` (9.0 and later, machine types
+    /// from 9.0): zero pages go as offsets in the packets' zero-page lists
+    /// instead of ZERO records on the main channel. A QEMU 7.2 destination
+    /// reads that field as unused and would leave such pages stale.
+    pub zero_pages_in_packets: bool,
     /// ferry's `auto`: `compression` where it pays, raw packets elsewhere
     /// (ferry receivers only).
     pub auto: bool,

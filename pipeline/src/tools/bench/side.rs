@@ -244,7 +244,7 @@ fn ratios(a: &StaticArgs, scenarios: &[Scenario], rows: &[(String, Sample)]) -> 
     let mut s = String::new();
     let mut line = |what: &str, v: f64, goal: f64| {
         let ok = if v <= goal { "met" } else { "NOT met" };
-        let _ = writeln!(s, "{what}: {v:.2} (goal <= {goal}) {ok}");
+        let _ = writeln!(s, "{what}: {v:.3} (goal <= {goal}) {ok}");
     };
     let t = |x: Sample| x.seconds;
     let b = |x: Sample| x.wire_bytes as f64;
