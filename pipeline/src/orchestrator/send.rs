@@ -263,6 +263,20 @@ fn parameters(args: &SendArgs) -> Parameters {
     }
 }
 
+/// The compressors this run uses, by the parameter that sets their level.
+fn compressor(args: &SendArgs) -> Option<qmp::Compressor> {
+    use super::MultifdCompression as M;
+    use ferry_proto::multifd::Compression as C;
+    if args.multifd.multifd_channels > 0 {
+        return match args.multifd.multifd_compression {
+            M::Method(C::None) => None,
+            M::Method(C::Zlib) => Some(qmp::Compressor::MultifdZlib),
+            M::Method(C::Zstd) | M::Auto => Some(qmp::Compressor::MultifdZstd),
+        };
+    }
+    args.compress.then_some(qmp::Compressor::Legacy)
+}
+
 /// multifd goes over plain tcp: or unix: connections, RAM only, without
 /// the legacy COMPRESS_PAGE records or ferry's integrity seal.
 fn check_multifd(args: &SendArgs) -> anyhow::Result<()> {
@@ -386,6 +400,8 @@ struct Actors {
     disk: Option<IpcSender<blockio::Command>>,
     /// The writer's command channel (max-bandwidth from QMP).
     writer: IpcSender<writer::Command>,
+    /// The compress actor's command channel (levels from QMP).
+    compress: IpcSender<qmp::levels::Command>,
     /// The disk chunk buffers shared by the blockio actor and the writer,
     /// removed when the run ends.
     _slots: Option<tempfile::NamedTempFile>,
@@ -448,20 +464,20 @@ impl Actors {
                 },
             )?;
         }
-        sup.spawn(
-            ActorKind::Compress,
-            compress::Init {
-                blocks: src.blocks.clone(),
-                level: args.compress.then_some(args.compress_level),
-                workers: args.compress_workers,
-                multifd: args.multifd.settings(),
-                work: work_rx,
-                scan_credits: scan_credit_tx,
-                chunks: chunk_tx,
-                credits: credit_rx,
-                window: CHUNK_WINDOW,
-            },
-        )?;
+        let (level_tx, commands) = ipc::channel::<qmp::levels::Command>()?;
+        let init = compress::Init {
+            blocks: src.blocks.clone(),
+            level: args.compress.then_some(args.compress_level),
+            workers: args.compress_workers,
+            multifd: args.multifd.settings(),
+            work: work_rx,
+            scan_credits: scan_credit_tx,
+            chunks: chunk_tx,
+            credits: credit_rx,
+            window: CHUNK_WINDOW,
+            commands,
+        };
+        sup.spawn(ActorKind::Compress, init)?;
         sup.spawn(
             ActorKind::Scanner,
             scanner::Init {
@@ -477,6 +493,7 @@ impl Actors {
             scan: scan_tx,
             disk: has_disks.then_some(disk_cmd_tx),
             writer: cmd_tx,
+            compress: level_tx,
             _slots: slots,
         })
     }
@@ -582,6 +599,9 @@ impl<'a> Migration<'a> {
         control.check_cancel()?;
         let actors = Actors::spawn(args, src, sup, &control.params())?;
         control.attach_writer(actors.writer.clone());
+        if let Some(which) = compressor(args) {
+            control.attach_compress(actors.compress.clone(), which);
+        }
         control.set_pids(sup.pids().into_iter().map(|(_, pid)| pid).collect());
         tracing::info!(pids = ?sup.pids(), "actors started");
         Ok(Self {

@@ -42,6 +42,33 @@ pub struct Cancelled {
     pub by: String,
 }
 
+/// The compressors a `ferry send` runs, by the parameter that sets their
+/// level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compressor {
+    /// `--compress`: compress-level.
+    Legacy,
+    /// `--multifd-compression zlib`: multifd-zlib-level.
+    MultifdZlib,
+    /// `--multifd-compression zstd` or `auto`: multifd-zstd-level.
+    MultifdZstd,
+}
+
+impl Compressor {
+    /// The command for the compress actor if `new` changed this one's level.
+    fn command(self, old: &Parameters, new: &Parameters) -> Option<levels::Command> {
+        let (a, b) = match self {
+            Self::Legacy => (old.compress_level, new.compress_level),
+            Self::MultifdZlib => (old.multifd_zlib_level, new.multifd_zlib_level),
+            Self::MultifdZstd => (old.multifd_zstd_level, new.multifd_zstd_level),
+        };
+        (a != b).then(|| match self {
+            Self::Legacy => levels::Command::CompressLevel(u32::from(b)),
+            _ => levels::Command::MultifdLevel(i32::from(b)),
+        })
+    }
+}
+
 /// Which end of the migration this process is: the commands differ a little
 /// (an incoming migration has no writer to cap).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,6 +111,9 @@ pub struct Control {
     unwritten: AtomicUsize,
     /// The writer's command channel, for max-bandwidth (source only).
     writer: Mutex<Option<IpcSender<writer::Command>>>,
+    /// The compress actor's command channel and the parameter that sets
+    /// the level of its compressors (source only, when it compresses).
+    compress: Mutex<Option<(IpcSender<levels::Command>, Compressor)>>,
     /// Actor processes to kill when a second signal cannot wait.
     pids: Mutex<Vec<u32>>,
     /// The source guest as ferry knows it: `None` without --guest-control,
@@ -124,6 +154,7 @@ impl Control {
             subscribers: Mutex::new(Vec::new()),
             unwritten: AtomicUsize::new(0),
             writer: Mutex::new(None),
+            compress: Mutex::new(None),
             pids: Mutex::new(Vec::new()),
             guest_stopped: Mutex::new(None),
         })
@@ -145,11 +176,21 @@ impl Control {
     }
 
     /// Changes the parameters: `f` checks and applies; max-bandwidth goes to
-    /// the writer at once (it takes effect at the writer's next chunk).
+    /// the writer at once (it takes effect at the writer's next chunk), the
+    /// level of the compressors in use to the compress actor (from its next
+    /// batch).
     pub fn set_params<E>(&self, f: impl FnOnce(&mut Parameters) -> Result<(), E>) -> Result<(), E> {
         let mut p = lock(&self.params);
         let before = p.max_bandwidth;
+        let old = *p;
         f(&mut p)?;
+        if let Some((tx, which)) = lock(&self.compress).as_ref() {
+            if let Some(cmd) = which.command(&old, &p) {
+                if let Err(e) = tx.send(cmd) {
+                    tracing::warn!("cannot reach the compress actor to set the level: {e:?}");
+                }
+            }
+        }
         if p.max_bandwidth != before {
             if let Some(w) = lock(&self.writer).as_ref() {
                 if let Err(e) = w.send(writer::Command::SetRate(p.max_bandwidth)) {
@@ -158,6 +199,12 @@ impl Control {
             }
         }
         Ok(())
+    }
+
+    /// Hands over the compress actor's command channel, and which parameter
+    /// sets its level.
+    pub fn attach_compress(&self, tx: IpcSender<levels::Command>, which: Compressor) {
+        *lock(&self.compress) = Some((tx, which));
     }
 
     /// Hands over the writer's command channel; the current cap is applied.
