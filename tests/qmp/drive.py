@@ -99,6 +99,8 @@ async def main():
             "pass": ram.get("dirty-sync-count"),
             "remaining": ram.get("remaining"),
             "dirty-pages-rate": ram.get("dirty-pages-rate"),
+            "compressed-pages": info.get("compression", {}).get("pages"),
+            "compressed-size": info.get("compression", {}).get("compressed-size"),
         })
         if info["status"] in FINAL:
             break

@@ -87,10 +87,24 @@ impl Run {
 /// on `receive.qmp`) unless `to` names a destination, and `ferry send --qmp
 /// unix:DIR/send.qmp` with `extra` arguments.
 fn start(size: &str, rate: &str, to: Option<&str>, extra: &[&str]) -> Run {
+    start_with(size, rate, &[], to, &[], extra)
+}
+
+/// [`start`], with `guest` arguments for `ferry loadgen` and `receive`
+/// arguments for `ferry receive`.
+fn start_with(
+    size: &str,
+    rate: &str,
+    guest: &[&str],
+    to: Option<&str>,
+    receive: &[&str],
+    extra: &[&str],
+) -> Run {
     let dir = shm_tempdir(PREFIX);
     let d = dir.path();
     let guest = loadgen(d, "src", size)
         .rate(rate)
+        .args(guest)
         .start()
         .expect("starting ferry loadgen");
     let (receiver, uri) = match to {
@@ -99,6 +113,7 @@ fn start(size: &str, rate: &str, to: Option<&str>, extra: &[&str]) -> Run {
             let qmp = format!("unix:{}", d.join("receive.qmp").display());
             let (r, uri) = migrate::receive(d, "tcp:127.0.0.1:0", &d.join("dst.ram"))
                 .args(&["--qmp", &qmp])
+                .args(receive)
                 .start_listening(&d.join("receive.err"))
                 .expect("starting ferry receive");
             (Some(r), uri)
@@ -253,6 +268,71 @@ fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
     assert_eq!(stats["ram"]["total"], 384u64 << 20);
     assert!(stats["ram"]["transferred"].as_u64() >= active.last().map(|a| a.1));
     assert_eq!(run.guest.status().unwrap(), "postmigrate");
+}
+
+/// `(t, compressed pages, compressed bytes)` of the polls.
+fn compressed(report: &Value) -> Vec<(f64, u64, u64)> {
+    report["polls"]
+        .as_array()
+        .expect("polls")
+        .iter()
+        .filter_map(|p| {
+            let n = p["compressed-pages"].as_u64()?;
+            Some((p["t"].as_f64()?, n, p["compressed-size"].as_u64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_zstd_level_raised_mid_run_compresses_the_next_packets_harder() {
+    // Text-like RAM over two zstd channels at level 1, capped so that the
+    // run lasts; at 1 s the level goes to 9 (a new frame on each channel).
+    let mut run = start_with(
+        "128M",
+        "0",
+        &["--pattern", "text"],
+        None,
+        &["--multifd-channels", "2"],
+        &[
+            "--max-bandwidth",
+            "12M",
+            "--multifd-channels",
+            "2",
+            "--multifd-compression",
+            "zstd",
+            "--multifd-zstd-level",
+            "1",
+        ],
+    );
+    let report = script(
+        "drive.py",
+        &run.sender_qmp(),
+        &["--set".into(), r#"1.0={"multifd-zstd-level": 9}"#.into()],
+    )
+    .report(&run.sender);
+    let st = run.sender.wait(RUN).unwrap();
+    assert!(st.success(), "{}", run.sender.stderr());
+    assert!(run.sender.stderr().contains("destination verified"));
+    let r = run.receiver.as_mut().unwrap();
+    assert!(r.wait(RUN).unwrap().success(), "{}", r.stderr());
+    let set_t = report["sets"][0]["t"].as_f64().expect("the level was set");
+    let polls = compressed(&report);
+    // Bytes per compressed page before the change, and from a moment after
+    // it (the batches in flight went at level 1) to the last poll.
+    let per_page = |from: &(f64, u64, u64), to: &(f64, u64, u64)| {
+        (to.2 - from.2) as f64 / (to.1 - from.1).max(1) as f64
+    };
+    let before: Vec<_> = polls.iter().filter(|p| p.0 <= set_t && p.1 > 0).collect();
+    let after: Vec<_> = polls.iter().filter(|p| p.0 >= set_t + 0.5).collect();
+    assert!(before.len() >= 2 && after.len() >= 2, "{report}");
+    let (b, a) = (
+        per_page(before[0], before[before.len() - 1]),
+        per_page(after[0], after[after.len() - 1]),
+    );
+    assert!(
+        a < b * 0.95,
+        "bytes per page: {b:.0} at level 1, {a:.0} at 9: {report}"
+    );
 }
 
 /// The writer's own counters (`rate-changes` in --stats-json: its bytes per
