@@ -403,6 +403,39 @@ fn jammed_listener() -> (TcpListener, std::net::TcpStream, String) {
     (l, filler, format!("tcp:{addr}"))
 }
 
+/// What a client saw of a migration it acted on at `point`: a client that
+/// came during setup heard of it first; a late round's dirty rate; the
+/// guest's run state (query-status) when the cancel came.
+fn assert_what_the_client_saw(point: &str, ctx: &str, report: &Value) {
+    let acted = &report["acted"];
+    if point == "setup" {
+        // A client that comes during setup hears of it first, as from QEMU.
+        let first = events(report).into_iter().next();
+        assert_eq!(
+            first.map(|(e, d)| (e, d["status"].clone())),
+            Some(("MIGRATION".to_owned(), Value::from("setup"))),
+            "{ctx}: {report}"
+        );
+    }
+    if point == "late" {
+        // The guest dirties 32 MiB/s of its 16 MiB: query-migrate says so
+        // once a round ended (at most 4096 pages per round of about 2 s).
+        let rate = acted["info"]["ram"]["dirty-pages-rate"].as_u64();
+        assert!(rate > Some(100), "{ctx}: dirty-pages-rate: {report}");
+    }
+    // query-status: the guest as ferry knows it when the cancel came.
+    let state = if point == "device" {
+        "finish-migrate"
+    } else {
+        "running"
+    };
+    assert_eq!(acted["run-state"]["status"], state, "{ctx}: {report}");
+    assert_eq!(acted["run-state"]["running"], state == "running", "{ctx}");
+    if point == "device" {
+        assert_eq!(acted["info"]["status"], "device");
+    }
+}
+
 fn cancel_at(point: &str, how: &str) {
     let (size, rate, extra) = scenario(point);
     let jam = (point == "setup").then(jammed_listener);
@@ -450,32 +483,7 @@ fn cancel_at(point: &str, how: &str) {
     let stats = read_json(&run.path("send.json"));
     assert_eq!(stats["status"], "cancelled", "{ctx}: {stats}");
     assert_in_order(&report, "cancelled");
-    if point == "setup" {
-        // A client that comes during setup hears of it first, as from QEMU.
-        let first = events(&report).into_iter().next();
-        assert_eq!(
-            first.map(|(e, d)| (e, d["status"].clone())),
-            Some(("MIGRATION".to_owned(), Value::from("setup"))),
-            "{ctx}: {report}"
-        );
-    }
-    if point == "late" {
-        // The guest dirties 32 MiB/s of its 16 MiB: query-migrate says so
-        // once a round ended (at most 4096 pages per round of about 2 s).
-        let rate = acted["info"]["ram"]["dirty-pages-rate"].as_u64();
-        assert!(rate > Some(100), "{ctx}: dirty-pages-rate: {report}");
-    }
-    // query-status: the guest as ferry knows it when the cancel came.
-    let state = if point == "device" {
-        "finish-migrate"
-    } else {
-        "running"
-    };
-    assert_eq!(acted["run-state"]["status"], state, "{ctx}: {report}");
-    assert_eq!(acted["run-state"]["running"], state == "running", "{ctx}");
-    if point == "device" {
-        assert_eq!(acted["info"]["status"], "device");
-    }
+    assert_what_the_client_saw(point, &ctx, &report);
     // The destination is not complete.
     if let Some(r) = run.receiver.as_mut() {
         let rs = r.wait(RUN).unwrap();
