@@ -98,6 +98,9 @@ async def main():
             "transferred": ram.get("transferred"),
             "pass": ram.get("dirty-sync-count"),
             "remaining": ram.get("remaining"),
+            "dirty-pages-rate": ram.get("dirty-pages-rate"),
+            "compressed-pages": info.get("compression", {}).get("pages"),
+            "compressed-size": info.get("compression", {}).get("compressed-size"),
         })
         if info["status"] in FINAL:
             break
@@ -108,7 +111,8 @@ async def main():
             await q.execute("migrate-set-parameters", arguments)
             out["sets"].append({"t": time.monotonic() - t0, "arguments": arguments})
         if args.at and out["acted"] is None and reached(args.at, info):
-            out["acted"] = {"t": t, "info": info}
+            out["acted"] = {"t": t, "info": info,
+                            "run-state": await q.execute("query-status")}
             if args.do == "cancel":
                 await q.execute("migrate_cancel")
             else:

@@ -87,10 +87,24 @@ impl Run {
 /// on `receive.qmp`) unless `to` names a destination, and `ferry send --qmp
 /// unix:DIR/send.qmp` with `extra` arguments.
 fn start(size: &str, rate: &str, to: Option<&str>, extra: &[&str]) -> Run {
+    start_with(size, rate, &[], to, &[], extra)
+}
+
+/// [`start`], with `guest` arguments for `ferry loadgen` and `receive`
+/// arguments for `ferry receive`.
+fn start_with(
+    size: &str,
+    rate: &str,
+    guest: &[&str],
+    to: Option<&str>,
+    receive: &[&str],
+    extra: &[&str],
+) -> Run {
     let dir = shm_tempdir(PREFIX);
     let d = dir.path();
     let guest = loadgen(d, "src", size)
         .rate(rate)
+        .args(guest)
         .start()
         .expect("starting ferry loadgen");
     let (receiver, uri) = match to {
@@ -99,6 +113,7 @@ fn start(size: &str, rate: &str, to: Option<&str>, extra: &[&str]) -> Run {
             let qmp = format!("unix:{}", d.join("receive.qmp").display());
             let (r, uri) = migrate::receive(d, "tcp:127.0.0.1:0", &d.join("dst.ram"))
                 .args(&["--qmp", &qmp])
+                .args(receive)
                 .start_listening(&d.join("receive.err"))
                 .expect("starting ferry receive");
             (Some(r), uri)
@@ -248,10 +263,108 @@ fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
 
     // The end figures in --stats-json are query-migrate's.
     let stats = read_json(&run.path("send.json"));
+    assert_rate_change_within_one_window(&stats, CAP);
     assert_eq!(stats["status"], "completed");
     assert_eq!(stats["ram"]["total"], 384u64 << 20);
     assert!(stats["ram"]["transferred"].as_u64() >= active.last().map(|a| a.1));
     assert_eq!(run.guest.status().unwrap(), "postmigrate");
+}
+
+/// `(t, compressed pages, compressed bytes)` of the polls.
+fn compressed(report: &Value) -> Vec<(f64, u64, u64)> {
+    report["polls"]
+        .as_array()
+        .expect("polls")
+        .iter()
+        .filter_map(|p| {
+            let n = p["compressed-pages"].as_u64()?;
+            Some((p["t"].as_f64()?, n, p["compressed-size"].as_u64()?))
+        })
+        .collect()
+}
+
+#[test]
+fn a_zstd_level_raised_mid_run_compresses_the_next_packets_harder() {
+    // Text-like RAM over two zstd channels at level 1, capped so that the
+    // run lasts; at 1 s the level goes to 9 (a new frame on each channel).
+    let mut run = start_with(
+        "128M",
+        "0",
+        &["--pattern", "text"],
+        None,
+        &["--multifd-channels", "2"],
+        &[
+            "--max-bandwidth",
+            "12M",
+            "--multifd-channels",
+            "2",
+            "--multifd-compression",
+            "zstd",
+            "--multifd-zstd-level",
+            "1",
+        ],
+    );
+    let report = script(
+        "drive.py",
+        &run.sender_qmp(),
+        &["--set".into(), r#"1.0={"multifd-zstd-level": 9}"#.into()],
+    )
+    .report(&run.sender);
+    let st = run.sender.wait(RUN).unwrap();
+    assert!(st.success(), "{}", run.sender.stderr());
+    assert!(run.sender.stderr().contains("destination verified"));
+    let r = run.receiver.as_mut().unwrap();
+    assert!(r.wait(RUN).unwrap().success(), "{}", r.stderr());
+    let set_t = report["sets"][0]["t"].as_f64().expect("the level was set");
+    let polls = compressed(&report);
+    // Bytes per compressed page before the change, and from a moment after
+    // it (the batches in flight went at level 1) to the last poll.
+    let per_page = |from: &(f64, u64, u64), to: &(f64, u64, u64)| {
+        (to.2 - from.2) as f64 / (to.1 - from.1).max(1) as f64
+    };
+    let before: Vec<_> = polls.iter().filter(|p| p.0 <= set_t && p.1 > 0).collect();
+    let after: Vec<_> = polls.iter().filter(|p| p.0 >= set_t + 0.5).collect();
+    assert!(before.len() >= 2 && after.len() >= 2, "{report}");
+    let (b, a) = (
+        per_page(before[0], before[before.len() - 1]),
+        per_page(after[0], after[after.len() - 1]),
+    );
+    assert!(
+        a < b * 0.95,
+        "bytes per page: {b:.0} at level 1, {a:.0} at 9: {report}"
+    );
+}
+
+/// The writer's own counters (`rate-changes` in --stats-json: its bytes per
+/// 100 ms rate window around each max-bandwidth change) show the raise
+/// from `cap` to unlimited in the first window after it: the windows before
+/// stay near the cap, the first one after carries four times as much.
+fn assert_rate_change_within_one_window(stats: &Value, cap: f64) {
+    let changes = stats["rate-changes"].as_array().expect("rate-changes");
+    assert_eq!(changes.len(), 1, "one change: {stats}");
+    let c = &changes[0];
+    assert_eq!((c["from"].as_f64(), c["to"].as_u64()), (Some(cap), Some(0)));
+    let rate =
+        |w: &Value| w["bytes"].as_f64().unwrap() / (w["ms"].as_f64().unwrap().max(1.0) / 1e3);
+    let before = c["before"].as_array().unwrap();
+    assert!(before.len() >= 4, "windows before the change: {c}");
+    // Whole windows only: the one the change cut short may be a sliver.
+    let full: Vec<_> = before
+        .iter()
+        .filter(|w| w["ms"].as_u64() >= Some(100))
+        .collect();
+    let bytes: f64 = full.iter().map(|w| w["bytes"].as_f64().unwrap()).sum();
+    let secs: f64 = full.iter().map(|w| w["ms"].as_f64().unwrap() / 1e3).sum();
+    assert!(bytes / secs < cap * 1.5, "capped windows: {c}");
+    let first = &c["after"][0];
+    assert_eq!(first["start-ms"], 0, "{c}");
+    assert_eq!(first["cap"], 0, "{c}");
+    assert!(first["ms"].as_u64() >= Some(100), "a whole window: {c}");
+    assert!(
+        rate(first) > 4.0 * cap,
+        "the first window after the change ran at {:.0} B/s: {c}",
+        rate(first)
+    );
 }
 
 /// The extra arguments that put a migration at `point` for a while.
@@ -288,6 +401,39 @@ fn jammed_listener() -> (TcpListener, std::net::TcpStream, String) {
     let addr = l.local_addr().unwrap();
     let filler = std::net::TcpStream::connect(addr).unwrap();
     (l, filler, format!("tcp:{addr}"))
+}
+
+/// What a client saw of a migration it acted on at `point`: a client that
+/// came during setup heard of it first; a late round's dirty rate; the
+/// guest's run state (query-status) when the cancel came.
+fn assert_what_the_client_saw(point: &str, ctx: &str, report: &Value) {
+    let acted = &report["acted"];
+    if point == "setup" {
+        // A client that comes during setup hears of it first, as from QEMU.
+        let first = events(report).into_iter().next();
+        assert_eq!(
+            first.map(|(e, d)| (e, d["status"].clone())),
+            Some(("MIGRATION".to_owned(), Value::from("setup"))),
+            "{ctx}: {report}"
+        );
+    }
+    if point == "late" {
+        // The guest dirties 32 MiB/s of its 16 MiB: query-migrate says so
+        // once a round ended (at most 4096 pages per round of about 2 s).
+        let rate = acted["info"]["ram"]["dirty-pages-rate"].as_u64();
+        assert!(rate > Some(100), "{ctx}: dirty-pages-rate: {report}");
+    }
+    // query-status: the guest as ferry knows it when the cancel came.
+    let state = if point == "device" {
+        "finish-migrate"
+    } else {
+        "running"
+    };
+    assert_eq!(acted["run-state"]["status"], state, "{ctx}: {report}");
+    assert_eq!(acted["run-state"]["running"], state == "running", "{ctx}");
+    if point == "device" {
+        assert_eq!(acted["info"]["status"], "device");
+    }
 }
 
 fn cancel_at(point: &str, how: &str) {
@@ -337,9 +483,7 @@ fn cancel_at(point: &str, how: &str) {
     let stats = read_json(&run.path("send.json"));
     assert_eq!(stats["status"], "cancelled", "{ctx}: {stats}");
     assert_in_order(&report, "cancelled");
-    if point == "device" {
-        assert_eq!(acted["info"]["status"], "device");
-    }
+    assert_what_the_client_saw(point, &ctx, &report);
     // The destination is not complete.
     if let Some(r) = run.receiver.as_mut() {
         let rs = r.wait(RUN).unwrap();
@@ -439,6 +583,10 @@ fn receive_answers_query_migrate_and_sigterm_fails_it() {
     assert_eq!(rstats["status"], "cancelled", "{rstats}");
     assert!(
         report["acted"]["info"]["ram"]["transferred"].as_u64() > Some(0),
+        "{report}"
+    );
+    assert_eq!(
+        report["acted"]["run-state"]["status"], "inmigrate",
         "{report}"
     );
     assert_in_order(&report, "cancelled");

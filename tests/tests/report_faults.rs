@@ -526,6 +526,7 @@ fn a_cancelled_receive_leaves_no_partial_ram_file() {
         !sent.success(),
         "the sender succeeded into a cancelled receive"
     );
+}
 
 /// Bytes a closure writes through a QEMUFile.
 fn written(

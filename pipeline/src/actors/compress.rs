@@ -75,6 +75,9 @@ pub struct Init {
     pub credits: IpcReceiver<u32>,
     /// Chunks that may be in flight to the writer before waiting for credit.
     pub window: u32,
+    /// Level changes from migrate-set-parameters, applied from the next
+    /// batch on.
+    pub commands: IpcReceiver<crate::qmp::levels::Command>,
 }
 
 /// Errors of the compress stage.
@@ -170,6 +173,7 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
         left: init.window.max(1),
     };
     let mut pending: VecDeque<Pending> = VecDeque::new();
+    let mut level = init.level;
     loop {
         // Take work while the channels' encoder threads have room; once the
         // scanner has nothing ready, hand the oldest chunk to the writer.
@@ -207,7 +211,8 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
                 // The scanner may be gone after its last batch; that is fine.
                 let _ = init.scan_credits.send(1);
                 check(&batch, &maps)?;
-                match (&mut packets, init.level) {
+                relevel(&init.commands, &mut level, packets.as_mut());
+                match (&mut packets, level) {
                     (Some(p), _) => Pending::Packets(p.start(batch)?),
                     (None, None) => Pending::Ready(Chunk::RawPages {
                         seq: batch.seq,
@@ -227,6 +232,29 @@ pub fn run(init: Init, _events: &IpcSender<ActorEvent>) -> Result<(), Error> {
             }
         };
         pending.push_back(next);
+    }
+}
+
+/// Applies the level changes that came since the last batch: the legacy
+/// level at once, the channels' at their next packet.
+fn relevel(
+    commands: &IpcReceiver<crate::qmp::levels::Command>,
+    level: &mut Option<u32>,
+    packets: Option<&mut Packets>,
+) {
+    use crate::qmp::levels::Command;
+    let mut multifd = None;
+    // An orchestrator gone is the end of the run, which the work channel tells.
+    while let Ok(cmd) = commands.try_recv() {
+        match cmd {
+            Command::CompressLevel(l) if level.is_some() => *level = Some(l),
+            Command::MultifdLevel(l) => multifd = Some(l),
+            Command::CompressLevel(_) => {}
+        }
+    }
+    if let (Some(l), Some(p)) = (multifd, packets) {
+        tracing::info!(level = l, "multifd compression level changed");
+        p.relevel = Some(l);
     }
 }
 
@@ -377,6 +405,8 @@ struct Packets {
     next: usize,
     /// With `auto`, which packets to compress.
     auto: Option<Auto>,
+    /// A level for every channel's next packet (migrate-set-parameters).
+    relevel: Option<i32>,
 }
 
 /// One channel's encoder thread: it owns the channel's compression stream
@@ -402,6 +432,8 @@ struct Job {
     /// The batch's zero pages, when they go in the packets.
     zero: Arc<Vec<u32>>,
     slots: Vec<Slot>,
+    /// A new level for the channel's compressor, from this job on.
+    level: Option<i32>,
 }
 
 /// One packet to build: its place in the batch's packets, its normal pages
@@ -567,6 +599,7 @@ impl Packets {
             zero_in_packets: m.zero_pages_in_packets,
             next: 0,
             auto: m.auto.then(Auto::new),
+            relevel: None,
         })
     }
 
@@ -604,6 +637,7 @@ impl Packets {
         }
         let pages = Arc::new(batch.pages);
         let zero = Arc::new(zero);
+        let level = self.relevel.take();
         for (channel, (lane, slots)) in self.lanes.iter().zip(slots).enumerate() {
             let job = Job {
                 seq: batch.seq,
@@ -612,6 +646,7 @@ impl Packets {
                 pages: Arc::clone(&pages),
                 zero: Arc::clone(&zero),
                 slots,
+                level,
             };
             lane.jobs
                 .send(job)
@@ -707,8 +742,11 @@ impl Lane {
         std::thread::Builder::new()
             .name(format!("multifd-enc-{channel}"))
             .spawn(move || {
+                // A level change waits for the channel's next compressed packet.
+                let mut level = None;
                 // Ends when `Packets` drops its sender or stops listening.
                 for job in job_rx {
+                    level = job.level.or(level);
                     let name = &blocks[job.block as usize].name;
                     let map = &maps[job.block as usize];
                     let made = job
@@ -716,7 +754,8 @@ impl Lane {
                         .into_iter()
                         .map(|(i, r, z, mode)| {
                             let (pages, zero) = (&job.pages[r], &job.zero[z]);
-                            Ok((i, packets_of(&mut enc, name, map, pages, zero, mode)?))
+                            let enc = (&mut enc, &mut level);
+                            Ok((i, packets_of(enc, name, map, pages, zero, mode)?))
                         })
                         .collect::<std::io::Result<Vec<_>>>()
                         .map_err(|source| Error::Packet {
@@ -749,7 +788,7 @@ impl Lane {
 /// that look compressible compressed, the others raw. The `zero` pages go
 /// in the first packet's zero-page list.
 fn packets_of(
-    enc: &mut Encoder,
+    (enc, level): (&mut Encoder, &mut Option<i32>),
     name: &str,
     map: &GuestRam,
     pages: &[u32],
@@ -766,7 +805,7 @@ fn packets_of(
             .expect("`check` saw every index inside the block");
     }
     if mode == Mode::Method {
-        return Ok(vec![packet(Some(enc), name, pages, zero, &raw)?]);
+        return Ok(vec![packet(Some((enc, level)), name, pages, zero, &raw)?]);
     }
     let (mut dense, mut sparse) = (Vec::new(), (Vec::new(), Vec::new()));
     for (&i, page) in pages.iter().zip(raw.chunks_exact(PAGE_SIZE)) {
@@ -779,7 +818,13 @@ fn packets_of(
     }
     let mut out = Vec::with_capacity(2);
     if !sparse.0.is_empty() {
-        out.push(packet(Some(enc), name, &sparse.0, zero, &sparse.1)?);
+        out.push(packet(
+            Some((enc, level)),
+            name,
+            &sparse.0,
+            zero,
+            &sparse.1,
+        )?);
     }
     if !dense.is_empty() || out.is_empty() {
         let zero = if out.is_empty() { zero } else { &[] };
@@ -793,7 +838,7 @@ fn packets_of(
 /// compressed packet without normal pages keeps its method's flag and has
 /// no payload, as QEMU's receiver asserts.
 fn packet(
-    enc: Option<&mut Encoder>,
+    enc: Option<(&mut Encoder, &mut Option<i32>)>,
     name: &str,
     pages: &[u32],
     zero: &[u32],
@@ -802,8 +847,11 @@ fn packet(
     let mut out = vec![0u8; HEADER_LEN];
     let compressed = enc.is_some();
     let (flags, len, raw_pages) = match enc {
-        Some(enc) if pages.is_empty() => (enc.method().flag(), 0, Vec::new()),
-        Some(enc) => (enc.method().flag(), enc.encode(raw, &mut out)?, Vec::new()),
+        Some((enc, _)) if pages.is_empty() => (enc.method().flag(), 0, Vec::new()),
+        Some((enc, level)) => {
+            let len = crate::qmp::levels::encode(enc, level, raw, &mut out)?;
+            (enc.method().flag(), len, Vec::new())
+        }
         None => (0, pages.len() * PAGE_SIZE, pages.to_vec()),
     };
     let header = PacketHeader {

@@ -489,6 +489,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         disk_done: None,
         return_path: init.return_path,
         multifd: None,
+        windows: crate::qmp::windows::Windows::new(WINDOW, init.rate, 0),
     };
     w.limiter.set_rate(&mut w.f, init.rate);
     let channels = init.multifd.map(|m| (m, init.stall_timeout));
@@ -500,6 +501,8 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         link.replies.as_ref(),
     );
     explained(streamed, link.replies.as_ref())?;
+    let change = w.windows.finish(Instant::now(), w.sent());
+    w.report_change(change);
     let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
@@ -786,6 +789,8 @@ struct Writer<'m, 'e> {
     return_path: bool,
     /// The multifd data channels, once open.
     multifd: Option<Channels<'m>>,
+    /// Bytes per rate window around each max-bandwidth change.
+    windows: crate::qmp::windows::Windows,
 }
 
 /// The multifd data channels as the writer drives them.
@@ -1125,6 +1130,8 @@ impl<'m> Writer<'m, '_> {
             let done = match next_mail(mail, &mut replies)? {
                 Mail::Command(Command::SetRate(r)) => {
                     self.limiter.set_rate(&mut self.f, r);
+                    let change = self.windows.set_cap(Instant::now(), self.sent(), r);
+                    self.report_change(change);
                     false
                 }
                 Mail::Disk(DiskChunk::Data {
@@ -1181,7 +1188,19 @@ impl<'m> Writer<'m, '_> {
         Ok(false)
     }
 
+    /// Hands a finished record of a rate change to the orchestrator.
+    fn report_change(&self, change: Option<crate::qmp::windows::RateChange>) {
+        if let Some(c) = change {
+            let _ = self.events.send(ActorEvent {
+                actor: ActorKind::Writer,
+                event: Event::RateChange(c),
+            });
+        }
+    }
+
     fn progress(&mut self) {
+        let change = self.windows.observe(Instant::now(), self.sent());
+        self.report_change(change);
         if self.last_progress.elapsed() >= Duration::from_millis(250) {
             self.last_progress = Instant::now();
             let _ = self.events.send(ActorEvent {

@@ -211,8 +211,9 @@ pub struct SendArgs {
     /// Serve QMP on this socket while the migration runs, as QEMU's monitor:
     /// query-migrate, query-migrate-parameters, migrate-set-parameters
     /// (max-bandwidth, downtime-limit, throttle-trigger-threshold,
-    /// cpu-throttle-initial, cpu-throttle-increment), migrate_cancel, and
-    /// the MIGRATION and MIGRATION_PASS events. A cancel (or SIGINT/SIGTERM)
+    /// cpu-throttle-initial, cpu-throttle-increment, compress-level,
+    /// multifd-zstd-level, multifd-zlib-level), query-status,
+    /// migrate_cancel, and the MIGRATION and MIGRATION_PASS events. A cancel (or SIGINT/SIGTERM)
     /// resumes a guest ferry stopped and exits with status 3.
     #[arg(long, value_name = "unix:PATH")]
     pub qmp: Option<String>,

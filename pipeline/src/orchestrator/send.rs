@@ -218,6 +218,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
         stats::Figures::new(start, src.total),
         parameters(&args),
     );
+    if src.guest.is_some() {
+        control.set_guest_stopped(false);
+    }
     let _server = super::qmp_server(args.qmp.as_deref(), &control)?;
     qmp::signals::install(control.clone()).context("cannot handle SIGINT/SIGTERM")?;
     let show_progress = args.progress || (!args.no_progress && std::io::stderr().is_terminal());
@@ -229,6 +232,9 @@ pub fn run(args: SendArgs) -> anyhow::Result<()> {
     if result.is_err() {
         sup.kill_all();
         src.recover();
+        if let Some(g) = &src.guest {
+            control.set_guest_stopped(g.is_stopped());
+        }
     }
     control.set_pids(Vec::new());
     {
@@ -259,6 +265,20 @@ fn parameters(args: &SendArgs) -> Parameters {
         cpu_throttle_initial: level(args.throttle_initial as i32),
         cpu_throttle_increment: level(args.throttle_increment as i32),
     }
+}
+
+/// The compressors this run uses, by the parameter that sets their level.
+fn compressor(args: &SendArgs) -> Option<qmp::Compressor> {
+    use super::MultifdCompression as M;
+    use ferry_proto::multifd::Compression as C;
+    if args.multifd.multifd_channels > 0 {
+        return match args.multifd.multifd_compression {
+            M::Method(C::None) => None,
+            M::Method(C::Zlib) => Some(qmp::Compressor::MultifdZlib),
+            M::Method(C::Zstd) | M::Auto => Some(qmp::Compressor::MultifdZstd),
+        };
+    }
+    args.compress.then_some(qmp::Compressor::Legacy)
 }
 
 /// multifd goes over plain tcp: or unix: connections, RAM only, without
@@ -369,6 +389,7 @@ fn write_stats(
     v["iterations"] = json!(r.rounds.len() + usize::from(result.is_ok()));
     v["rounds"] = serde_json::to_value(&r.rounds)?;
     v["throttle-percent"] = json!(r.throttle);
+    v["rate-changes"] = serde_json::to_value(&f.rate_changes)?;
     v["processes"] = stats::processes(sup.usage());
     if let Some(rp) = r.return_path {
         v["return-path"] = serde_json::to_value(rp)?;
@@ -383,6 +404,8 @@ struct Actors {
     disk: Option<IpcSender<blockio::Command>>,
     /// The writer's command channel (max-bandwidth from QMP).
     writer: IpcSender<writer::Command>,
+    /// The compress actor's command channel (levels from QMP).
+    compress: IpcSender<qmp::levels::Command>,
     /// The disk chunk buffers shared by the blockio actor and the writer,
     /// removed when the run ends.
     _slots: Option<tempfile::NamedTempFile>,
@@ -445,20 +468,20 @@ impl Actors {
                 },
             )?;
         }
-        sup.spawn(
-            ActorKind::Compress,
-            compress::Init {
-                blocks: src.blocks.clone(),
-                level: args.compress.then_some(args.compress_level),
-                workers: args.compress_workers,
-                multifd: args.multifd.settings(),
-                work: work_rx,
-                scan_credits: scan_credit_tx,
-                chunks: chunk_tx,
-                credits: credit_rx,
-                window: CHUNK_WINDOW,
-            },
-        )?;
+        let (level_tx, commands) = ipc::channel::<qmp::levels::Command>()?;
+        let init = compress::Init {
+            blocks: src.blocks.clone(),
+            level: args.compress.then_some(args.compress_level),
+            workers: args.compress_workers,
+            multifd: args.multifd.settings(),
+            work: work_rx,
+            scan_credits: scan_credit_tx,
+            chunks: chunk_tx,
+            credits: credit_rx,
+            window: CHUNK_WINDOW,
+            commands,
+        };
+        sup.spawn(ActorKind::Compress, init)?;
         sup.spawn(
             ActorKind::Scanner,
             scanner::Init {
@@ -474,6 +497,7 @@ impl Actors {
             scan: scan_tx,
             disk: has_disks.then_some(disk_cmd_tx),
             writer: cmd_tx,
+            compress: level_tx,
             _slots: slots,
         })
     }
@@ -579,6 +603,9 @@ impl<'a> Migration<'a> {
         control.check_cancel()?;
         let actors = Actors::spawn(args, src, sup, &control.params())?;
         control.attach_writer(actors.writer.clone());
+        if let Some(which) = compressor(args) {
+            control.attach_compress(actors.compress.clone(), which);
+        }
         control.set_pids(sup.pids().into_iter().map(|(_, pid)| pid).collect());
         tracing::info!(pids = ?sup.pids(), "actors started");
         Ok(Self {
@@ -650,6 +677,7 @@ impl<'a> Migration<'a> {
         match ev.event {
             Event::Progress { bytes, counts } => self.progress(bar, bytes, counts),
             Event::RoundScanned { pages, .. } => self.scanned = pages,
+            Event::RateChange(c) => self.control.figures().rate_changes.push(c),
             Event::RoundSent { bytes, .. } if self.stopped_at.is_none() => {
                 self.report.bytes = bytes;
                 self.round_sent(bytes)?;
@@ -840,6 +868,7 @@ impl<'a> Migration<'a> {
         self.control.figures().expected_downtime_ms = Some(expected_ms);
         let stopping = Instant::now();
         guest.stop()?;
+        self.control.set_guest_stopped(true);
         self.stopped_at = Some(stopping);
         self.control.figures().stop_bytes = Some(self.report.bytes);
         self.control.set_status(MigrationStatus::device);

@@ -99,6 +99,8 @@ pub struct Figures {
     pub throttle: u32,
     /// Why the migration failed.
     pub error_desc: Option<String>,
+    /// The writer's windows around each max-bandwidth change.
+    pub rate_changes: Vec<crate::qmp::windows::RateChange>,
     /// The last two samples of (time, transferred, pages) for the rates.
     rate: RateSample,
 }
@@ -139,6 +141,7 @@ impl Figures {
             stop_bytes: None,
             throttle: 0,
             error_desc: None,
+            rate_changes: Vec::new(),
             rate: RateSample {
                 at: start,
                 bytes: 0,

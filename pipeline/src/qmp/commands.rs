@@ -7,10 +7,11 @@ use serde_json::{json, Map, Value};
 use super::Control;
 
 /// The commands, as query-commands lists them.
-pub const COMMANDS: [&str; 7] = [
+pub const COMMANDS: [&str; 8] = [
     "qmp_capabilities",
     "query-commands",
     "query-version",
+    "query-status",
     "query-migrate",
     "query-migrate-parameters",
     "migrate-set-parameters",
@@ -61,6 +62,13 @@ pub fn execute(control: &Control, name: &str, args: &Map<String, Value>) -> Resu
             no_args()?;
             control.request_cancel("migrate_cancel");
             Ok(json!({}))
+        }
+        "query-status" => {
+            no_args()?;
+            let info = control.run_state().ok_or_else(|| {
+                Failure::generic("ferry does not know the guest's state: it has no --guest-control")
+            })?;
+            Ok(serde_json::to_value(info).expect("StatusInfo serializes"))
         }
         "query-version" => {
             no_args()?;

@@ -11,9 +11,11 @@
 //! - [`signals`]: SIGINT/SIGTERM as migrate_cancel; a second one kills.
 
 pub mod commands;
+pub mod levels;
 pub mod params;
 pub mod server;
 pub mod signals;
+pub mod windows;
 
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -38,6 +40,33 @@ pub const EXIT_CANCELLED: u8 = 3;
 pub struct Cancelled {
     /// migrate_cancel, or the signal's name.
     pub by: String,
+}
+
+/// The compressors a `ferry send` runs, by the parameter that sets their
+/// level.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Compressor {
+    /// `--compress`: compress-level.
+    Legacy,
+    /// `--multifd-compression zlib`: multifd-zlib-level.
+    MultifdZlib,
+    /// `--multifd-compression zstd` or `auto`: multifd-zstd-level.
+    MultifdZstd,
+}
+
+impl Compressor {
+    /// The command for the compress actor if `new` changed this one's level.
+    fn command(self, old: &Parameters, new: &Parameters) -> Option<levels::Command> {
+        let (a, b) = match self {
+            Self::Legacy => (old.compress_level, new.compress_level),
+            Self::MultifdZlib => (old.multifd_zlib_level, new.multifd_zlib_level),
+            Self::MultifdZstd => (old.multifd_zstd_level, new.multifd_zstd_level),
+        };
+        (a != b).then(|| match self {
+            Self::Legacy => levels::Command::CompressLevel(u32::from(b)),
+            _ => levels::Command::MultifdLevel(i32::from(b)),
+        })
+    }
 }
 
 /// Which end of the migration this process is: the commands differ a little
@@ -82,8 +111,14 @@ pub struct Control {
     unwritten: AtomicUsize,
     /// The writer's command channel, for max-bandwidth (source only).
     writer: Mutex<Option<IpcSender<writer::Command>>>,
+    /// The compress actor's command channel and the parameter that sets
+    /// the level of its compressors (source only, when it compresses).
+    compress: Mutex<Option<(IpcSender<levels::Command>, Compressor)>>,
     /// Actor processes to kill when a second signal cannot wait.
     pids: Mutex<Vec<u32>>,
+    /// The source guest as ferry knows it: `None` without --guest-control,
+    /// else whether ferry has it stopped.
+    guest_stopped: Mutex<Option<bool>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -119,7 +154,9 @@ impl Control {
             subscribers: Mutex::new(Vec::new()),
             unwritten: AtomicUsize::new(0),
             writer: Mutex::new(None),
+            compress: Mutex::new(None),
             pids: Mutex::new(Vec::new()),
+            guest_stopped: Mutex::new(None),
         })
     }
 
@@ -139,11 +176,21 @@ impl Control {
     }
 
     /// Changes the parameters: `f` checks and applies; max-bandwidth goes to
-    /// the writer at once (it takes effect at the writer's next chunk).
+    /// the writer at once (it takes effect at the writer's next chunk), the
+    /// level of the compressors in use to the compress actor (from its next
+    /// batch).
     pub fn set_params<E>(&self, f: impl FnOnce(&mut Parameters) -> Result<(), E>) -> Result<(), E> {
         let mut p = lock(&self.params);
         let before = p.max_bandwidth;
+        let old = *p;
         f(&mut p)?;
+        if let Some((tx, which)) = lock(&self.compress).as_ref() {
+            if let Some(cmd) = which.command(&old, &p) {
+                if let Err(e) = tx.send(cmd) {
+                    tracing::warn!("cannot reach the compress actor to set the level: {e:?}");
+                }
+            }
+        }
         if p.max_bandwidth != before {
             if let Some(w) = lock(&self.writer).as_ref() {
                 if let Err(e) = w.send(writer::Command::SetRate(p.max_bandwidth)) {
@@ -154,9 +201,45 @@ impl Control {
         Ok(())
     }
 
+    /// Hands over the compress actor's command channel, and which parameter
+    /// sets its level.
+    pub fn attach_compress(&self, tx: IpcSender<levels::Command>, which: Compressor) {
+        *lock(&self.compress) = Some((tx, which));
+    }
+
     /// Hands over the writer's command channel; the current cap is applied.
     pub fn attach_writer(&self, w: IpcSender<writer::Command>) {
         *lock(&self.writer) = Some(w);
+    }
+
+    /// Records whether ferry has the source guest stopped (it has one).
+    pub fn set_guest_stopped(&self, stopped: bool) {
+        *lock(&self.guest_stopped) = Some(stopped);
+    }
+
+    /// query-status: the guest's run state as ferry knows it. The source's
+    /// guest runs until ferry stops it (`finish-migrate` while the last
+    /// round goes, `postmigrate` once the destination has it, `running`
+    /// again if ferry resumed it); a ferry destination is `inmigrate` until
+    /// the stream loaded, then `paused` (ferry never runs a guest). `None`:
+    /// a source without --guest-control, whose guest ferry cannot see.
+    pub fn run_state(&self) -> Option<qapi::qmp::StatusInfo> {
+        use qapi::qmp::RunState;
+        let status = self.figures().status;
+        let state = match (self.side, *lock(&self.guest_stopped)) {
+            (Side::Destination, _) if status == MigrationStatus::completed => RunState::paused,
+            (Side::Destination, _) => RunState::inmigrate,
+            (Side::Source, None) => return None,
+            (Side::Source, Some(false)) => RunState::running,
+            (Side::Source, Some(true)) if status == MigrationStatus::completed => {
+                RunState::postmigrate
+            }
+            (Side::Source, Some(true)) => RunState::finish_migrate,
+        };
+        Some(qapi::qmp::StatusInfo {
+            running: state == RunState::running,
+            status: state,
+        })
     }
 
     /// Records the actors' process ids, for a second signal to kill.
@@ -237,9 +320,28 @@ impl Control {
         }
     }
 
-    /// Adds a client's event queue.
+    /// Adds a client's event queue. A client that arrives during setup
+    /// gets the MIGRATION `setup` event it would have seen from QEMU (which
+    /// emits it as `migrate` starts), before any later status.
     pub fn subscribe(&self, s: Subscriber) {
+        // Under the figures' lock, which set_status takes to change the
+        // status: a later status is emitted after this, never before.
+        let f = self.figures();
+        if f.status == MigrationStatus::setup {
+            let event = Event::MIGRATION {
+                data: MIGRATION {
+                    status: MigrationStatus::setup,
+                },
+                timestamp: timestamp(),
+            };
+            let text = serde_json::to_string(&event).expect("events serialize");
+            self.unwritten.fetch_add(1, Ordering::SeqCst);
+            if s.try_send(Line { text, event: true }).is_err() {
+                self.unwritten.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
         lock(&self.subscribers).push(s);
+        drop(f);
     }
 
     /// Asks the orchestrator to cancel (migrate_cancel or a signal). The

@@ -110,9 +110,10 @@ const MEMBERS: [(&str, u64, u64, &str); 8] = [
 impl Parameters {
     /// Applies migrate-set-parameters' arguments: every member is checked
     /// before any is applied, so a refused request changes nothing.
-    /// `running_levels` refuses a change of the compression levels, which
-    /// ferry's compression workers take when they start.
-    pub fn apply(&mut self, args: &Map<String, Value>, running_levels: bool) -> Result<(), Error> {
+    /// `running` (the compressors exist): multifd-zlib-level may change
+    /// only within zlib's family of levels (see
+    /// [`super::levels::zlib_family`]); every other level changes freely.
+    pub fn apply(&mut self, args: &Map<String, Value>, running: bool) -> Result<(), Error> {
         let mut next = *self;
         for (name, value) in args {
             let Some(&(name, min, max, what)) = MEMBERS.iter().find(|m| m.0 == name) else {
@@ -153,10 +154,11 @@ impl Parameters {
                 }
             };
             if let Some((slot, now)) = level {
-                if running_levels && narrow != now {
+                let family = super::levels::zlib_family;
+                if running && name == "multifd-zlib-level" && family(narrow) != family(now) {
                     return Err(Error::Fixed {
                         name,
-                        why: "the compression workers take their level when they start",
+                        why: "a running zlib stream changes level only within 3-6 or 7-9",
                     });
                 }
                 *slot = narrow;
@@ -251,13 +253,25 @@ mod tests {
             "Parameter 'no-such' is unexpected"
         );
         assert_eq!(e(&mut p, json!({"downtime-limit": 2_000_001})), "Parameter 'downtime-limit' expects an integer in the range of 0 to 2000000 milliseconds");
-        assert!(e(&mut p, json!({"multifd-zstd-level": 9}))
+        assert!(e(&mut p, json!({"multifd-zlib-level": 9}))
             .contains("cannot change during a migration"));
-        // The same level is no change; before the workers run any level goes.
+        // Within zlib's family, and any zstd or legacy level, goes; before
+        // the compressors exist any zlib level goes.
+        p.apply(&args(json!({"multifd-zlib-level": 4})), false)
+            .unwrap();
+        p.apply(
+            &args(json!({"compress-level": 9, "multifd-zlib-level": 6})),
+            true,
+        )
+        .unwrap();
+        assert!(e(&mut p, json!({"multifd-zlib-level": 7})).contains("within 3-6"));
+        p.apply(&args(json!({"multifd-zstd-level": 9})), true)
+            .unwrap();
         p.apply(&args(json!({"compress-level": 1})), true).unwrap();
-        p.apply(&args(json!({"multifd-zstd-level": 9})), false)
+        p.apply(&args(json!({"multifd-zlib-level": 9})), false)
             .unwrap();
         assert_eq!(p.multifd_zstd_level, 9);
+        assert_eq!(p.multifd_zlib_level, 9);
         assert_eq!(p.to_json()["multifd-zstd-level"], 9);
         assert_eq!(p.to_json()["compress-level"], 1);
     }

@@ -147,6 +147,7 @@ fn serve(stream: UnixStream, control: &Arc<Control>) -> io::Result<()> {
     });
     let mut reader = BufReader::new(stream);
     let mut negotiated = false;
+    let mut subscribed = false;
     let mut line = Vec::new();
     loop {
         let answer = match read_request(&mut reader, &mut line) {
@@ -157,12 +158,17 @@ fn serve(stream: UnixStream, control: &Arc<Control>) -> io::Result<()> {
                     "JSON parse error, request of {n} bytes is longer than the {MAX_REQUEST} allowed"
                 )),
             )),
-            Ok(Request::Line) => answer(control, &line, &mut negotiated, &tx),
+            Ok(Request::Line) => answer(control, &line, &mut negotiated),
         };
         if let Some(text) = answer {
             if tx.try_send(Line { text, event: false }).is_err() {
                 break; // not reading its answers
             }
+        }
+        if negotiated && !subscribed {
+            // After the negotiation's answer: events never come before it.
+            control.subscribe(tx.clone());
+            subscribed = true;
         }
     }
     control.unsubscribe(&tx);
@@ -270,12 +276,7 @@ fn read_request(r: &mut impl BufRead, msg: &mut Vec<u8>) -> io::Result<Request> 
 }
 
 /// The answer to one request line, if it gets one.
-fn answer(
-    control: &Arc<Control>,
-    line: &[u8],
-    negotiated: &mut bool,
-    tx: &crossbeam_channel::Sender<Line>,
-) -> Option<String> {
+fn answer(control: &Arc<Control>, line: &[u8], negotiated: &mut bool) -> Option<String> {
     let v: Value = match serde_json::from_slice(line) {
         Ok(v) => v,
         Err(e) => {
@@ -300,7 +301,6 @@ fn answer(
         if name == "qmp_capabilities" {
             capabilities(&args).map(|()| {
                 *negotiated = true;
-                control.subscribe(tx.clone());
                 json!({})
             })
         } else {

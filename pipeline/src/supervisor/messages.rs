@@ -269,6 +269,8 @@ pub enum Event {
         /// The bound address (for tcp ports chosen by the OS).
         addr: String,
     },
+    /// Writer: the bytes of each rate window around a max-bandwidth change.
+    RateChange(crate::qmp::windows::RateChange),
     /// Writer or reader: stream bytes and pages so far.
     Progress {
         /// Stream bytes.
