@@ -597,3 +597,37 @@ fn receive_answers_query_migrate_and_sigterm_fails_it() {
         .wait_status("running", Duration::from_secs(10))
         .unwrap();
 }
+
+/// A `--qmp` path where another process already serves QMP is refused:
+/// replacing the socket would cut that migration's controller off.
+#[test]
+fn a_live_qmp_socket_is_not_taken_over() {
+    let dir = shm_tempdir(PREFIX);
+    let d = dir.path();
+    let sock = d.join("busy.qmp");
+    let _busy = std::os::unix::net::UnixListener::bind(&sock).expect("binding the busy socket");
+    let ram = d.join("ram");
+    std::fs::write(&ram, vec![7u8; 1 << 20]).unwrap();
+    let out = ferry_tests::ferry::run_ferry(
+        [
+            "send".to_owned(),
+            "--ram".into(),
+            ram.display().to_string(),
+            "--to".into(),
+            format!("file:{}", d.join("out.mig").display()),
+            "--qmp".into(),
+            format!("unix:{}", sock.display()),
+        ],
+        RUN,
+    )
+    .expect("running ferry send");
+    assert!(!out.status.success(), "ferry send took over a live socket");
+    assert!(
+        out.stderr.contains("another process is listening"),
+        "{}",
+        out.stderr
+    );
+    assert!(!d.join("out.mig").exists(), "a stream was written");
+    // The socket is still the one the other process listens on.
+    std::os::unix::net::UnixStream::connect(&sock).expect("the busy socket still answers");
+}

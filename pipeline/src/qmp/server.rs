@@ -39,6 +39,9 @@ pub enum Error {
     /// Something that is not a socket is in the way.
     #[error("--qmp {0}: the path exists and is not a socket")]
     NotSocket(PathBuf),
+    /// A live server (another ferry, a QEMU) already answers there.
+    #[error("--qmp {0}: another process is listening on this socket")]
+    InUse(PathBuf),
     /// The socket cannot be bound.
     #[error("--qmp {path}: cannot listen")]
     Bind {
@@ -65,12 +68,16 @@ pub struct Server {
 }
 
 impl Server {
-    /// Listens on `path` (a stale socket there is replaced) and serves every
-    /// client on its own threads until the process exits.
+    /// Listens on `path` (a stale socket there is replaced, a live one is
+    /// refused: taking it over would cut a running migration's controller
+    /// off) and serves every client on its own threads until the process exits.
     pub fn start(path: &Path, control: Arc<Control>) -> Result<Self, Error> {
         if let Ok(meta) = std::fs::symlink_metadata(path) {
             if !meta.file_type().is_socket() {
                 return Err(Error::NotSocket(path.to_owned()));
+            }
+            if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                return Err(Error::InUse(path.to_owned()));
             }
             let _ = std::fs::remove_file(path);
         }
