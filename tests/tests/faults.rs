@@ -569,7 +569,10 @@ fn peer_closes_the_socket() {
     );
     g.wait_status("running", Duration::from_secs(5))
         .expect("the guest runs on");
-    assert_eq!(read_json(&dir.path().join("send.json"))["status"], "failed");
+    let json = read_json(&dir.path().join("send.json"));
+    assert_eq!(json["status"], "failed");
+    let why = json["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("writer"), "error-desc: {json}");
     row(
         "peer closes the socket after 1 MiB (fake receiver)",
         "running (never stopped)",

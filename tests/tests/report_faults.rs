@@ -659,6 +659,9 @@ fn pages_never_sent_are_reported_and_fail_a_ferry_stream() {
         "{}",
         o.stderr
     );
-    assert_eq!(read_json(&stats)["status"], "failed");
+    let st = read_json(&stats);
+    assert_eq!(st["status"], "failed");
+    let why = st["error-desc"].as_str().unwrap_or_default();
+    assert!(why.contains("never sent"), "error-desc: {st}");
     assert!(!d.join("a.ram").exists(), "the failed load left a.ram");
 }

@@ -83,9 +83,10 @@ pub fn run(args: ReceiveArgs) -> anyhow::Result<()> {
     let end = outcome.finished.unwrap_or_else(Instant::now);
     let elapsed = end.duration_since(outcome.connected.unwrap_or(started));
     let mut stats = stats(&outcome, result.is_ok(), elapsed, sup.usage());
-    if result.is_err() {
-        // "failed" or "cancelled", as query-migrate says.
+    if let Err(e) = &result {
+        // "failed" or "cancelled", as query-migrate says, and why.
         stats["status"] = serde_json::to_value(control.figures().status)?;
+        stats["error-desc"] = json!(format!("{e:#}"));
     }
     let written = args
         .stats_json

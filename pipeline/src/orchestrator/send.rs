@@ -391,6 +391,10 @@ fn write_stats(
     v["throttle-percent"] = json!(r.throttle);
     v["rate-changes"] = serde_json::to_value(&f.rate_changes)?;
     v["processes"] = stats::processes(sup.usage());
+    if let Err(e) = result {
+        // query-migrate's name for why the migration failed.
+        v["error-desc"] = json!(format!("{e:#}"));
+    }
     if let Some(rp) = r.return_path {
         v["return-path"] = serde_json::to_value(rp)?;
     }
