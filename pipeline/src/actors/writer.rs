@@ -61,6 +61,11 @@ const MAX_REORDER: usize = 4096;
 pub enum Command {
     /// New bandwidth cap in bytes per second (0 = unlimited).
     SetRate(u64),
+    /// The device state the guest saved after `stop` (the `--device-state`
+    /// file format), replacing the start-time one's device sections; sent
+    /// before the last round starts, so it is in hand before `finish`. The
+    /// configuration section went out at the start and stays.
+    DeviceState(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// TLS settings of the sending end.
@@ -140,6 +145,9 @@ pub enum Error {
     /// The device-state file is not valid.
     #[error("bad device state")]
     DeviceState(#[source] parse::Error),
+    /// The device state saved after `stop` reuses a section id of this stream.
+    #[error("the device state saved after stop uses section id {0}, which this stream's RAM, block or checkpoint section took")]
+    AfterStopSectionId(u32),
     /// The TLS files cannot be loaded.
     #[error("cannot set up TLS")]
     Tls(#[source] Box<tls::Error>),
@@ -485,6 +493,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         disk_done: None,
         return_path: init.return_path,
         multifd: None,
+        after_stop: None,
     };
     w.limiter.set_rate(&mut w.f, init.rate);
     let channels = init.multifd.map(|m| (m, init.stall_timeout));
@@ -496,6 +505,17 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         link.replies.as_ref(),
     );
     explained(streamed, link.replies.as_ref())?;
+    // A command sent before the last round cannot trail its chunks by much;
+    // take one that is still queued.
+    while let Ok(m) = mail.try_recv() {
+        if let Mail::Command(Command::DeviceState(b)) = m {
+            w.after_stop = Some(b);
+        }
+    }
+    let device = match w.after_stop.take() {
+        Some(bytes) => w.device_after_stop(bytes)?,
+        None => device,
+    };
     let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
@@ -782,6 +802,8 @@ struct Writer<'m, 'e> {
     return_path: bool,
     /// The multifd data channels, once open.
     multifd: Option<Channels<'m>>,
+    /// The device state saved after `stop` ([`Command::DeviceState`]).
+    after_stop: Option<Vec<u8>>,
 }
 
 /// The multifd data channels as the writer drives them.
@@ -1123,6 +1145,10 @@ impl<'m> Writer<'m, '_> {
                     self.limiter.set_rate(&mut self.f, r);
                     false
                 }
+                Mail::Command(Command::DeviceState(b)) => {
+                    self.after_stop = Some(b);
+                    false
+                }
                 Mail::Disk(DiskChunk::Data {
                     disk,
                     offset,
@@ -1288,6 +1314,21 @@ impl<'m> Writer<'m, '_> {
         }
         self.check()?;
         Ok(false)
+    }
+
+    /// Parses the device state saved after `stop`; its sections must not use
+    /// the ids this stream's own sections took at the start.
+    fn device_after_stop(&self, bytes: Vec<u8>) -> Result<DeviceState, Error> {
+        let device = device_state(Some(bytes))?;
+        let taken = [self.section_id, self.checkpoint_id, self.block_id];
+        match device
+            .sections
+            .iter()
+            .find(|s| taken.contains(&s.header.id))
+        {
+            Some(s) => Err(Error::AfterStopSectionId(s.header.id)),
+            None => Ok(device),
+        }
     }
 
     /// The RAM section's last part, the device sections, EOF and the vmdesc

@@ -1,6 +1,6 @@
 //! The guest's control socket, from the migration's side: stop, cont,
-//! throttle and status, as QMP-style JSON lines (see the guest contract in
-//! DESIGN.md).
+//! throttle, status and the device state after `stop`, as QMP-style JSON
+//! lines (see the guest contract in the README).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -11,6 +11,11 @@ use serde_json::{json, Value};
 
 /// How long the guest may take to answer; `stop` parks every vCPU first.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The largest device state ferry takes from a guest: QEMU's whole device
+/// state (without RAM) is well under a megabyte; a larger file is a fault,
+/// not something to hold in memory and push through the writer's mailbox.
+pub const MAX_DEVICE_STATE: u64 = 64 << 20;
 
 /// Errors of talking to the guest.
 #[derive(Debug, thiserror::Error)]
@@ -32,9 +37,23 @@ pub enum Error {
     Refused {
         /// The command.
         command: String,
+        /// Its error class (QMP's: `GenericError`, `CommandNotFound`, ...).
+        class: String,
         /// Its error description.
         desc: String,
     },
+    /// The device state the guest saved cannot be read.
+    #[error("cannot read the device state the guest saved to {path}")]
+    DeviceStateRead {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: io::Error,
+    },
+    /// The device state the guest saved is larger than ferry takes.
+    #[error("the device state the guest saved is over {MAX_DEVICE_STATE} bytes")]
+    DeviceStateTooLarge,
     /// The guest answered something that is not a QMP reply.
     #[error("the guest sent an unreadable reply to {command}: {line:?}")]
     BadReply {
@@ -106,6 +125,7 @@ impl Guest {
         match v.get("error") {
             Some(e) => Err(Error::Refused {
                 command: command.to_owned(),
+                class: e["class"].as_str().unwrap_or("GenericError").to_owned(),
                 desc: e["desc"].as_str().unwrap_or("no description").to_owned(),
             }),
             None => Err(bad()),
@@ -146,5 +166,39 @@ impl Guest {
     /// The guest's status object.
     pub fn query_status(&mut self) -> Result<Value, Error> {
         self.execute("query-status", None)
+    }
+
+    /// Has the stopped guest write its device state (the format of `ferry
+    /// send --device-state`) into a file in `dir`, and returns its bytes, at
+    /// most [`MAX_DEVICE_STATE`]. `None`: the guest has no
+    /// `save-device-state` (its error class is `CommandNotFound`), so the
+    /// state given at the start, if any, is all there is.
+    pub fn save_device_state(&mut self, dir: &Path) -> Result<Option<Vec<u8>>, Error> {
+        let file = tempfile::Builder::new()
+            .prefix("ferry-device-state-")
+            .tempfile_in(dir)
+            .map_err(|source| Error::DeviceStateRead {
+                path: dir.to_owned(),
+                source,
+            })?;
+        let path = std::path::absolute(file.path()).unwrap_or_else(|_| file.path().to_owned());
+        let arguments = json!({ "path": path.to_string_lossy() });
+        match self.execute("save-device-state", Some(arguments)) {
+            Err(Error::Refused { class, .. }) if class == "CommandNotFound" => return Ok(None),
+            other => other?,
+        };
+        let read_err = |source| Error::DeviceStateRead {
+            path: path.clone(),
+            source,
+        };
+        // The guest may have replaced the file: read it by its path.
+        let mut bytes = Vec::new();
+        std::fs::File::open(&path)
+            .and_then(|f| f.take(MAX_DEVICE_STATE + 1).read_to_end(&mut bytes))
+            .map_err(read_err)?;
+        if bytes.len() as u64 > MAX_DEVICE_STATE {
+            return Err(Error::DeviceStateTooLarge);
+        }
+        Ok(Some(bytes))
     }
 }
