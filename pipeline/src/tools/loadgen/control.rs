@@ -212,17 +212,20 @@ fn error_reply(id: Option<Value>, r: Refusal) -> Value {
 /// The idstr of loadgen's device section (instance 0, version 1).
 pub(crate) const DEVICE_IDSTR: &str = "ferry-loadgen";
 
+/// The machine type its configuration section names.
+pub(crate) const MACHINE: &str = "loadgen";
+
 /// Its section id: above the ids ferry's writer takes for its own sections
 /// when it sends without start-time device state (1 to 3), and above any id
 /// a QEMU numbers its few hundred devices with.
 const DEVICE_SECTION_ID: u32 = 0x1_0000;
 
 /// The device state of a guest that wrote `pages` pages: a configuration
-/// section (machine `ferry-loadgen`) and one FULL section whose body is the
+/// section (machine [`MACHINE`]) and one FULL section whose body is the
 /// be64 count, in the format of `ferry send --device-state`.
 pub(crate) fn device_state(pages: u64) -> Vec<u8> {
     let mut f = QemuFileWriter::new(MemTransport::new());
-    encode::put_configuration(&mut f, DEVICE_IDSTR);
+    encode::put_configuration(&mut f, MACHINE);
     encode::put_section_start(
         &mut f,
         SectionKind::Full,
@@ -430,7 +433,7 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(bytes, device_state(v.pages_written()));
         let state = ferry_proto::stream::device_state::DeviceState::from_bytes(bytes).unwrap();
-        assert_eq!(state.machine.as_deref(), Some(DEVICE_IDSTR));
+        assert_eq!(state.machine.as_deref(), Some(MACHINE));
         let missing = dir.path().join("no/such/dir");
         let req = json!({"execute": "save-device-state",
                          "arguments": {"path": missing.to_str().unwrap()}});
