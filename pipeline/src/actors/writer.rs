@@ -505,17 +505,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         link.replies.as_ref(),
     );
     explained(streamed, link.replies.as_ref())?;
-    // A command sent before the last round cannot trail its chunks by much;
-    // take one that is still queued.
-    while let Ok(m) = mail.try_recv() {
-        if let Mail::Command(Command::DeviceState(b)) = m {
-            w.after_stop = Some(b);
-        }
-    }
-    let device = match w.after_stop.take() {
-        Some(bytes) => w.device_after_stop(bytes)?,
-        None => device,
-    };
+    let device = w.device_at_end(&mail, device)?;
     let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
@@ -1316,9 +1306,24 @@ impl<'m> Writer<'m, '_> {
         Ok(false)
     }
 
-    /// Parses the device state saved after `stop`; its sections must not use
-    /// the ids this stream's own sections took at the start.
-    fn device_after_stop(&self, bytes: Vec<u8>) -> Result<DeviceState, Error> {
+    /// The device state to end the stream with: the one saved after `stop`
+    /// if the orchestrator sent it, else the start-time one. Its sections must
+    /// not use the ids this stream's own sections took at the start.
+    fn device_at_end(
+        &mut self,
+        mail: &Receiver<Mail>,
+        start: DeviceState,
+    ) -> Result<DeviceState, Error> {
+        // A command sent before the last round cannot trail its chunks by
+        // much; take one that is still queued (nothing else is left to do).
+        while let Ok(m) = mail.try_recv() {
+            if let Mail::Command(Command::DeviceState(b)) = m {
+                self.after_stop = Some(b);
+            }
+        }
+        let Some(bytes) = self.after_stop.take() else {
+            return Ok(start);
+        };
         let device = device_state(Some(bytes))?;
         let taken = [self.section_id, self.checkpoint_id, self.block_id];
         match device

@@ -202,3 +202,66 @@ impl Guest {
         Ok(Some(bytes))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::UnixListener;
+
+    /// A VMM that answers one request with `reply`, first writing `size`
+    /// bytes to the path the request names (if `size` is set).
+    fn vmm(dir: &Path, reply: &'static str, size: Option<u64>) -> std::thread::JoinHandle<()> {
+        let sock = dir.join("ctl");
+        let listener = UnixListener::bind(&sock).unwrap();
+        std::thread::spawn(move || {
+            let (s, _) = listener.accept().unwrap();
+            let mut line = String::new();
+            BufReader::new(&s).read_line(&mut line).unwrap();
+            let req: Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(req["execute"], "save-device-state");
+            if let Some(size) = size {
+                let f = std::fs::File::create(req["arguments"]["path"].as_str().unwrap()).unwrap();
+                f.set_len(size).unwrap();
+            }
+            writeln!(&s, "{reply}").unwrap();
+        })
+    }
+
+    #[test]
+    fn save_device_state_reads_the_file_bounded_and_tells_a_missing_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let sock = dir.path().join("ctl");
+        let cases: [(
+            &str,
+            Option<u64>,
+            fn(Result<Option<Vec<u8>>, Error>) -> bool,
+        ); 4] = [
+            (
+                r#"{"return":{}}"#,
+                Some(100),
+                |r| matches!(r, Ok(Some(b)) if b == vec![0; 100]),
+            ),
+            (
+                r#"{"error":{"class":"CommandNotFound","desc":"no"}}"#,
+                None,
+                |r| matches!(r, Ok(None)),
+            ),
+            (
+                r#"{"error":{"class":"GenericError","desc":"no"}}"#,
+                None,
+                |r| matches!(r, Err(Error::Refused { .. })),
+            ),
+            (r#"{"return":{}}"#, Some(MAX_DEVICE_STATE + 1), |r| {
+                matches!(r, Err(Error::DeviceStateTooLarge))
+            }),
+        ];
+        for (reply, size, ok) in cases {
+            let _ = std::fs::remove_file(&sock);
+            let t = vmm(dir.path(), reply, size);
+            let mut g = Guest::connect(sock.to_str().unwrap()).unwrap();
+            let r = g.save_device_state(dir.path());
+            t.join().unwrap();
+            assert!(ok(r), "{reply} {size:?}");
+        }
+    }
+}
