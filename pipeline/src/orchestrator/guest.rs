@@ -208,6 +208,9 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixListener;
 
+    /// Whether a `save_device_state` result is the expected one.
+    type Check = fn(Result<Option<Vec<u8>>, Error>) -> bool;
+
     /// A VMM that answers one request with `reply`, first writing `size`
     /// bytes to the path the request names (if `size` is set).
     fn vmm(dir: &Path, reply: &'static str, size: Option<u64>) -> std::thread::JoinHandle<()> {
@@ -231,11 +234,7 @@ mod tests {
     fn save_device_state_reads_the_file_bounded_and_tells_a_missing_command() {
         let dir = tempfile::tempdir().unwrap();
         let sock = dir.path().join("ctl");
-        let cases: [(
-            &str,
-            Option<u64>,
-            fn(Result<Option<Vec<u8>>, Error>) -> bool,
-        ); 4] = [
+        let cases: [(&str, Option<u64>, Check); 4] = [
             (
                 r#"{"return":{}}"#,
                 Some(100),
