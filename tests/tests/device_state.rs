@@ -8,13 +8,18 @@
 //! equal it and every device section must load where QEMU checks each one
 //! against its own devices (a section cut short, or one byte off, fails QEMU's
 //! load with "error while loading state").
+//!
+//! A live migration from a `ferry loadgen` guest carries the device state the
+//! guest saves after `stop`, not a start-time capture.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_tests::ferry::run_ferry;
 use ferry_tests::files::{assert_same_file, shm_tempdir};
-use ferry_tests::proc::{ferry, Process};
+use ferry_tests::guest::loadgen;
+use ferry_tests::migrate;
+use ferry_tests::proc::{self, ferry, Process};
 use ferry_tests::qemu::{ram_file_args, receive_ram_args, Build, Qemu};
 use ferry_tests::ram::write_mixed_image;
 use serde_json::json;
@@ -437,4 +442,68 @@ fn a_fake_end_in_rtc_cmos_does_not_split_the_device_state() {
         let args = machine_args("pc", &ram, &[]);
         fake_end_in_device_bytes(build, args, &ram, "mc146818rtc", 0x60);
     }
+}
+
+/// The be64 write counter in the `ferry-loadgen` section of a device-state
+/// file or stream.
+fn loadgen_counter(state: &[u8]) -> u64 {
+    let (_, body) = section_body(state, "ferry-loadgen");
+    u64::from_be_bytes(state[body..body + 8].try_into().unwrap())
+}
+
+/// A live migration carries the device state the guest saved after `stop`
+/// (`save-device-state`), not the file captured at the start: the received
+/// state's counter is what the stopped guest reports, and the start-time
+/// capture given as `--device-state` (which a sender that ignored the guest's
+/// state would send) holds a smaller one.
+#[test]
+fn a_live_migration_carries_the_device_state_after_stop() {
+    let dir = shm_tempdir("ferry-devstate-live-");
+    let d = dir.path();
+    let g = loadgen(d, "src", "64M")
+        .rate("32M")
+        .start()
+        .expect("starting ferry loadgen");
+    let stale = d.join("start.state");
+    let start_pages = {
+        let mut c = g.control();
+        c.execute("stop", None).expect("stop");
+        c.execute(
+            "save-device-state",
+            Some(json!({ "path": stale.display().to_string() })),
+        )
+        .expect("save-device-state while stopped");
+        c.execute("cont", None).expect("cont");
+        loadgen_counter(&std::fs::read(&stale).unwrap())
+    };
+    proc::wait_until(Duration::from_secs(20), "the guest to write on", || {
+        g.control().status()["pages-written"].as_u64().unwrap() > start_pages + 1000
+    })
+    .unwrap();
+    let out = d.join("received.state");
+    let mut args = migrate::receive_args("tcp:127.0.0.1:0", &d.join("dst.ram"), &d.join("r.json"));
+    args.extend(["--device-state-out".into(), out.display().to_string()]);
+    let (mut r, uri) = ferry(&args)
+        .start_listening(&d.join("receive.err"))
+        .expect("starting ferry receive");
+    let mut s = migrate::send(d, "send", &uri)
+        .args(&g.send_args())
+        .args(&["--device-state".into(), stale.display().to_string()])
+        .start(&d.join("send.err"))
+        .expect("starting ferry send");
+    migrate::assert_both_succeed(&mut s, &mut r, TIMEOUT);
+    let status = g.control().status();
+    assert_eq!(status["status"], "postmigrate");
+    let stopped_pages = status["pages-written"].as_u64().unwrap();
+    let received = std::fs::read(&out).expect("the received device state");
+    assert_eq!(
+        loadgen_counter(&received),
+        stopped_pages,
+        "counter after stop"
+    );
+    assert!(
+        stopped_pages > start_pages,
+        "{stopped_pages} <= {start_pages}"
+    );
+    assert_same_file(&g.ram, &d.join("dst.ram"));
 }

@@ -61,6 +61,11 @@ const MAX_REORDER: usize = 4096;
 pub enum Command {
     /// New bandwidth cap in bytes per second (0 = unlimited).
     SetRate(u64),
+    /// The device state the guest saved after `stop` (the `--device-state`
+    /// file format), replacing the start-time one's device sections; sent
+    /// before the last round starts, so it is in hand before `finish`. The
+    /// configuration section went out at the start and stays.
+    DeviceState(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// TLS settings of the sending end.
@@ -140,6 +145,9 @@ pub enum Error {
     /// The device-state file is not valid.
     #[error("bad device state")]
     DeviceState(#[source] parse::Error),
+    /// The device state saved after `stop` reuses a section id of this stream.
+    #[error("the device state saved after stop uses section id {0}, which this stream's RAM, block or checkpoint section took")]
+    AfterStopSectionId(u32),
     /// The TLS files cannot be loaded.
     #[error("cannot set up TLS")]
     Tls(#[source] Box<tls::Error>),
@@ -451,15 +459,19 @@ fn forward<T: serde::Serialize + serde::de::DeserializeOwned + Send + 'static>(
     });
 }
 
+/// The writer's own read-only mappings of the RAM blocks, in send order.
+fn map_blocks(blocks: &[BlockFile]) -> Result<Vec<GuestRam>, Error> {
+    Ok(blocks
+        .iter()
+        .map(|b| GuestRam::map(&b.path))
+        .collect::<Result<Vec<_>, _>>()?)
+}
+
 /// Runs the writer until the stream is complete and acknowledged.
 pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> {
     let to: Uri = init.to.parse()?;
     let device = device_state(init.device_state.take())?;
-    let maps = init
-        .blocks
-        .iter()
-        .map(|b| GuestRam::map(&b.path))
-        .collect::<Result<Vec<_>, _>>()?;
+    let maps = map_blocks(&init.blocks)?;
     let link = Link::open(&to, &init)?;
     let slots = init
         .disk_slots
@@ -490,6 +502,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         return_path: init.return_path,
         multifd: None,
         windows: crate::qmp::windows::Windows::new(WINDOW, init.rate, 0),
+        after_stop: None,
     };
     w.limiter.set_rate(&mut w.f, init.rate);
     let channels = init.multifd.map(|m| (m, init.stall_timeout));
@@ -503,6 +516,7 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
     explained(streamed, link.replies.as_ref())?;
     let change = w.windows.finish(Instant::now(), w.sent());
     w.report_change(change);
+    let device = w.device_at_end(&mail, device)?;
     let channel_bytes = w.finish(&device)?;
     let (bytes, counts) = (w.f.ftell() + channel_bytes.iter().sum::<u64>(), w.counts);
     if let Some(s) = &w.sealer {
@@ -791,6 +805,8 @@ struct Writer<'m, 'e> {
     multifd: Option<Channels<'m>>,
     /// Bytes per rate window around each max-bandwidth change.
     windows: crate::qmp::windows::Windows,
+    /// The device state saved after `stop` ([`Command::DeviceState`]).
+    after_stop: Option<Vec<u8>>,
 }
 
 /// The multifd data channels as the writer drives them.
@@ -1134,6 +1150,10 @@ impl<'m> Writer<'m, '_> {
                     self.report_change(change);
                     false
                 }
+                Mail::Command(Command::DeviceState(b)) => {
+                    self.after_stop = Some(b);
+                    false
+                }
                 Mail::Disk(DiskChunk::Data {
                     disk,
                     offset,
@@ -1311,6 +1331,36 @@ impl<'m> Writer<'m, '_> {
         }
         self.check()?;
         Ok(false)
+    }
+
+    /// The device state to end the stream with: the one saved after `stop`
+    /// if the orchestrator sent it, else the start-time one. Its sections must
+    /// not use the ids this stream's own sections took at the start.
+    fn device_at_end(
+        &mut self,
+        mail: &Receiver<Mail>,
+        start: DeviceState,
+    ) -> Result<DeviceState, Error> {
+        // A command sent before the last round cannot trail its chunks by
+        // much; take one that is still queued (nothing else is left to do).
+        while let Ok(m) = mail.try_recv() {
+            if let Mail::Command(Command::DeviceState(b)) = m {
+                self.after_stop = Some(b);
+            }
+        }
+        let Some(bytes) = self.after_stop.take() else {
+            return Ok(start);
+        };
+        let device = device_state(Some(bytes))?;
+        let taken = [self.section_id, self.checkpoint_id, self.block_id];
+        match device
+            .sections
+            .iter()
+            .find(|s| taken.contains(&s.header.id))
+        {
+            Some(s) => Err(Error::AfterStopSectionId(s.header.id)),
+            None => Ok(device),
+        }
     }
 
     /// The RAM section's last part, the device sections, EOF and the vmdesc

@@ -874,6 +874,14 @@ impl<'a> Migration<'a> {
         guest.stop()?;
         self.control.set_guest_stopped(true);
         self.stopped_at = Some(stopping);
+        // The device state as of the stop, not the start-time file, when
+        // the guest can save it (issue 13).
+        if let Some(state) = guest.save_device_state(&std::env::temp_dir())? {
+            self.actors
+                .writer
+                .send(writer::Command::DeviceState(state))
+                .map_err(|e| anyhow!("cannot reach the writer: {e:?}"))?;
+        }
         self.control.figures().stop_bytes = Some(self.report.bytes);
         self.control.set_status(MigrationStatus::device);
         self.send_round(false, true)

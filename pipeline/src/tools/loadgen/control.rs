@@ -2,11 +2,14 @@
 //!
 //! Requests are `{"execute": NAME, "arguments": {...}}` (an `"id"` is echoed
 //! back, as QMP does); every request gets exactly one reply line,
-//! `{"return": {...}}` or `{"error": {"class": "GenericError", "desc": ...}}`.
-//! There is no greeting: the guest contract is the four commands (plus
-//! `migrated`, which a completed migration sends so that the stopped guest
-//! stays stopped, like QEMU's postmigrate), and ferry's client
-//! (`orchestrator::guest`) reads one reply per request.
+//! `{"return": {...}}` or `{"error": {"class": CLASS, "desc": ...}}`, CLASS
+//! `CommandNotFound` for an unknown command (as QMP, so that ferry can tell a
+//! VMM without a command from one that refused it) and `GenericError`
+//! otherwise. There is no greeting: the guest contract is the four commands,
+//! plus `migrated`, which a completed migration sends so that the stopped
+//! guest stays stopped, like QEMU's postmigrate, and `save-device-state`,
+//! which writes the device state of the stopped guest to a file; ferry's
+//! client (`orchestrator::guest`) reads one reply per request.
 //! `qmp_capabilities` is accepted and does nothing, for QMP clients.
 //!
 //! Nothing a client sends may crash or wedge the guest: lines are bounded
@@ -19,6 +22,10 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::thread;
 use std::time::{Duration, Instant};
 
+use ferry_proto::qemu_file::QemuFileWriter;
+use ferry_proto::stream::encode;
+use ferry_proto::stream::SectionKind;
+use ferry_proto::transport::MemTransport;
 use serde_json::{json, Map, Value};
 
 use super::meter::Meters;
@@ -97,7 +104,9 @@ fn converse(mut stream: &UnixStream, vcpus: &Vcpus, meters: &Meters) {
             let reply = match line {
                 Line::Complete(text) if text.iter().all(u8::is_ascii_whitespace) => continue,
                 Line::Complete(text) => request(&text, vcpus, meters),
-                Line::TooLong => error_reply(None, format!("request longer than {MAX_LINE} bytes")),
+                Line::TooLong => {
+                    error_reply(None, format!("request longer than {MAX_LINE} bytes").into())
+                }
             };
             let mut out = reply.to_string();
             out.push('\n');
@@ -156,7 +165,7 @@ impl Lines {
 /// Answers one request line.
 fn request(line: &[u8], vcpus: &Vcpus, meters: &Meters) -> Value {
     match serde_json::from_slice::<Value>(line) {
-        Err(e) => error_reply(None, format!("malformed JSON: {e}")),
+        Err(e) => error_reply(None, format!("malformed JSON: {e}").into()),
         Ok(v) => {
             let id = v.get("id").cloned();
             match execute(&v, vcpus, meters) {
@@ -174,15 +183,88 @@ fn with_id(mut reply: Value, id: Option<Value>) -> Value {
     reply
 }
 
-fn error_reply(id: Option<Value>, desc: String) -> Value {
-    with_id(
-        json!({ "error": { "class": "GenericError", "desc": desc } }),
-        id,
-    )
+/// A refused request: QMP's error class and a description.
+#[derive(Debug)]
+struct Refusal {
+    class: &'static str,
+    desc: String,
 }
 
-/// Runs the command in `request`; `Err` is the error's description.
-fn execute(request: &Value, vcpus: &Vcpus, meters: &Meters) -> Result<Value, String> {
+impl From<String> for Refusal {
+    fn from(desc: String) -> Self {
+        Self {
+            class: "GenericError",
+            desc,
+        }
+    }
+}
+
+impl From<&str> for Refusal {
+    fn from(desc: &str) -> Self {
+        desc.to_owned().into()
+    }
+}
+
+fn error_reply(id: Option<Value>, r: Refusal) -> Value {
+    with_id(json!({ "error": { "class": r.class, "desc": r.desc } }), id)
+}
+
+/// The idstr of loadgen's device section (instance 0, version 1).
+pub(crate) const DEVICE_IDSTR: &str = "ferry-loadgen";
+
+/// The machine type its configuration section names.
+pub(crate) const MACHINE: &str = "loadgen";
+
+/// Its section id: above the ids ferry's writer takes for its own sections
+/// when it sends without start-time device state (1 to 3), and above any id
+/// a QEMU numbers its few hundred devices with.
+const DEVICE_SECTION_ID: u32 = 0x1_0000;
+
+/// The device state of a guest that wrote `pages` pages: a configuration
+/// section (machine [`MACHINE`]) and one FULL section whose body is the
+/// be64 count, in the format of `ferry send --device-state`.
+pub(crate) fn device_state(pages: u64) -> Vec<u8> {
+    let mut f = QemuFileWriter::new(MemTransport::new());
+    encode::put_configuration(&mut f, MACHINE);
+    encode::put_section_start(
+        &mut f,
+        SectionKind::Full,
+        DEVICE_SECTION_ID,
+        DEVICE_IDSTR,
+        0,
+        1,
+    )
+    .expect("the idstr is shorter than 256 bytes");
+    f.put_be64(pages);
+    encode::put_footer(&mut f, DEVICE_SECTION_ID);
+    f.into_transport()
+        .expect("writing to memory does not fail")
+        .take()
+}
+
+/// Writes the stopped guest's device state to `path` (absolute).
+fn save_device_state(args: &Map<String, Value>, vcpus: &Vcpus) -> Result<Value, Refusal> {
+    only(args, &["path"])?;
+    let path = args
+        .get("path")
+        .ok_or("save-device-state needs \"path\"")?
+        .as_str()
+        .map(std::path::Path::new)
+        .filter(|p| p.is_absolute())
+        .ok_or("\"path\" must be an absolute path")?;
+    // A running guest's state would be stale by the time it is read.
+    if !vcpus.is_paused() {
+        return Err("the guest is running: stop it before saving its device state".into());
+    }
+    let pages = vcpus.pages_written();
+    std::fs::write(path, device_state(pages))
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    tracing::info!(pages, path = %path.display(), "loadgen device state saved");
+    Ok(json!({}))
+}
+
+/// Runs the command in `request`.
+fn execute(request: &Value, vcpus: &Vcpus, meters: &Meters) -> Result<Value, Refusal> {
     let obj = request
         .as_object()
         .ok_or("a request must be a JSON object")?;
@@ -254,11 +336,15 @@ fn execute(request: &Value, vcpus: &Vcpus, meters: &Meters) -> Result<Value, Str
                 "disk-rate": meters.disk.rate(now, disk_bytes),
             }))
         }
+        "save-device-state" => save_device_state(args, vcpus),
         "qmp_capabilities" => Ok(json!({})),
-        other => Err(format!(
-            "the command {} has not been found",
-            other.chars().take(100).collect::<String>()
-        )),
+        other => Err(Refusal {
+            class: "CommandNotFound",
+            desc: format!(
+                "the command {} has not been found",
+                other.chars().take(100).collect::<String>()
+            ),
+        }),
     }
 }
 
@@ -308,7 +394,6 @@ mod tests {
             "\u{7f}\u{0}",
             r#"{"execute":1}"#,
             r#"{"arguments":{}}"#,
-            r#"{"execute":"reboot"}"#,
             r#"{"execute":"stop","arguments":{"now":true}}"#,
             r#"{"execute":"stop","arguments":[]}"#,
             r#"{"execute":"set-throttle"}"#,
@@ -321,6 +406,39 @@ mod tests {
             assert!(r["error"]["desc"].is_string(), "{bad}: {r}");
         }
         assert_eq!(v.throttle(), 40);
+        let r = ask(r#"{"execute":"reboot"}"#, &v, &m);
+        assert_eq!(r["error"]["class"], "CommandNotFound", "{r}");
+    }
+
+    #[test]
+    fn device_state_is_saved_only_while_stopped_and_parses() {
+        let (v, m) = (Vcpus::new(), Meters::new());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("state");
+        let req = json!({"execute": "save-device-state",
+                         "arguments": {"path": path.to_str().unwrap()}})
+        .to_string();
+        let r = ask(&req, &v, &m);
+        assert_eq!(r["error"]["class"], "GenericError", "{r}");
+        assert!(!path.exists(), "a running guest's state was saved");
+        for bad in [
+            r#"{"execute":"save-device-state"}"#,
+            r#"{"execute":"save-device-state","arguments":{"path":"rel"}}"#,
+            r#"{"execute":"save-device-state","arguments":{"path":1}}"#,
+        ] {
+            assert_eq!(ask(bad, &v, &m)["error"]["class"], "GenericError", "{bad}");
+        }
+        ask(r#"{"execute":"stop"}"#, &v, &m);
+        assert_eq!(ask(&req, &v, &m), json!({"return": {}}));
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(bytes, device_state(v.pages_written()));
+        let state = ferry_proto::stream::device_state::DeviceState::from_bytes(bytes).unwrap();
+        assert_eq!(state.machine.as_deref(), Some(MACHINE));
+        let missing = dir.path().join("no/such/dir");
+        let req = json!({"execute": "save-device-state",
+                         "arguments": {"path": missing.to_str().unwrap()}});
+        let r = ask(&req.to_string(), &v, &m);
+        assert_eq!(r["error"]["class"], "GenericError", "{r}");
     }
 
     #[test]
