@@ -372,19 +372,25 @@ fn device_state_out_on_ram_and_dangling_symlinks_are_refused() {
     std::fs::write(&file, [9u8; 8192]).unwrap();
     let link = d.join("link.ram");
     std::os::unix::fs::symlink(&file, &link).unwrap();
+    // Block "a" in `a`, "b" in a new file, and `extra`.
+    let receive = |a: &Path, extra: &[String]| {
+        let mut args = vec![
+            "receive".to_owned(),
+            "--listen".into(),
+            format!("file:{}", stream.display()),
+            "--ram".into(),
+            format!("{},name=a", a.display()),
+            "--ram".into(),
+            format!("{},name=b", d.join("b.ram").display()),
+        ];
+        args.extend_from_slice(extra);
+        run_ferry(&args, TIMEOUT).unwrap()
+    };
     // The device state may not land on a RAM file either.
-    let args = [
-        "receive".to_owned(),
-        "--listen".into(),
-        format!("file:{}", stream.display()),
-        "--ram".into(),
-        format!("{},name=a", file.display()),
-        "--ram".into(),
-        format!("{},name=b", d.join("b.ram").display()),
-        "--device-state-out".into(),
-        link.display().to_string(),
-    ];
-    let o = run_ferry(&args, TIMEOUT).unwrap();
+    let o = receive(
+        &file,
+        &["--device-state-out".into(), link.display().to_string()],
+    );
     assert!(
         !o.status.success(),
         "--device-state-out on a RAM file: accepted"
@@ -396,16 +402,7 @@ fn device_state_out_on_ram_and_dangling_symlinks_are_refused() {
     let target = d.join("missing").join("mem");
     let dangling = d.join("dangling.ram");
     std::os::unix::fs::symlink(&target, &dangling).unwrap();
-    let args = [
-        "receive".to_owned(),
-        "--listen".into(),
-        format!("file:{}", stream.display()),
-        "--ram".into(),
-        format!("{},name=a", dangling.display()),
-        "--ram".into(),
-        format!("{},name=b", d.join("b.ram").display()),
-    ];
-    let o = run_ferry(&args, TIMEOUT).unwrap();
+    let o = receive(&dangling, &[]);
     assert!(!o.status.success(), "a dangling symlink: accepted");
     assert!(
         o.stderr.contains("symlink to a file that does not exist"),
