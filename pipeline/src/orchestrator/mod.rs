@@ -139,7 +139,9 @@ pub struct SendArgs {
     #[arg(long, value_name = "NAME", default_value = "none")]
     pub machine: String,
     /// Configuration and device sections to put in the stream, as written by
-    /// `ferry inspect --extract-device-state`.
+    /// `ferry receive --device-state-out` or `ferry inspect
+    /// --extract-device-state`. Without it, a --guest-control guest is asked
+    /// for its state right after the stop (save-device-state).
     #[arg(long, value_name = "FILE")]
     pub device_state: Option<PathBuf>,
     /// Write statistics as JSON (query-migrate vocabulary) to FILE.

@@ -874,9 +874,14 @@ impl<'a> Migration<'a> {
         guest.stop()?;
         self.control.set_guest_stopped(true);
         self.stopped_at = Some(stopping);
-        // The device state as of the stop, not the start-time file, when
-        // the guest can save it (issue 13).
-        if let Some(state) = guest.save_device_state(&std::env::temp_dir())? {
+        // The device state as of the stop, when the guest can save it and
+        // no state captured beforehand was given (issue 13).
+        let ask = self.args.device_state.is_none();
+        if let Some(state) = ask
+            .then(|| guest.save_device_state(&std::env::temp_dir()))
+            .transpose()?
+            .flatten()
+        {
             self.actors
                 .writer
                 .send(writer::Command::DeviceState(state))
