@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use ferry_proto::stream::device_state::DeviceState;
 use ferry_tests::ferry::{ferry_bin, run_ferry};
 use ferry_tests::qemu::{none_machine_args, ram_file_args, Build, Qemu};
 use ferry_tests::ram::{first_difference, write_mixed_image};
@@ -399,10 +400,13 @@ fn a_late_refusal_fails_a_live_return_path_send_within_a_second_and_the_guest_ru
     // Device state from a QEMU 10 source of the same command line, with an
     // unknown device placed last: QEMU refuses it after all RAM loaded.
     let (device, _, _) = from_qemu10_source(d, &none_machine_args(&d.join("qsrc.ram"), size));
-    let mut state = fs::read(&device).expect("reading the device state");
-    state.extend(unknown_device_section(1000));
+    let state = fs::read(&device).expect("reading the device state");
+    let mut state = DeviceState::from_bytes(state).expect("QEMU's device state parses");
+    // After the sections QEMU's vmdesc sizes, carried whole; appended after
+    // the file's EOF and vmdesc it would sit behind the stream's EOF.
+    state.opaque.extend(unknown_device_section(1000));
     let bad = d.join("bad.state");
-    fs::write(&bad, state).expect("writing the device state");
+    fs::write(&bad, state.to_bytes()).expect("writing the device state");
 
     let (_guest, [ram, log, ctl]) = live_guest(d);
     let (q, to) = destination(d, &none_machine_args(&d.join("dst.ram"), size));
