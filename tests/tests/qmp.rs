@@ -243,8 +243,11 @@ fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
         .filter_map(|p| Some((p["t"].as_f64()?, p["transferred"].as_u64()?)))
         .find(|(t, b)| *t > set_t && (*b - last.1) as f64 > 4.0 * CAP * (*t - last.0))
         .unwrap_or_else(|| panic!("the rate never rose: {report}"));
+    // query-migrate follows the orchestrator's progress reports, not the
+    // writer's windows (checked on the writer's own counters below): a
+    // bound of seconds, not of a window.
     assert!(
-        after.0 - set_t < 0.6,
+        after.0 - set_t < 3.0,
         "rate change seen {:.3} s after the set: {report}",
         after.0 - set_t
     );
