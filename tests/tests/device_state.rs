@@ -168,20 +168,24 @@ fn ferry_to_ferry_carries_the_device_state_byte_for_byte() {
     ])
     .start_listening(&d.join("receive.log"))
     .expect("starting ferry receive");
-    run_ferry(
-        [
-            "send".to_owned(),
-            "--ram".into(),
-            format!("{},name=guest", ram.display()),
-            "--device-state".into(),
-            state.display().to_string(),
-            "--to".into(),
-            addr,
-        ],
-        TIMEOUT,
-    )
-    .and_then(|o| o.success())
-    .expect("ferry send");
+    // `ferry send` of the guest's RAM and `state` to `to`.
+    let send = |to: String, what: &str| {
+        run_ferry(
+            [
+                "send".to_owned(),
+                "--ram".into(),
+                format!("{},name=guest", ram.display()),
+                "--device-state".into(),
+                state.display().to_string(),
+                "--to".into(),
+                to,
+            ],
+            TIMEOUT,
+        )
+        .and_then(|o| o.success())
+        .unwrap_or_else(|e| panic!("{what}: {e}"))
+    };
+    send(addr, "ferry send");
     assert!(receiver.wait(TIMEOUT).expect("receive ends").success());
     assert_same_file(&ram, &d.join("dest.ram"));
     assert_same_file(&state, &out);
@@ -189,20 +193,7 @@ fn ferry_to_ferry_carries_the_device_state_byte_for_byte() {
     // A stream cut short: no device state file, and nothing left under a
     // temporary name either.
     let stream = d.join("whole.mig");
-    run_ferry(
-        [
-            "send".to_owned(),
-            "--ram".into(),
-            format!("{},name=guest", ram.display()),
-            "--device-state".into(),
-            state.display().to_string(),
-            "--to".into(),
-            format!("file:{}", stream.display()),
-        ],
-        TIMEOUT,
-    )
-    .and_then(|o| o.success())
-    .expect("ferry send to a file");
+    send(format!("file:{}", stream.display()), "ferry send to a file");
     let mut bytes = std::fs::read(&stream).unwrap();
     bytes.truncate(bytes.len() - 100);
     let cut = d.join("cut.mig");

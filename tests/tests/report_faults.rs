@@ -1,7 +1,7 @@
 //! Faults found in public reports (issue 13), each as its kind: real QEMU
 //! streams, and the same streams with one declaration changed.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ferry_proto::transport::MemTransport;
@@ -305,11 +305,7 @@ fn inspect_refuses_the_compressed_pages_receive_refuses() {
 fn two_options_naming_one_file_are_refused_before_writing() {
     let dir = shm_tempdir("ferry-same-file-");
     let d = dir.path();
-    let stream = two_block_stream(d);
-    let file = d.join("one.ram");
-    std::fs::write(&file, [9u8; 8192]).unwrap();
-    let link = d.join("link.ram");
-    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let (stream, file, link) = same_file_setup(d);
     let fresh = d.join("new.ram");
     for (what, a, b, flag) in [
         ("same path", &file, &file, "--ram"),
@@ -349,8 +345,19 @@ fn two_options_naming_one_file_are_refused_before_writing() {
     }
 }
 
+/// The two-block stream, an existing RAM file `one.ram` of 9s, and a
+/// symlink `link.ram` to it, in `d`.
+fn same_file_setup(d: &Path) -> (PathBuf, PathBuf, PathBuf) {
+    let stream = two_block_stream(d);
+    let file = d.join("one.ram");
+    std::fs::write(&file, [9u8; 8192]).unwrap();
+    let link = d.join("link.ram");
+    std::os::unix::fs::symlink(&file, &link).unwrap();
+    (stream, file, link)
+}
+
 /// A stream of two 8 KiB blocks, "a" and "b", in `d`.
-fn two_block_stream(d: &Path) -> std::path::PathBuf {
+fn two_block_stream(d: &Path) -> PathBuf {
     let stream = d.join("two.mig");
     let mut f =
         ferry_proto::qemu_file::QemuFileWriter::new(ferry_proto::transport::MemTransport::new());
@@ -367,11 +374,7 @@ fn two_block_stream(d: &Path) -> std::path::PathBuf {
 fn device_state_out_on_ram_and_dangling_symlinks_are_refused() {
     let dir = shm_tempdir("ferry-same-file-");
     let d = dir.path();
-    let stream = two_block_stream(d);
-    let file = d.join("one.ram");
-    std::fs::write(&file, [9u8; 8192]).unwrap();
-    let link = d.join("link.ram");
-    std::os::unix::fs::symlink(&file, &link).unwrap();
+    let (stream, file, link) = same_file_setup(d);
     // Block "a" in `a`, "b" in a new file, and `extra`.
     let receive = |a: &Path, extra: &[String]| {
         let mut args = vec![
