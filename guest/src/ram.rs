@@ -190,17 +190,17 @@ impl GuestRam {
     /// page aligned, e.g. the data [`Extents`]); the rest is known to be zero
     /// and is not touched, so a sparse file's holes stay unallocated.
     pub fn digest_ranges(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) -> String {
-        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut d = PageDigest::default();
         let mut buf = [0u8; PAGE_SIZE];
         let page = PAGE_SIZE as u64;
         for range in ranges {
             for index in range.start / page..range.end.min(self.len()).div_ceil(page) {
                 if let Some(bytes) = self.read_page(index as u32, &mut buf) {
-                    hash_pages(&mut h, index, bytes);
+                    d.add(index, bytes);
                 }
             }
         }
-        format!("{:032x}", h.digest128())
+        d.to_hex()
     }
 }
 
@@ -325,26 +325,77 @@ impl Iterator for Extents {
     }
 }
 
-/// The digest both ends compute over a RAM block: XXH3-128, in hex, of every
-/// page that is not all zero, each preceded by its little-endian u64 index.
+/// The digest both ends compute over a RAM block, in hex: the sum, modulo
+/// 2^128, of every non-zero page's [`PageDigest`].
 ///
 /// Zero pages are left out so that the cost follows the memory a block holds,
 /// not the size it claims: a destination skips the holes of its sparse files
 /// without reading them, and a hostile stream that announces terabytes costs
 /// nothing to verify.
 pub fn digest(bytes: &[u8]) -> String {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
-    hash_pages(&mut h, 0, bytes);
-    format!("{:032x}", h.digest128())
+    let mut d = PageDigest::default();
+    d.add_pages(0, bytes);
+    d.to_hex()
 }
 
-/// Adds the non-zero pages of `bytes`, which starts at page `first`.
-fn hash_pages(h: &mut xxhash_rust::xxh3::Xxh3, first: u64, bytes: &[u8]) {
-    for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
-        if !ferry_proto::stream::encode::is_zero(page) {
-            h.update(&(first + i as u64).to_le_bytes());
-            h.update(page);
+/// A running RAM digest: the sum, modulo 2^128, of XXH3-128 (seeded with the
+/// page's index in its block) over every page that is not all zero.
+///
+/// A sum rather than one hash over the block in order, so that it does not
+/// depend on the order pages are seen in: a sender adds each page while it
+/// scans it for zero, a receiver while it writes it, in whatever order its
+/// channels deliver, and a page sent again is taken out
+/// ([`PageDigest::remove`]) with its old contents and added with its new ones.
+/// It guards against corruption and lost or misplaced pages, not against an
+/// adversary (TLS does that).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PageDigest(u128);
+
+impl PageDigest {
+    /// What page `index` with contents `page` adds: 0 for an all-zero page.
+    pub fn of_page(index: u64, page: &[u8]) -> Self {
+        if ferry_proto::stream::encode::is_zero(page) {
+            Self(0)
+        } else {
+            Self(xxhash_rust::xxh3::xxh3_128_with_seed(page, index))
         }
+    }
+
+    /// Adds page `index` with contents `page`.
+    pub fn add(&mut self, index: u64, page: &[u8]) {
+        *self += Self::of_page(index, page);
+    }
+
+    /// Takes out page `index` with contents `page`, added before.
+    pub fn remove(&mut self, index: u64, page: &[u8]) {
+        self.0 = self.0.wrapping_sub(Self::of_page(index, page).0);
+    }
+
+    /// Adds the pages of `bytes`, which starts at page `first`.
+    pub fn add_pages(&mut self, first: u64, bytes: &[u8]) {
+        for (i, page) in bytes.chunks(PAGE_SIZE).enumerate() {
+            self.add(first + i as u64, page);
+        }
+    }
+
+    /// The digest as ferry reports it: 32 hex digits.
+    pub fn to_hex(self) -> String {
+        format!("{:032x}", self.0)
+    }
+}
+
+impl std::ops::AddAssign for PageDigest {
+    fn add_assign(&mut self, other: Self) {
+        self.0 = self.0.wrapping_add(other.0);
+    }
+}
+
+impl std::iter::Sum for PageDigest {
+    fn sum<I: Iterator<Item = Self>>(iter: I) -> Self {
+        iter.fold(Self::default(), |mut a, b| {
+            a += b;
+            a
+        })
     }
 }
 
@@ -365,22 +416,51 @@ pub fn digest_file(
     };
     let file = File::open(path).map_err(err)?;
     let mut buf = vec![0u8; 256 * PAGE_SIZE];
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut d = PageDigest::default();
     for range in ranges {
         let mut at = range.start;
         while at < range.end {
             let n = (range.end - at).min(buf.len() as u64) as usize;
             file.read_exact_at(&mut buf[..n], at).map_err(err)?;
-            hash_pages(&mut h, at / PAGE_SIZE as u64, &buf[..n]);
+            d.add_pages(at / PAGE_SIZE as u64, &buf[..n]);
             at += n as u64;
         }
     }
-    Ok(format!("{:032x}", h.digest128()))
+    Ok(d.to_hex())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_digest_does_not_depend_on_order_and_takes_pages_out() {
+        let mut bytes = vec![0u8; 8 * PAGE_SIZE];
+        for (i, b) in bytes.iter_mut().enumerate() {
+            if (i / PAGE_SIZE) % 3 != 0 {
+                *b = (i * 7 % 251) as u8;
+            }
+        }
+        let pages: Vec<&[u8]> = bytes.chunks(PAGE_SIZE).collect();
+        let mut backwards = PageDigest::default();
+        for (i, page) in pages.iter().enumerate().rev() {
+            backwards.add(i as u64, page);
+        }
+        assert_eq!(backwards.to_hex(), digest(&bytes));
+        // Page 4 sent again with other contents: out with the old, in with the new.
+        let mut changed = bytes.clone();
+        changed[4 * PAGE_SIZE..5 * PAGE_SIZE].fill(9);
+        backwards.remove(4, pages[4]);
+        backwards.add(4, &changed[4 * PAGE_SIZE..5 * PAGE_SIZE]);
+        assert_eq!(backwards.to_hex(), digest(&changed));
+        assert_ne!(digest(&changed), digest(&bytes));
+        // The same page at another index counts differently.
+        let mut moved = vec![0u8; 8 * PAGE_SIZE];
+        moved[..PAGE_SIZE].copy_from_slice(pages[1]);
+        let mut at_one = vec![0u8; 8 * PAGE_SIZE];
+        at_one[PAGE_SIZE..2 * PAGE_SIZE].copy_from_slice(pages[1]);
+        assert_ne!(digest(&moved), digest(&at_one));
+    }
 
     #[test]
     fn sparse_digest_equals_the_plain_one() {

@@ -17,7 +17,8 @@ pub struct BlockDigest {
     pub name: String,
     /// Block length.
     pub length: u64,
-    /// XXH3-128 of its contents, in hex.
+    /// Sum modulo 2^128 of XXH3-128, seeded with the page index, over its
+    /// non-zero pages (ferry-guest's `PageDigest`), in hex.
     pub xxh3: String,
 }
 

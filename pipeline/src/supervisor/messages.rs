@@ -323,7 +323,7 @@ pub enum Event {
     /// Scanner: the source RAM's digests, one per block, taken after the
     /// last round was scanned (the guest is stopped then).
     RamDigests {
-        /// XXH3-128 in hex, one per block in send order.
+        /// `PageDigest`s in hex, one per block in send order.
         digests: Vec<String>,
     },
     /// Blockio: the source disks' digests, taken after the last pass (the
