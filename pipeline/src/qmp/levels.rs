@@ -22,7 +22,7 @@ use std::io;
 
 use ferry_proto::multifd::Encoder;
 use serde::{Deserialize, Serialize};
-use zstd::stream::raw::{CParameter, InBuffer, Operation, OutBuffer};
+use zstd::stream::raw::{InBuffer, Operation, OutBuffer};
 
 /// The deflate function a zlib level uses in zlib-rs (flate2's backend
 /// here; its configuration table, as zlib-ng's): 0 stores, 1 quick, 2 fast,
@@ -70,7 +70,7 @@ pub fn encode(
         }
         Encoder::Zstd(z) => {
             let n = end_frame(z, pages, out)?;
-            z.set_parameter(CParameter::CompressionLevel(level))?;
+            ferry_proto::multifd::set_zstd_level(z, level)?;
             Ok(n)
         }
     }
