@@ -31,9 +31,7 @@ type Sample = (f64, u64, MigrationStatus);
 /// and writes `cap_change.svg` to `a.out`.
 pub fn run(a: &LiveArgs) -> anyhow::Result<()> {
     eprintln!("bench live: cap change 16 MiB/s -> unlimited through QMP");
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-cap-")
-        .tempdir_in(&a.dir)?;
+    let dir = super::work_dir(&a.dir, "ferry-cap-")?;
     let d = dir.path();
     let exe = std::env::current_exe()?;
     let ctl = d.join("guest.sock");

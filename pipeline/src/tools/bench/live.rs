@@ -156,9 +156,7 @@ fn scenario(a: &LiveArgs, rate: u64, compress: bool, auto: bool) -> anyhow::Resu
         if auto { ", auto-converge" } else { "" }
     );
     eprintln!("bench live: {name}");
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-live-")
-        .tempdir_in(&a.dir)?;
+    let dir = super::work_dir(&a.dir, "ferry-live-")?;
     let d = dir.path();
     let exe = std::env::current_exe()?;
     let ctl = d.join("guest.sock");

@@ -80,9 +80,7 @@ pub fn run(a: MemoryArgs) -> anyhow::Result<()> {
         if size < data.max(2 << 20) {
             bail!("--size {size} is smaller than --data {}", a.data);
         }
-        let dir = tempfile::Builder::new()
-            .prefix("ferry-bench-memory-")
-            .tempdir_in(&a.dir)?;
+        let dir = super::work_dir(&a.dir, "ferry-bench-memory-")?;
         let src = dir.path().join("guest.ram");
         sparse_guest(&src, size, data)?;
         let multifd = (a.multifd_channels > 0).then_some(a.multifd_channels);

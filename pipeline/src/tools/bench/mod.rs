@@ -15,7 +15,7 @@ use std::path::Path;
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use anyhow::bail;
+use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
 
 /// `ferry bench`
@@ -84,4 +84,12 @@ pub(crate) fn wait_for(
         std::thread::sleep(Duration::from_millis(20));
     }
     Ok(())
+}
+
+/// A fresh working directory `PREFIX*` under `parent` (`--dir`), created
+/// with its parents if need be; removed when dropped.
+fn work_dir(parent: &Path, prefix: &str) -> anyhow::Result<tempfile::TempDir> {
+    std::fs::create_dir_all(parent)
+        .and_then(|()| tempfile::Builder::new().prefix(prefix).tempdir_in(parent))
+        .with_context(|| format!("cannot create a working directory in {}", parent.display()))
 }

@@ -104,9 +104,7 @@ pub fn run(a: StaticArgs) -> anyhow::Result<()> {
     if size == 0 || a.runs == 0 || a.channels == 0 {
         bail!("--size must be at least 1 MiB, --runs and --channels at least 1");
     }
-    let dir = tempfile::Builder::new()
-        .prefix("ferry-bench-")
-        .tempdir_in(&a.dir)?;
+    let dir = super::work_dir(&a.dir, "ferry-bench-")?;
     let ram = dir.path().join("src.ram");
     pattern::write_guest_ram(&ram, size, "bench static")?;
     let net = Net::new(a.link, &a.rate)?;
