@@ -22,7 +22,7 @@ use super::{stats, SendArgs};
 use crate::actors::{blockio, compress, scanner, writer};
 use crate::channel::uri::Uri;
 use crate::qmp::{self, Control, Parameters, Side};
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Launched, Supervisor};
 use ferry_guest::dirty_log::DirtyLog;
 use ferry_guest::ram::{self, BlockFile};
 
@@ -415,9 +415,28 @@ struct Actors {
     _slots: Option<tempfile::NamedTempFile>,
 }
 
+/// The sender's actor processes, launched all at once (each takes
+/// milliseconds to load) before any is handed its Init.
+#[allow(clippy::type_complexity)]
+fn launch(
+    sup: &mut Supervisor,
+    disks: bool,
+) -> anyhow::Result<(
+    Launched<writer::Init>,
+    Option<Launched<blockio::Init>>,
+    Launched<compress::Init>,
+    Launched<scanner::Init>,
+)> {
+    let writer = sup.launch(ActorKind::Writer)?;
+    let blockio = disks.then(|| sup.launch(ActorKind::Blockio)).transpose()?;
+    let compress = sup.launch(ActorKind::Compress)?;
+    Ok((writer, blockio, compress, sup.launch(ActorKind::Scanner)?))
+}
+
 impl Actors {
     /// Starts the writer, the blockio actor (with disks), the compress stage
-    /// and the scanner, in that order: each one's consumer runs before it.
+    /// and the scanner, and hands them their Inits in that order: each one's
+    /// consumer runs before it.
     fn spawn(
         args: &SendArgs,
         src: &Source,
@@ -436,9 +455,9 @@ impl Actors {
         let (disk_credit_tx, disk_credit_rx) = ipc::channel::<u32>()?;
         let (disk_cmd_tx, disk_cmd_rx) = ipc::channel::<blockio::Command>()?;
         let slots = has_disks.then(disk_slots).transpose()?;
-        let slots_path = slots.as_ref().map(|f| f.path().to_owned());
-        sup.spawn(
-            ActorKind::Writer,
+        let (writer, blockio, compress, scanner) = launch(sup, has_disks)?;
+        sup.bootstrap(
+            writer,
             writer::Init {
                 to: args.to.to_string(),
                 blocks: src.blocks.clone(),
@@ -455,20 +474,20 @@ impl Actors {
                 disks: args.disk.iter().map(|d| d.name.clone()).collect(),
                 disk_chunks: has_disks.then_some(disk_chunk_rx),
                 disk_credits: has_disks.then_some(disk_credit_tx),
-                disk_slots: slots_path.clone().map(|p| (p, DISK_WINDOW)),
+                disk_slots: slots.as_ref().map(|f| (f.path().to_owned(), DISK_WINDOW)),
                 multifd: args.multifd.settings(),
             },
         )?;
-        if let Some(slots) = slots_path {
-            sup.spawn(
-                ActorKind::Blockio,
+        if let (Some(slots), Some(blockio)) = (&slots, blockio) {
+            sup.bootstrap(
+                blockio,
                 blockio::Init {
                     disks: args.disk.iter().map(blockio::DiskInit::from_spec).collect(),
                     mailbox: disk_cmd_rx,
                     chunks: disk_chunk_tx,
                     credits: disk_credit_rx,
                     window: DISK_WINDOW,
-                    slots,
+                    slots: slots.path().to_owned(),
                 },
             )?;
         }
@@ -485,9 +504,9 @@ impl Actors {
             window: CHUNK_WINDOW,
             commands,
         };
-        sup.spawn(ActorKind::Compress, init)?;
-        sup.spawn(
-            ActorKind::Scanner,
+        sup.bootstrap(compress, init)?;
+        sup.bootstrap(
+            scanner,
             scanner::Init {
                 blocks: src.blocks.clone(),
                 mailbox: scan_rx,

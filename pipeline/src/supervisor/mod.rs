@@ -113,6 +113,23 @@ fn describe(status: ExitStatus) -> String {
     }
 }
 
+/// An actor process started by [`Supervisor::launch`], not yet handed its
+/// `Init`.
+#[must_use = "a launched actor waits for its Init: bootstrap it"]
+pub struct Launched<I> {
+    actor: &'static str,
+    pid: u32,
+    /// The child's bootstrap sender once it connects, or why it did not.
+    connected: crossbeam_channel::Receiver<Result<IpcSender<Bootstrap<I>>, ipc_channel::IpcError>>,
+    started: Instant,
+}
+
+impl<I> std::fmt::Debug for Launched<I> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} (pid {}, launched)", self.actor, self.pid)
+    }
+}
+
 struct Actor {
     kind: ActorKind,
     child: Child,
@@ -169,6 +186,17 @@ impl Supervisor {
         kind: ActorKind,
         init: I,
     ) -> Result<u32, Error> {
+        let launched = self.launch(kind)?;
+        self.bootstrap(launched, init)
+    }
+
+    /// Starts an actor process, which then loads and connects back while
+    /// the caller launches the next: a process takes milliseconds to start,
+    /// and launching them all before bootstrapping any overlaps those.
+    pub fn launch<I: Serialize + DeserializeOwned + Send + 'static>(
+        &mut self,
+        kind: ActorKind,
+    ) -> Result<Launched<I>, Error> {
         let actor = kind.name();
         let (server, name) =
             IpcOneShotServer::<IpcSender<Bootstrap<I>>>::new().map_err(Error::Ipc)?;
@@ -191,14 +219,34 @@ impl Supervisor {
         });
         // accept() blocks until the child connects; wait for it on a thread so
         // a child that dies first cannot hang us.
-        let (tx, rx) = crossbeam_channel::bounded(1);
+        let (tx, connected) = crossbeam_channel::bounded(1);
         std::thread::spawn(move || {
-            let _ = tx.send(server.accept());
+            let _ = tx.send(server.accept().map(|(_, sender)| sender));
         });
-        let deadline = Instant::now() + CONNECT_TIMEOUT;
+        Ok(Launched {
+            actor,
+            pid,
+            connected,
+            started: Instant::now(),
+        })
+    }
+
+    /// Waits for a launched actor to connect and hands it `init`.
+    pub fn bootstrap<I: Serialize + DeserializeOwned + Send + 'static>(
+        &mut self,
+        launched: Launched<I>,
+        init: I,
+    ) -> Result<u32, Error> {
+        let Launched {
+            actor,
+            pid,
+            connected,
+            started,
+        } = launched;
+        let deadline = started + CONNECT_TIMEOUT;
         let sender = loop {
-            match rx.recv_timeout(Duration::from_millis(50)) {
-                Ok(Ok((_, sender))) => break sender,
+            match connected.recv_timeout(Duration::from_millis(50)) {
+                Ok(Ok(sender)) => break sender,
                 Ok(Err(e)) => return Err(self.start_failed(actor, format!("{e:?}"))),
                 Err(_) => {
                     self.check_children()?;
