@@ -996,6 +996,9 @@ mod tests {
         want[3 * PAGE_SIZE..].fill(9);
         assert_eq!(std::fs::read(path).unwrap(), want);
         assert!(image.blocks[0].map.is_some(), "the block left its mapping");
+        // Page 1, written and then zeroed, was taken out of the digest.
+        let digest = image.files().unwrap().next().unwrap().digest().unwrap();
+        assert_eq!(digest, guest_ram::digest(&want));
     }
 
     /// Every kind of page record counts as received, a zero page left as a
