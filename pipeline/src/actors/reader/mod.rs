@@ -301,7 +301,8 @@ pub enum Error {
     /// A destination disk failed, or the stream does not fit it.
     #[error(transparent)]
     Disk(blockio::Error),
-    /// A loaded RAM file cannot be read back for its digest.
+    /// The digest of a loaded block cannot be completed: the pages an
+    /// existing RAM file kept (the stream never sent them) cannot be read.
     #[error("cannot compute the digest of the loaded RAM")]
     Digest(#[source] load::Error),
     /// The device state cannot be written to its file.

@@ -9,6 +9,10 @@
 //! delivered one SYNC packet, and each channel waits at its SYNC until all
 //! have, so no page sent after a sync point is written before one sent
 //! before it, whichever channel carried them.
+//!
+//! Each channel sums the RAM digest of the pages it writes, from the bytes it
+//! has in hand, and hands the sum in when it ends: the receiver never reads
+//! the RAM back for its digest.
 
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
