@@ -5,7 +5,15 @@
 //! announces costs disk and memory only for pages it sends. Pages go in with
 //! pwrite, neighbours gathered into one call: on tmpfs that skips the page
 //! fault and the zeroing a store through a mapping costs per new page, and a
-//! full file system is an error (ENOSPC) instead of a SIGBUS.
+//! full file system is an error (ENOSPC) instead of a SIGBUS. Measured
+//! against a shared mapping for the multifd threads (issue 12, 1 GiB, two
+//! channels): a copy into the mapping, with or without `MADV_POPULATE_WRITE`,
+//! or a read from the socket straight into it, each cost the receiver
+//! 0.1-0.15 CPU s more than pwrite, which pays for its inode lock less than a
+//! mapping pays tmpfs for clearing every page it faults in.
+//!
+//! Every thread that writes pages keeps the [`crate::ram::PageDigest`] of
+//! what it wrote ([`LoadedBlock::digest`]), so the digest needs no read-back.
 //!
 //! A file that refuses write(2) (hugetlbfs) is mapped instead, and from then
 //! on used only through that mapping, with volatile copies: the file is never
@@ -16,7 +24,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use flate2::Decompress;
 use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
@@ -24,6 +32,8 @@ use vm_memory::{MmapRegion, VolatileMemory, VolatileSlice};
 use ferry_proto::compress;
 use ferry_proto::stream::parse::RamRecord;
 use ferry_proto::stream::{xbzrle, RamBlockInfo, PAGE_SIZE};
+
+use crate::ram::{self as guest_ram, PageDigest};
 
 /// Errors of loading RAM.
 #[derive(Debug, thiserror::Error)]
@@ -113,6 +123,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// The pages an existing RAM file kept (the stream never sent them)
+    /// cannot be read for the block's digest.
+    #[error("cannot read the pages the stream left in place, for the digest")]
+    Digest(#[source] guest_ram::Error),
     /// Writing the pages back to storage failed.
     #[error("RAM file {path} cannot be synced")]
     Sync {
@@ -200,16 +214,17 @@ impl Received {
         n
     }
 
-    /// The runs of received pages, as ascending byte ranges.
-    fn runs(&self) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
-        let end = self.pages();
+    /// The runs of the first `pages` pages whose bit is `set` (received or
+    /// not), as ascending byte ranges.
+    fn runs(&self, set: bool, pages: u64) -> impl Iterator<Item = std::ops::Range<u64>> + '_ {
+        let end = pages.min(self.pages());
         let mut page = 0;
         std::iter::from_fn(move || {
-            let start = self.find(page, end, true);
+            let start = self.find(page, end, set);
             if start >= end {
                 return None;
             }
-            page = self.find(start, end, false);
+            page = self.find(start, end, !set);
             Some(start * PAGE_SIZE as u64..page * PAGE_SIZE as u64)
         })
     }
@@ -243,6 +258,9 @@ struct Block {
     fresh: bool,
     /// Pages received so far.
     received: Received,
+    /// The [`PageDigest`] of the pages this thread wrote, old contents of
+    /// pages written again taken out.
+    digest: PageDigest,
     /// Where a fresh file goes once the stream verified ([`RamImage::commit`]);
     /// until then it lives at `path`, a temporary name beside it.
     destination: Option<PathBuf>,
@@ -302,6 +320,8 @@ pub struct LoadedBlock<'a> {
     pub path: &'a Path,
     received: Received,
     fresh: bool,
+    /// What every writing thread added up.
+    digest: PageDigest,
 }
 
 impl LoadedBlock<'_> {
@@ -330,10 +350,27 @@ impl LoadedBlock<'_> {
     /// hold them all.
     pub fn data_runs(&self) -> Box<dyn Iterator<Item = std::ops::Range<u64>> + '_> {
         if self.fresh {
-            Box::new(self.received.runs())
+            Box::new(self.received.runs(true, self.pages()))
         } else {
             Box::new(std::iter::once(0..self.info.length))
         }
+    }
+
+    /// The block's [`crate::ram::digest`] (32 hex digits), from the sums the
+    /// loader and the multifd threads kept while they wrote the pages, with
+    /// the old contents of every page written again taken out: nothing is
+    /// read back, except, in a file that existed before the load, the pages
+    /// the stream never sent (none, for a complete precopy stream).
+    ///
+    /// # Errors
+    /// [`Error::Digest`] when those pages cannot be read.
+    pub fn digest(&self) -> Result<String> {
+        let mut d = self.digest;
+        if !self.fresh {
+            let kept = self.received.runs(false, self.pages());
+            d += guest_ram::file_page_digest(self.path, kept).map_err(Error::Digest)?;
+        }
+        Ok(d.to_hex())
     }
 }
 
@@ -352,6 +389,8 @@ struct Run {
 /// Guest RAM as a set of files, one per RAM block.
 pub struct RamImage {
     blocks: Vec<Block>,
+    /// Per block, the digest sums the multifd threads handed in as they ended.
+    channel_digests: Arc<Mutex<Vec<PageDigest>>>,
     inflater: Decompress,
     /// Written before any page is read back, so the stream's order is kept.
     run: Run,
@@ -430,6 +469,7 @@ fn map_at(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         map: None,
         fresh: !exists,
         received: Received::new(path, info.length)?,
+        digest: PageDigest::default(),
         destination: None,
     })
 }
@@ -464,11 +504,7 @@ impl RamImage {
                 }
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
-            blocks,
-            inflater: compress::decompressor(),
-            run: Run::default(),
-        })
+        Ok(Self::with_blocks(blocks))
     }
 
     /// Maps existing files for the announced blocks. `files` pairs block names
@@ -491,11 +527,16 @@ impl RamImage {
                 map_file(path, b, create)
             })
             .collect::<Result<_>>()?;
-        Ok(Self {
+        Ok(Self::with_blocks(blocks))
+    }
+
+    fn with_blocks(blocks: Vec<Block>) -> Self {
+        Self {
+            channel_digests: Arc::new(Mutex::new(vec![PageDigest::default(); blocks.len()])),
             blocks,
             inflater: compress::decompressor(),
             run: Run::default(),
-        })
+        }
     }
 
     /// Applies one record; `offset` is its place in the stream, for errors.
@@ -583,7 +624,9 @@ impl RamImage {
             })
     }
 
-    /// Writes a whole page, gathered with its neighbours into one pwrite.
+    /// Writes a whole page, gathered with its neighbours into one pwrite,
+    /// and adds it to the block's digest; a page written before (a later
+    /// round) is first taken out with the contents it had.
     fn write_page(&mut self, block: usize, at: u64, data: &[u8]) -> Result<()> {
         if data.len() != PAGE_SIZE {
             return Err(Error::BadPage {
@@ -591,6 +634,13 @@ impl RamImage {
                 offset: at,
             });
         }
+        let index = at / PAGE_SIZE as u64;
+        if !unmarked(&self.locate(block, at)?.received, at) {
+            let mut old = [0u8; PAGE_SIZE];
+            self.read_page(block, at, &mut old)?;
+            self.blocks[block].digest.remove(index, &old);
+        }
+        self.blocks[block].digest.add(index, data);
         if let Some(mapped) = self.locate(block, at)?.mapped_page(at, PAGE_SIZE) {
             mapped.copy_from(data);
             self.blocks[block].mark_received(at);
@@ -668,18 +718,20 @@ impl RamImage {
     /// [`Error::Write`].
     pub fn shared_pages(&mut self) -> Result<SharedPages> {
         self.write_run()?;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| SharedBlock {
+                info: b.info.clone(),
+                path: b.path.clone(),
+                file: Arc::clone(&b.file),
+                fresh: b.fresh,
+                received: b.received.clone(),
+            })
+            .collect();
         Ok(SharedPages {
-            blocks: self
-                .blocks
-                .iter()
-                .map(|b| SharedBlock {
-                    info: b.info.clone(),
-                    path: b.path.clone(),
-                    file: Arc::clone(&b.file),
-                    fresh: b.fresh,
-                    received: b.received.clone(),
-                })
-                .collect(),
+            blocks,
+            digests: Arc::clone(&self.channel_digests),
         })
     }
 
@@ -687,11 +739,21 @@ impl RamImage {
     /// written first.
     pub fn files(&mut self) -> Result<impl Iterator<Item = LoadedBlock<'_>>> {
         self.write_run()?;
-        Ok(self.blocks.iter().map(|b| LoadedBlock {
-            info: &b.info,
-            path: &b.path,
-            received: b.received.clone(),
-            fresh: b.fresh,
+        let channels = self
+            .channel_digests
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Ok(self.blocks.iter().zip(channels).map(|(b, c)| {
+            let mut digest = b.digest;
+            digest += c;
+            LoadedBlock {
+                info: &b.info,
+                path: &b.path,
+                received: b.received.clone(),
+                fresh: b.fresh,
+                digest,
+            }
         }))
     }
 
@@ -725,6 +787,8 @@ struct SharedBlock {
 #[derive(Debug, Clone)]
 pub struct SharedPages {
     blocks: Arc<[SharedBlock]>,
+    /// The [`RamImage`]'s sums of what the threads wrote, per block.
+    digests: Arc<Mutex<Vec<PageDigest>>>,
 }
 
 impl SharedPages {
@@ -753,13 +817,17 @@ impl SharedPages {
     }
 
     /// Writes `data`, one whole page per offset in `offsets` and in that
-    /// order, to block `block`; neighbouring pages go in one pwrite.
+    /// order, to block `block`; neighbouring pages go in one pwrite. Returns
+    /// what the pages change in the block's digest: each page added, and a
+    /// page received before (a later round) taken out with its old contents,
+    /// read back first. The caller sums these and hands the sum in with
+    /// [`SharedPages::add_digests`].
     ///
     /// # Errors
     /// [`Error::BadPage`] for an offset outside the block or a `data` that is
-    /// not one page per offset (checked before anything is written), and
-    /// [`Error::Write`].
-    pub fn write_pages(&self, block: usize, offsets: &[u64], data: &[u8]) -> Result<()> {
+    /// not one page per offset (checked before anything is written),
+    /// [`Error::Read`] and [`Error::Write`].
+    pub fn write_pages(&self, block: usize, offsets: &[u64], data: &[u8]) -> Result<PageDigest> {
         let b = self.checked(block, offsets)?;
         if data.len() != offsets.len() * PAGE_SIZE {
             return Err(Error::BadPage {
@@ -767,45 +835,85 @@ impl SharedPages {
                 offset: offsets.first().copied().unwrap_or(0),
             });
         }
+        let mut delta = PageDigest::default();
         let mut i = 0;
         while i < offsets.len() {
             let mut n = 1;
             while i + n < offsets.len() && offsets[i + n] == offsets[i] + (n * PAGE_SIZE) as u64 {
                 n += 1;
             }
+            let run = &offsets[i..i + n];
             let bytes = &data[i * PAGE_SIZE..(i + n) * PAGE_SIZE];
+            b.take_out_old(run, &mut delta)?;
             b.file
                 .write_all_at(bytes, offsets[i])
-                .map_err(|source| Error::Write {
-                    path: b.path.clone(),
-                    source,
-                })?;
+                .map_err(|source| b.write_error(source))?;
+            for (&o, page) in run.iter().zip(bytes.chunks_exact(PAGE_SIZE)) {
+                mark(&b.received, o);
+                delta.add(o / PAGE_SIZE as u64, page);
+            }
             i += n;
         }
-        offsets.iter().for_each(|&o| mark(&b.received, o));
-        Ok(())
+        Ok(delta)
     }
 
     /// Makes the pages at `offsets` of block `block` zero: a page of a fresh
-    /// file that was never received already is, and stays a hole.
+    /// file that was never received already is, and stays a hole. Returns
+    /// what that changes in the block's digest, as
+    /// [`SharedPages::write_pages`] does.
     ///
     /// # Errors
     /// As [`SharedPages::write_pages`].
-    pub fn zero_pages(&self, block: usize, offsets: &[u64]) -> Result<()> {
+    pub fn zero_pages(&self, block: usize, offsets: &[u64]) -> Result<PageDigest> {
         let b = self.checked(block, offsets)?;
         const ZERO: [u8; PAGE_SIZE] = [0; PAGE_SIZE];
+        let mut delta = PageDigest::default();
         for &o in offsets {
             let untouched = b.fresh && unmarked(&b.received, o);
-            mark(&b.received, o);
             if untouched {
+                mark(&b.received, o);
                 continue;
             }
+            b.take_out_old(&[o], &mut delta)?;
             b.file
                 .write_all_at(&ZERO, o)
-                .map_err(|source| Error::Write {
-                    path: b.path.clone(),
+                .map_err(|source| b.write_error(source))?;
+            mark(&b.received, o);
+        }
+        Ok(delta)
+    }
+
+    /// Adds a thread's digest sums, per block index (as returned by
+    /// [`SharedPages::write_pages`] and [`SharedPages::zero_pages`], added
+    /// up), to the image's: once, when the thread has written its last page.
+    pub fn add_digests(&self, sums: &[PageDigest]) {
+        let mut all = self.digests.lock().unwrap_or_else(PoisonError::into_inner);
+        for (total, &sum) in all.iter_mut().zip(sums) {
+            *total += sum;
+        }
+    }
+}
+
+impl SharedBlock {
+    fn write_error(&self, source: io::Error) -> Error {
+        Error::Write {
+            path: self.path.clone(),
+            source,
+        }
+    }
+
+    /// Takes the pages at `offsets` that were received before out of
+    /// `delta`, with the contents they have now.
+    fn take_out_old(&self, offsets: &[u64], delta: &mut PageDigest) -> Result<()> {
+        let mut old = [0u8; PAGE_SIZE];
+        for &o in offsets.iter().filter(|&&o| !unmarked(&self.received, o)) {
+            self.file
+                .read_exact_at(&mut old, o)
+                .map_err(|source| Error::Read {
+                    path: self.path.clone(),
                     source,
                 })?;
+            delta.remove(o / PAGE_SIZE as u64, &old);
         }
         Ok(())
     }
@@ -896,6 +1004,9 @@ mod tests {
         want[3 * PAGE_SIZE..].fill(9);
         assert_eq!(std::fs::read(path).unwrap(), want);
         assert!(image.blocks[0].map.is_some(), "the block left its mapping");
+        // Page 1, written and then zeroed, was taken out of the digest.
+        let digest = image.files().unwrap().next().unwrap().digest().unwrap();
+        assert_eq!(digest, guest_ram::digest(&want));
     }
 
     /// Every kind of page record counts as received, a zero page left as a
@@ -956,5 +1067,95 @@ mod tests {
             .map(|b| (b.pages(), b.received()))
             .collect();
         assert_eq!(got, [(pages, 4), (pages, 5)]);
+    }
+
+    /// The digest the writers keep equals the one read from the final file:
+    /// pages written again (by the loader or a channel, raw or zero) are
+    /// taken out with their old contents, and an existing file's pages that
+    /// the stream never sent count with what they hold.
+    #[test]
+    fn the_kept_digest_equals_the_final_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let pages = 70u64;
+        let info = |name: &str| RamBlockInfo {
+            idstr: name.into(),
+            length: pages * PAGE_SIZE as u64,
+        };
+        let existing = dir.path().join("old.ram");
+        let old: Vec<u8> = (0..pages as usize * PAGE_SIZE)
+            .map(|i| (i / PAGE_SIZE % 5) as u8)
+            .collect();
+        std::fs::write(&existing, &old).unwrap();
+        let files = [
+            ("new".to_owned(), dir.path().join("new.ram")),
+            ("old".to_owned(), existing),
+        ];
+        let mut image = RamImage::open(&files, &[info("new"), info("old")], true).unwrap();
+        let at = |p: u64| p * PAGE_SIZE as u64;
+        let page = |seed: u8| [seed; PAGE_SIZE];
+        for block in 0..2 {
+            // Round one on the main stream; page 3 twice in one run.
+            for (p, seed) in [(2, 1), (3, 2), (3, 4), (4, 0), (9, 5)] {
+                let data = page(seed);
+                let r = RamRecord::Page {
+                    block,
+                    offset: at(p),
+                    data: &data,
+                };
+                image.apply(&r, 0).unwrap();
+            }
+            let fill = RamRecord::Zero {
+                block,
+                offset: at(9),
+                fill: 0,
+            };
+            image.apply(&fill, 0).unwrap();
+        }
+        // Later rounds on two channels, over pages the loader wrote.
+        let shared = image.shared_pages().unwrap();
+        // Per block, the sums of two channels.
+        let mut one = [PageDigest::default(); 2];
+        let mut two = [PageDigest::default(); 2];
+        for block in 0..2 {
+            one[block] += shared
+                .write_pages(block, &[at(2), at(3), at(10)], &[6u8; 3 * PAGE_SIZE])
+                .unwrap();
+            two[block] += shared.zero_pages(block, &[at(3), at(11), at(1)]).unwrap();
+            one[block] += shared
+                .write_pages(block, &[at(11), at(20), at(11)], &[7u8; 3 * PAGE_SIZE])
+                .unwrap();
+        }
+        shared.add_digests(&[one[0]]);
+        shared.add_digests(&[two[0]]);
+        // The main stream again, after the channels.
+        let data = page(8);
+        let r = RamRecord::Page {
+            block: 0,
+            offset: at(20),
+            data: &data,
+        };
+        image.apply(&r, 0).unwrap();
+        // Channel sums for block 1 were left out: its digest must differ.
+        let got: Vec<(String, String)> = image
+            .files()
+            .unwrap()
+            .map(|b| {
+                let file = std::fs::read(b.path).unwrap();
+                (b.digest().unwrap(), guest_ram::digest(&file))
+            })
+            .collect();
+        assert_eq!(got[0].0, got[0].1);
+        assert_ne!(got[1].0, got[1].1);
+        shared.add_digests(&[PageDigest::default(), one[1]]);
+        shared.add_digests(&[PageDigest::default(), two[1]]);
+        for b in image.files().unwrap() {
+            let file = std::fs::read(b.path).unwrap();
+            assert_eq!(
+                b.digest().unwrap(),
+                guest_ram::digest(&file),
+                "{}",
+                b.info.idstr
+            );
+        }
     }
 }

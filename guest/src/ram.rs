@@ -409,6 +409,20 @@ pub fn digest_file(
     path: &Path,
     ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
 ) -> Result<String, Error> {
+    file_page_digest(path, ranges).map(PageDigest::to_hex)
+}
+
+/// The [`PageDigest`] sum of the pages of the RAM file at `path` that lie in
+/// `ranges` (ascending, page aligned), read with pread as [`digest_file`]
+/// does: a receiver adds it for the pages of an existing file that the
+/// stream never overwrote.
+///
+/// # Errors
+/// [`Error::Open`] when the file cannot be opened or read.
+pub fn file_page_digest(
+    path: &Path,
+    ranges: impl IntoIterator<Item = std::ops::Range<u64>>,
+) -> Result<PageDigest, Error> {
     use std::os::unix::fs::FileExt;
     let err = |source| Error::Open {
         path: path.to_owned(),
@@ -426,7 +440,7 @@ pub fn digest_file(
             at += n as u64;
         }
     }
-    Ok(d.to_hex())
+    Ok(d)
 }
 
 #[cfg(test)]

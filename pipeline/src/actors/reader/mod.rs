@@ -67,7 +67,6 @@ use crate::channel::tls;
 use crate::channel::uri::{self, Uri};
 use crate::options::{DiskSpec, RamSpec};
 use crate::supervisor::error_chain;
-use ferry_guest::ram;
 
 /// How often the reader reports progress.
 pub const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -302,9 +301,10 @@ pub enum Error {
     /// A destination disk failed, or the stream does not fit it.
     #[error(transparent)]
     Disk(blockio::Error),
-    /// A loaded RAM file cannot be read back for its digest.
+    /// The digest of a loaded block cannot be completed: the pages an
+    /// existing RAM file kept (the stream never sent them) cannot be read.
     #[error("cannot compute the digest of the loaded RAM")]
-    Digest(#[source] ram::Error),
+    Digest(#[source] load::Error),
     /// The device state cannot be written to its file.
     #[error("cannot write the device state to {path}")]
     DeviceStateOut {
@@ -368,8 +368,7 @@ impl Parsed {
             .files()
             .map_err(Error::Save)?
             .map(|block| {
-                let xxh3 =
-                    ram::digest_file(block.path, block.data_runs()).map_err(Error::Digest)?;
+                let xxh3 = block.digest().map_err(Error::Digest)?;
                 Ok(BlockDigest {
                     name: block.info.idstr.clone(),
                     length: block.info.length,
@@ -1040,6 +1039,7 @@ impl Loader {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ferry_guest::ram;
     use ferry_proto::qemu_file::QemuFileWriter;
     use ferry_proto::stream::encode::{self, RamWriter};
     use ferry_proto::stream::{image, ram_flag, xbzrle};
@@ -1178,6 +1178,7 @@ mod tests {
             let names: Vec<_> = loaded.digests.iter().map(|d| d.name.as_str()).collect();
             assert_eq!(names, ["one", "two"]);
             assert_eq!(loaded.digests[0].xxh3, ram::digest(&one));
+            assert_eq!(loaded.digests[1].xxh3, ram::digest(&two));
             assert_eq!(loaded.digests[1].length, two.len() as u64);
         }
     }

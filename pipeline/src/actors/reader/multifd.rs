@@ -9,6 +9,10 @@
 //! delivered one SYNC packet, and each channel waits at its SYNC until all
 //! have, so no page sent after a sync point is written before one sent
 //! before it, whichever channel carried them.
+//!
+//! Each channel sums the RAM digest of the pages it writes, from the bytes it
+//! has in hand, and hands the sum in when it ends: the receiver never reads
+//! the RAM back for its digest.
 
 use std::io::ErrorKind;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -17,6 +21,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use ferry_guest::load::{self, SharedPages};
+use ferry_guest::ram::PageDigest;
 use ferry_proto::multifd::{
     self, ChannelDecoder, ChannelInit, Compression, PacketHeader, HEADER_LEN, INIT_LEN,
 };
@@ -561,6 +566,8 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
     let (mut payload, mut pages) = (Vec::new(), Vec::new());
     let mut decoder = ChannelDecoder::default();
     let mut since_sync = 0u64;
+    // Per block, what this channel's pages add to the digest.
+    let mut sums: Vec<PageDigest> = Vec::new();
     loop {
         let offset = stats.bytes;
         let io = |source| Error::Io {
@@ -569,7 +576,12 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
             source,
         };
         match read_full(t.as_mut(), &mut header[..]).map_err(io)? {
-            Some(0) if since_sync == 0 => return Ok(stats),
+            Some(0) if since_sync == 0 => {
+                if let Some(ram) = shared.pages.get() {
+                    ram.add_digests(&sums);
+                }
+                return Ok(stats);
+            }
             Some(0) => {
                 return Err(Error::Sync {
                     channel,
@@ -598,17 +610,9 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
             });
         }
         stats.bytes += (HEADER_LEN + payload.len()) as u64;
-        let mut method = Compression::None;
-        if h.normal_pages > 0 {
-            method = Compression::from_flags(h.flags).map_err(packet)?;
-            pages.resize(h.normal_pages as usize * PAGE_SIZE, 0);
-            decoder
-                .decode(method, &payload, &mut pages)
-                .map_err(packet)?;
-        }
+        let (method, normal) = decode(&mut decoder, &h, &payload, &mut pages).map_err(packet)?;
         if !h.offsets.is_empty() {
-            let normal = &pages[..h.normal_pages as usize * PAGE_SIZE];
-            write(channel, offset, &h, normal, shared)?;
+            write(channel, offset, &h, normal, shared, &mut sums)?;
             // Per packet: with auto, raw packets travel on a zstd channel.
             if method == Compression::None {
                 stats.normal += u64::from(h.normal_pages);
@@ -626,13 +630,37 @@ fn receive(channel: u8, mut t: Box<dyn Transport>, shared: &Shared) -> Result<St
     }
 }
 
-/// Writes one packet's pages to its block.
+/// The packet's normal pages and how they came: raw pages are written from
+/// the payload as it came, a copy less; compressed ones are decoded into
+/// `pages`.
+fn decode<'a>(
+    decoder: &mut ChannelDecoder,
+    h: &PacketHeader,
+    payload: &'a [u8],
+    pages: &'a mut Vec<u8>,
+) -> Result<(Compression, &'a [u8]), multifd::Error> {
+    let len = h.normal_pages as usize * PAGE_SIZE;
+    if h.normal_pages == 0 {
+        return Ok((Compression::None, &[]));
+    }
+    let method = Compression::from_flags(h.flags)?;
+    if method == Compression::None && payload.len() == len {
+        return Ok((method, payload));
+    }
+    pages.resize(len, 0);
+    decoder.decode(method, payload, pages)?;
+    Ok((method, &pages[..]))
+}
+
+/// Writes one packet's pages to its block and adds them to the channel's
+/// digest `sums`.
 fn write(
     channel: u8,
     offset: u64,
     h: &PacketHeader,
     pages: &[u8],
     shared: &Shared,
+    sums: &mut Vec<PageDigest>,
 ) -> Result<(), Error> {
     let block_error = |why| Error::Block {
         channel,
@@ -652,6 +680,10 @@ fn write(
         offset,
         source,
     };
-    ram.write_pages(block, h.normal(), pages).map_err(load)?;
-    ram.zero_pages(block, h.zero()).map_err(load)
+    if sums.len() <= block {
+        sums.resize(block + 1, PageDigest::default());
+    }
+    sums[block] += ram.write_pages(block, h.normal(), pages).map_err(load)?;
+    sums[block] += ram.zero_pages(block, h.zero()).map_err(load)?;
+    Ok(())
 }
