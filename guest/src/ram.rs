@@ -190,6 +190,12 @@ impl GuestRam {
     /// page aligned, e.g. the data [`Extents`]); the rest is known to be zero
     /// and is not touched, so a sparse file's holes stay unallocated.
     pub fn digest_ranges(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) -> String {
+        self.sum_ranges(ranges).to_hex()
+    }
+
+    /// The [`PageDigest`] sum of the pages in `ranges` (byte ranges, page
+    /// aligned), hashed from private copies; pages past the end count nothing.
+    pub fn sum_ranges(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) -> PageDigest {
         let mut d = PageDigest::default();
         let mut buf = [0u8; PAGE_SIZE];
         let page = PAGE_SIZE as u64;
@@ -200,7 +206,7 @@ impl GuestRam {
                 }
             }
         }
-        d.to_hex()
+        d
     }
 }
 
