@@ -149,6 +149,14 @@ impl GuestRam {
             .ok()
     }
 
+    /// Pages `first..first + count`, for volatile access (or a writev
+    /// straight from the mapping), if the mapping has them all.
+    pub fn pages(&self, first: u32, count: u32) -> Option<VolatileSlice<'_>> {
+        self.region
+            .get_slice(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)
+            .ok()
+    }
+
     /// Copies page `index` into `buf` and returns it, if the mapping has it:
     /// the copy holds still while compressors, hashes and sockets read it.
     pub fn read_page<'b>(
