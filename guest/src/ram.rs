@@ -149,6 +149,14 @@ impl GuestRam {
             .ok()
     }
 
+    /// Pages `first..first + count`, for volatile access (or a writev
+    /// straight from the mapping), if the mapping has them all.
+    pub fn pages(&self, first: u32, count: u32) -> Option<VolatileSlice<'_>> {
+        self.region
+            .get_slice(first as usize * PAGE_SIZE, count as usize * PAGE_SIZE)
+            .ok()
+    }
+
     /// Copies page `index` into `buf` and returns it, if the mapping has it:
     /// the copy holds still while compressors, hashes and sockets read it.
     pub fn read_page<'b>(
@@ -190,6 +198,12 @@ impl GuestRam {
     /// page aligned, e.g. the data [`Extents`]); the rest is known to be zero
     /// and is not touched, so a sparse file's holes stay unallocated.
     pub fn digest_ranges(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) -> String {
+        self.sum_ranges(ranges).to_hex()
+    }
+
+    /// The [`PageDigest`] sum of the pages in `ranges` (byte ranges, page
+    /// aligned), hashed from private copies; pages past the end count nothing.
+    pub fn sum_ranges(&self, ranges: impl IntoIterator<Item = std::ops::Range<u64>>) -> PageDigest {
         let mut d = PageDigest::default();
         let mut buf = [0u8; PAGE_SIZE];
         let page = PAGE_SIZE as u64;
@@ -200,7 +214,7 @@ impl GuestRam {
                 }
             }
         }
-        d.to_hex()
+        d
     }
 }
 

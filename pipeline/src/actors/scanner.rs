@@ -1,11 +1,15 @@
 //! The scanner actor: walks the pages to send this round, finds zero pages
 //! itself (before any compression) and batches the rest for the compress stage.
 //!
-//! It maps guest RAM read-only and scans it page by page in place, with
-//! volatile loads; the other pages travel onwards as indices, never as bytes.
-//! Round 0 asks each RAM file for its holes first (SEEK_DATA/SEEK_HOLE) and
-//! sends them as zero pages unread. What the scanner holds does not grow with
-//! the guest: one batch of indices at a time, never a list of every page.
+//! It maps guest RAM read-only and reads each page once per round: round 0
+//! copies it into a private page buffer, decides zero or not there and adds
+//! its [`PageDigest`] to its region's sum, so the digest a ferry destination
+//! checks costs no second pass over RAM ([`RegionSums`]); later rounds scan
+//! in place with volatile loads. The pages travel onwards as indices, never
+//! as bytes. Round 0 asks each RAM file for its holes first
+//! (SEEK_DATA/SEEK_HOLE) and sends them as zero pages unread. What the scanner
+//! holds grows with the guest by 16 bytes and a bit per MiB (16 MiB at 1 TiB):
+//! one batch of indices at a time, never a list of every page.
 
 use crate::supervisor::messages::{ActorEvent, ActorKind, Event, PageBatch, Work};
 use ferry_proto::qemu_file::QemuFileWriter;
@@ -19,7 +23,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::supervisor::ipc_error;
 use ferry_guest::dirty_log::{self, DirtyLog};
-use ferry_guest::ram::{self, BlockFile, GuestRam};
+use ferry_guest::ram::{self, BlockFile, GuestRam, PageDigest};
 
 /// Pages per batch: 1 MiB, big enough to amortise a message, small enough to
 /// keep every stage busy.
@@ -45,8 +49,9 @@ pub enum Command {
         last: bool,
     },
     /// After the last round: digest the RAM for a destination that will
-    /// acknowledge, then exit. The scanner has read every page through its
-    /// own mapping by then, so hashing costs no page faults.
+    /// acknowledge, then exit. Only the regions a later round rescanned are
+    /// read again ([`RegionSums::finish`]), through the scanner's own
+    /// mapping, which has them faulted in already.
     Digest,
     /// Exit.
     Stop,
@@ -152,6 +157,8 @@ fn map_blocks(blocks: &[BlockFile]) -> Result<Vec<GuestRam>, Error> {
 struct Scanner<'i> {
     init: &'i Init,
     rams: Vec<GuestRam>,
+    /// The running digest of each block, by region.
+    sums: Vec<RegionSums>,
     log: Option<DirtyLog>,
     /// The next batch's sequence number.
     seq: u64,
@@ -167,24 +174,32 @@ impl<'i> Scanner<'i> {
             Some(path) => Some(DirtyLog::open(path, total_pages)?),
             None => None,
         };
+        let sums = init
+            .blocks
+            .iter()
+            .map(|b| RegionSums::new(b.pages()))
+            .collect();
         Ok(Self {
             init,
             rams,
+            sums,
             log,
             seq: 0,
             credits: init.window.max(1),
         })
     }
 
-    /// The digest of every block, reading only its data extents: the holes
-    /// read zero, which the digest leaves out, and touching them through
-    /// the mapping would allocate them.
+    /// The digest of every block: the sums of the regions no later round
+    /// rescanned, and the stale regions hashed again, reading only their
+    /// data extents: the holes read zero, which the digest leaves out, and
+    /// touching them through the mapping would allocate them.
     fn digests(&self) -> Result<Vec<String>, Error> {
         self.init
             .blocks
             .iter()
             .zip(&self.rams)
-            .map(|(info, ram)| {
+            .zip(&self.sums)
+            .map(|((info, ram), sums)| {
                 let mut failed = None;
                 let ranges = ram::extents(&info.path, info.length)?.filter_map(|e| match e {
                     Ok(e) => e.data.then_some(e.range),
@@ -193,7 +208,7 @@ impl<'i> Scanner<'i> {
                         None
                     }
                 });
-                let digest = ram.digest_ranges(ranges);
+                let digest = sums.finish(ram, ranges).to_hex();
                 failed.map_or(Ok(digest), |e| Err(e.into()))
             })
             .collect()
@@ -210,6 +225,9 @@ impl<'i> Scanner<'i> {
             // what is dirtied from here on goes in the next round.
             if let Some(log) = &self.log {
                 log.clear();
+            }
+            for sums in &mut self.sums {
+                sums.reset();
             }
         } else if self.log.is_none() {
             return Err(Error::NoDirtyLog(round));
@@ -254,7 +272,7 @@ impl<'i> Scanner<'i> {
                     let n = (end - at).min(BATCH_PAGES as u32);
                     indices.clear();
                     indices.extend(at..at + n);
-                    self.send_batch(block, indices)?;
+                    self.send_batch(block, indices, Pass::First)?;
                     n
                 } else {
                     let n = (end - at).min(HOLE_BATCH_PAGES);
@@ -289,7 +307,7 @@ impl<'i> Scanner<'i> {
                 *i += at as u32;
             }
             for chunk in indices.chunks(BATCH_PAGES) {
-                self.send_batch(block, chunk)?;
+                self.send_batch(block, chunk, Pass::Again)?;
                 sent += chunk.len() as u64;
             }
             at += n;
@@ -311,10 +329,12 @@ impl<'i> Scanner<'i> {
     }
 
     /// Scans `indices` of `block` and hands them on, once there is credit.
-    fn send_batch(&mut self, block: usize, indices: &[u32]) -> Result<(), Error> {
+    fn send_batch(&mut self, block: usize, indices: &[u32], pass: Pass) -> Result<(), Error> {
         self.take_credit()?;
         let name = &self.init.blocks[block].name;
-        let batch = scan_batch(self.seq, block as u32, name, &self.rams[block], indices);
+        let ram = &self.rams[block];
+        let sums = &mut self.sums[block];
+        let batch = scan_batch(self.seq, block as u32, name, ram, indices, sums, pass);
         self.send(Work::Batch(batch))
     }
 
@@ -346,17 +366,56 @@ impl<'i> Scanner<'i> {
     }
 }
 
+/// Which scan of a page this is since round 0 began.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Round 0: the page is read once, into a private buffer, and hashed.
+    First,
+    /// A later round: its region goes stale, the page is scanned in place.
+    Again,
+}
+
+/// A page buffer aligned for word-wise zero checks and hashing.
+#[repr(C, align(64))]
+struct PageBuf([u8; PAGE_SIZE]);
+
 /// Splits `indices` of one block into zero pages, encoded here as ZERO
-/// records, and the rest, passed on by index.
+/// records, and the rest, passed on by index; on the [`Pass::First`] scan
+/// the non-zero pages are hashed into `sums` from the same single read.
 ///
 /// A page of one repeated non-zero byte goes on as a normal page: QEMU 8.2
 /// and later refuse a ZERO record whose fill byte is not 0 ("Found a zero
 /// page with value N").
-fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32]) -> PageBatch {
+fn scan_batch(
+    seq: u64,
+    block: u32,
+    name: &str,
+    ram: &GuestRam,
+    indices: &[u32],
+    sums: &mut RegionSums,
+    pass: Pass,
+) -> PageBatch {
     let mut pages = Vec::with_capacity(indices.len());
     let mut zero_indices = Vec::new();
+    let mut buf = PageBuf([0; PAGE_SIZE]);
     for &i in indices {
-        if ram.page_fill(i) == Some(0) {
+        let zero = match pass {
+            Pass::First => match ram.read_page(i, &mut buf.0) {
+                Some(bytes) if !ferry_proto::stream::encode::is_zero(bytes) => {
+                    sums.add(i, PageDigest::of_page(u64::from(i), bytes));
+                    false
+                }
+                Some(_) => true,
+                // Past the end: the stream's check at start rules it out;
+                // sent on as a page, the writer reports it.
+                None => false,
+            },
+            Pass::Again => {
+                sums.mark_stale(i);
+                ram.page_fill(i) == Some(0)
+            }
+        };
+        if zero {
             zero_indices.push(i);
         } else {
             pages.push(i);
@@ -370,6 +429,102 @@ fn scan_batch(seq: u64, block: u32, name: &str, ram: &GuestRam, indices: &[u32])
         zero_records,
         zero: zero_indices,
         pages,
+    }
+}
+
+/// Pages per digest region: 1 MiB, 16 bytes of sum and a stale bit each.
+const REGION_PAGES: u32 = 256;
+
+/// A block's running digest: one [`PageDigest`] sum per region of
+/// [`REGION_PAGES`] pages, filled by round 0's scan, and a stale bit per
+/// region that a later round rescanned.
+///
+/// Why the sums of the regions that are not stale equal a hash of the final
+/// RAM (guest stopped, last round sent): take a page whose last write W
+/// before the stop changed it, and the guest's mark M of it, which follows W
+/// (the guest ORs its bit with release ordering after writing). Round 0
+/// clears the whole log before it asks for extents or reads a page. If M
+/// came before that clear, so did W, and round 0's read (and its extent
+/// query, which then saw data, not a hole) sees W. If M came after it, the
+/// bit is set from M until a take: the last round takes every bit after the
+/// guest stopped, so some round takes it after M with an acquiring swap and
+/// then rescans the page, which marks its region stale. So a page whose final
+/// contents differ from what round 0 hashed is always in a stale region, and
+/// [`RegionSums::finish`] hashes those again from the mapping. A failed
+/// round (bits put back, `mark_all`) ends this scanner process: the next
+/// attempt starts a new one at round 0, whose sums start from zero
+/// ([`RegionSums::reset`]). Without a dirty log there is one round and the
+/// RAM holds still by contract ("sent once"): what round 0 read is final.
+/// Holes found with SEEK_HOLE add nothing: they read zero, which counts 0.
+#[derive(Debug)]
+struct RegionSums {
+    sums: Vec<PageDigest>,
+    /// One bit per region, 64 regions a word.
+    stale: Vec<u64>,
+}
+
+impl RegionSums {
+    /// Sums for a block of `pages` pages, all zero and fresh.
+    fn new(pages: u64) -> Self {
+        let regions = pages.div_ceil(u64::from(REGION_PAGES)) as usize;
+        Self {
+            sums: vec![PageDigest::default(); regions],
+            stale: vec![0; regions.div_ceil(64)],
+        }
+    }
+
+    /// Forgets everything: round 0 (re)starts.
+    fn reset(&mut self) {
+        self.sums.fill(PageDigest::default());
+        self.stale.fill(0);
+    }
+
+    /// Adds what page `index` contributes.
+    fn add(&mut self, index: u32, digest: PageDigest) {
+        if let Some(sum) = self.sums.get_mut((index / REGION_PAGES) as usize) {
+            *sum += digest;
+        }
+    }
+
+    /// The region of page `index` must be hashed again at the end.
+    fn mark_stale(&mut self, index: u32) {
+        let region = (index / REGION_PAGES) as usize;
+        if let Some(word) = self.stale.get_mut(region / 64) {
+            *word |= 1 << (region % 64);
+        }
+    }
+
+    fn is_stale(&self, region: usize) -> bool {
+        self.stale
+            .get(region / 64)
+            .is_some_and(|w| w & (1 << (region % 64)) != 0)
+    }
+
+    /// The block's digest: the sums of the fresh regions, plus the stale
+    /// regions hashed from `ram` where they overlap `data` (the block's data
+    /// extents, ascending byte ranges, page aligned; the rest reads zero).
+    fn finish(
+        &self,
+        ram: &GuestRam,
+        data: impl Iterator<Item = std::ops::Range<u64>>,
+    ) -> PageDigest {
+        let region_bytes = u64::from(REGION_PAGES) * PAGE_SIZE as u64;
+        let fresh: PageDigest = (0..self.sums.len())
+            .filter(|&r| !self.is_stale(r))
+            .map(|r| self.sums[r])
+            .sum();
+        let stale = data.flat_map(|range| {
+            let regions = range.start / region_bytes..range.end.div_ceil(region_bytes);
+            regions
+                .filter(|&r| self.is_stale(r as usize))
+                .map(move |r| {
+                    let (start, end) = (r * region_bytes, (r + 1) * region_bytes);
+                    start.max(range.start)..end.min(range.end)
+                })
+        });
+        let mut total = ram.sum_ranges(stale);
+        total += fresh;
+        total
     }
 }
 
@@ -454,6 +609,106 @@ mod tests {
         );
     }
 
+    /// Drains the compress stage's side of `rx` until the last round's end,
+    /// on its own thread (a round's batches outgrow the socket's buffer).
+    fn drain(rx: ipc_channel::ipc::IpcReceiver<Work>) -> std::thread::JoinHandle<u32> {
+        std::thread::spawn(move || {
+            let mut rounds = 0;
+            loop {
+                match rx.recv().unwrap() {
+                    Work::Batch(_) => {}
+                    Work::RoundEnd { last, .. } => {
+                        rounds += 1;
+                        if last {
+                            return rounds;
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// A live send: the guest writes (and marks) pages between rounds and
+    /// during the last one's lead-up; the digest the scanner gives at the end
+    /// equals the plain digest of the final file, while only the regions a
+    /// later round rescanned are read again.
+    #[test]
+    fn digest_after_dirty_rounds_equals_the_final_file() {
+        use std::os::unix::fs::FileExt;
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("ram");
+        let regions = 10u64;
+        let pages = regions * u64::from(REGION_PAGES);
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(pages * PAGE_SIZE as u64).unwrap();
+        // Data in regions 0..4 (every third page), regions 4.. a hole.
+        for p in (0..4 * u64::from(REGION_PAGES)).step_by(3) {
+            f.write_all_at(&[p as u8 | 1; 64], p * PAGE_SIZE as u64)
+                .unwrap();
+        }
+        let log_path = dir.path().join("log");
+        let log = DirtyLog::create(&log_path, pages).unwrap();
+        let (_cmd_tx, mailbox) = ipc_channel::ipc::channel().unwrap();
+        let (work, work_rx) = ipc_channel::ipc::channel().unwrap();
+        let (_credit_tx, credits) = ipc_channel::ipc::channel().unwrap();
+        let init = Init {
+            blocks: vec![BlockFile {
+                name: "mem".into(),
+                path: path.clone(),
+                length: pages * PAGE_SIZE as u64,
+            }],
+            mailbox,
+            work,
+            credits,
+            window: 1_000,
+            dirty_log: Some(log_path),
+        };
+        let mut scanner = Scanner::new(&init).unwrap();
+        let drained = drain(work_rx);
+        // What the guest wrote before round 0 is marked but moot.
+        log.mark(7);
+        let write = |page: u64, bytes: &[u8]| {
+            f.write_all_at(bytes, page * PAGE_SIZE as u64).unwrap();
+            log.mark(page);
+        };
+        scanner.round(0, true, false).unwrap();
+        // Round 1's pages: a data page changed, one zeroed, one written in
+        // the hole (region 6).
+        write(3, &[0xaa; 100]);
+        write(6, &[0; PAGE_SIZE]);
+        write(6 * u64::from(REGION_PAGES) + 5, &[0x42; 10]);
+        assert_eq!(scanner.round(1, false, false).unwrap(), 3);
+        // The last round (guest stopped): page 3 again, and region 2.
+        write(3, &[0x55; 7]);
+        write(2 * u64::from(REGION_PAGES) + 1, &[9; PAGE_SIZE]);
+        assert_eq!(scanner.round(2, false, true).unwrap(), 2);
+        assert_eq!(drained.join().unwrap(), 3);
+        let stale: Vec<usize> = (0..regions as usize)
+            .filter(|&r| scanner.sums[0].is_stale(r))
+            .collect();
+        assert_eq!(stale, [0, 2, 6]);
+        let digests = scanner.digests().unwrap();
+        let final_bytes = std::fs::read(&path).unwrap();
+        assert_eq!(digests, [ferry_guest::ram::digest(&final_bytes)]);
+        // A write the log never hears of, in a fresh region, is not read
+        // again: the sums from round 0 stand for it.
+        f.write_all_at(&[1; 8], (u64::from(REGION_PAGES) + 2) * PAGE_SIZE as u64)
+            .unwrap();
+        assert_eq!(scanner.digests().unwrap(), digests);
+        // In a stale region it is.
+        f.write_all_at(&[1; 8], 2 * PAGE_SIZE as u64).unwrap();
+        let mut now = final_bytes;
+        now[2 * PAGE_SIZE..2 * PAGE_SIZE + 8].fill(1);
+        assert_eq!(scanner.digests().unwrap(), [ferry_guest::ram::digest(&now)]);
+        assert_ne!(scanner.digests().unwrap(), digests);
+    }
+
     #[test]
     fn only_all_zero_pages_become_zero_records() {
         let dir = tempfile::tempdir().unwrap();
@@ -464,8 +719,13 @@ mod tests {
         bytes[2 * PAGE_SIZE + 7] = 1;
         std::fs::write(&path, &bytes).unwrap();
         let ram = GuestRam::map(&path).unwrap();
-        let batch = scan_batch(0, 0, "mem", &ram, &[0, 1, 2]);
+        let mut sums = RegionSums::new(3);
+        let batch = scan_batch(0, 0, "mem", &ram, &[0, 1, 2], &mut sums, Pass::First);
         assert_eq!(batch.zero_pages, 1);
+        assert_eq!(
+            sums.finish(&ram, std::iter::empty()).to_hex(),
+            ferry_guest::ram::digest(&bytes)
+        );
         assert_eq!(batch.pages, [1, 2]);
         // One record: be64 offset|ZERO, the counted name, fill byte 0.
         let mut want = (ferry_proto::stream::ram_flag::ZERO).to_be_bytes().to_vec();

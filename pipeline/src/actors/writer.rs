@@ -774,6 +774,80 @@ fn next_mail(mail: &Receiver<Mail>, replies: &mut Replies<'_>) -> Result<Mail, E
     }
 }
 
+/// Writes a multifd packet with raw pages on the channel `f`, at byte `at`
+/// of it (advanced by what is written): its `header`, then `pages` of `map`
+/// straight from the mapping, with one writev per slice of the rate budget
+/// (one iovec per run of adjacent pages) instead of a copy into the
+/// channel's buffer, as QEMU's multifd writes guest RAM with `writev`.
+/// Multifd channels are always plain tcp: or unix: sockets (TLS and
+/// `--integrity`, which need the bytes in hand, are refused with channels),
+/// so only the kernel reads these bytes. Every byte counts against the
+/// bandwidth budget of `main`. A write error is latched in `f`, as the
+/// QEMUFile does; `Err(page)` is a page past the mapping's end.
+fn put_raw_packet(
+    f: &mut QemuFileWriter<'_>,
+    limiter: &mut Limiter,
+    main: &mut QemuFileWriter<'_>,
+    at: &mut u64,
+    header: &[u8],
+    map: &GuestRam,
+    pages: &[u32],
+) -> Result<(), u32> {
+    // What is buffered (an earlier packet, a SYNC) goes first.
+    f.flush();
+    let per_write = (limiter.slice() / PAGE_SIZE).max(1);
+    let mut head = header;
+    let mut runs = Vec::with_capacity(per_write.min(pages.len()));
+    for group in pages.chunks(per_write) {
+        if f.error().is_some() {
+            return Ok(());
+        }
+        runs.clear();
+        let mut rest = group;
+        while let Some(&first) = rest.first() {
+            let n = rest
+                .iter()
+                .zip(first..)
+                .take_while(|(&page, want)| page == *want)
+                .count();
+            runs.push(map.pages(first, n as u32).ok_or(first)?);
+            rest = &rest[n..];
+        }
+        let mut iov = Vec::with_capacity(runs.len() + 1);
+        iov.push(io::IoSlice::new(head));
+        for run in &runs {
+            // SAFETY: the slice lives only inside this iovec, which the
+            // transport hands to writev(2) on a plain socket (multifd has no
+            // TLS or integrity tap that would read it in user space): the
+            // kernel copies the bytes, no Rust code reads them. The mapping
+            // (`map`, borrowed by the writer for its whole life) outlives
+            // the call, and `run` lies inside it (get_slice checked). A guest
+            // write during the copy sends a torn page, which the dirty log
+            // marks and a later round resends, as with QEMU's writev.
+            let bytes = unsafe { std::slice::from_raw_parts(run.ptr_guard().as_ptr(), run.len()) };
+            iov.push(io::IoSlice::new(bytes));
+        }
+        let expected = head.len() + group.len() * PAGE_SIZE;
+        limiter.throttle(main);
+        match f.transport_mut().writev(&iov) {
+            Ok(n) if n == expected => {}
+            Ok(written) => f.set_error(qemu_file::Error::ShortWrite {
+                offset: *at,
+                written,
+                expected,
+            }),
+            Err(e) => f.set_error(qemu_file::Error::Io {
+                offset: *at,
+                source: std::sync::Arc::new(e),
+            }),
+        }
+        limiter.extra += expected as u64;
+        *at += expected as u64;
+        head = &[];
+    }
+    Ok(())
+}
+
 struct Writer<'m, 'e> {
     f: QemuFileWriter<'m>,
     uri: String,
@@ -958,32 +1032,34 @@ impl<'m> Writer<'m, '_> {
         }
         bytes[24..32].copy_from_slice(&m.packet_num.to_be_bytes());
         m.packet_num += 1;
+        if !p.raw_pages.is_empty() {
+            let map = self.maps.get(p.block as usize).ok_or(Error::BadChunk {
+                seq,
+                block: p.block,
+                page: 0,
+            })?;
+            let at = &mut m.bytes[usize::from(p.channel)];
+            return put_raw_packet(
+                f,
+                &mut self.limiter,
+                &mut self.f,
+                at,
+                &bytes,
+                map,
+                &p.raw_pages,
+            )
+            .map_err(|page| Error::BadChunk {
+                seq,
+                block: p.block,
+                page,
+            });
+        }
         for piece in bytes.chunks(self.limiter.slice()) {
             self.limiter.throttle(&mut self.f);
             f.put_buffer(piece);
             self.limiter.extra += piece.len() as u64;
         }
         m.bytes[usize::from(p.channel)] += bytes.len() as u64;
-        if p.raw_pages.is_empty() {
-            return Ok(());
-        }
-        let bad_page = |page| Error::BadChunk {
-            seq,
-            block: p.block,
-            page,
-        };
-        let map = self.maps.get(p.block as usize).ok_or(bad_page(0))?;
-        let per_check = (self.limiter.slice() / PAGE_SIZE).max(1);
-        let mut buf = [0u8; PAGE_SIZE];
-        for (n, &i) in p.raw_pages.iter().enumerate() {
-            let page = map.read_page(i, &mut buf).ok_or(bad_page(i))?;
-            if n % per_check == 0 {
-                self.limiter.throttle(&mut self.f);
-            }
-            f.put_buffer(page);
-            self.limiter.extra += PAGE_SIZE as u64;
-        }
-        m.bytes[usize::from(p.channel)] += (p.raw_pages.len() * PAGE_SIZE) as u64;
         Ok(())
     }
 
