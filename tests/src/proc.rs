@@ -167,14 +167,24 @@ impl Process {
 
     /// Waits for `ferry receive` to say where it listens; returns that URI.
     pub fn wait_listening(&mut self, timeout: Duration) -> Result<String> {
+        let deadline = Instant::now() + timeout;
         self.wait_for("listening on ", timeout)?;
-        Ok(self
-            .stderr()
-            .lines()
-            .find_map(|l| l.split("listening on ").nth(1))
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or("")
-            .to_owned())
+        // stderr is unbuffered: the line may have been read half written.
+        loop {
+            let text = self.stderr();
+            let line = text
+                .split_once("listening on ")
+                .and_then(|(_, rest)| rest.split_once('\n'))
+                .and_then(|(line, _)| line.split_whitespace().next())
+                .map(str::to_owned);
+            match line {
+                Some(uri) => return Ok(uri),
+                _ if Instant::now() > deadline => {
+                    bail!("no whole \"listening on\" line within {timeout:?}:\n{text}")
+                }
+                _ => thread::sleep(Duration::from_millis(5)),
+            }
+        }
     }
 
     /// Waits for the exit; kills it and fails after `timeout`.
