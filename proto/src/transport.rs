@@ -8,7 +8,7 @@
 use std::fs::File;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::{Shutdown, TcpStream};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 
 /// A byte pipe that a QEMUFile reads from or writes to.
@@ -48,6 +48,21 @@ pub trait Transport: Send {
     fn close(&mut self) -> io::Result<()> {
         Ok(())
     }
+
+    /// Writes every byte `iov` points at, as [`Transport::writev`], for
+    /// memory that must not become a `&[u8]`: guest RAM that the guest
+    /// process may write meanwhile (QEMU's multifd writes it with writev(2)
+    /// too; a page torn by a guest write is resent after the dirty log marks
+    /// it). Only a transport on a file descriptor that writes the bytes out
+    /// untouched (a plain socket) can; the others answer `Unsupported` and
+    /// the caller copies.
+    ///
+    /// # Safety
+    /// Every iovec's `iov_base` must be valid for reads of `iov_len` bytes
+    /// until the call returns.
+    unsafe fn writev_raw(&mut self, _iov: &[libc::iovec]) -> io::Result<usize> {
+        Err(io::ErrorKind::Unsupported.into())
+    }
 }
 
 impl<T: Transport + ?Sized> Transport for Box<T> {
@@ -72,6 +87,56 @@ impl<T: Transport + ?Sized> Transport for Box<T> {
     fn close(&mut self) -> io::Result<()> {
         (**self).close()
     }
+    unsafe fn writev_raw(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's contract, passed on unchanged.
+        unsafe { (**self).writev_raw(iov) }
+    }
+}
+
+/// [`Transport::writev_raw`] on a descriptor: writev(2) until every byte is
+/// out, after partial writes and interruptions, at most `IOV_MAX` iovecs a
+/// call.
+///
+/// # Safety
+/// As [`Transport::writev_raw`].
+unsafe fn writev_fd(fd: std::os::fd::RawFd, iov: &[libc::iovec]) -> io::Result<usize> {
+    const IOV_MAX: usize = 1024;
+    let mut rest: Vec<libc::iovec> = iov.iter().filter(|v| v.iov_len > 0).copied().collect();
+    let mut from = 0;
+    let mut done = 0usize;
+    while from < rest.len() {
+        let batch = &rest[from..rest.len().min(from + IOV_MAX)];
+        // SAFETY: `batch` is a live slice of at most IOV_MAX iovecs, each
+        // readable for its length (the caller's contract, and the advancing
+        // below only moves bases forward within them).
+        let n = unsafe { libc::writev(fd, batch.as_ptr(), batch.len() as libc::c_int) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            break;
+        }
+        let mut n = n as usize;
+        done += n;
+        while n > 0 {
+            let v = &mut rest[from];
+            if n >= v.iov_len {
+                n -= v.iov_len;
+                from += 1;
+            } else {
+                // SAFETY: `n` < the iovec's length: the new base stays
+                // inside the memory the caller vouched for.
+                v.iov_base = unsafe { v.iov_base.cast::<u8>().add(n) }.cast();
+                v.iov_len -= n;
+                n = 0;
+            }
+        }
+    }
+    Ok(done)
 }
 
 /// Writes all of `bufs`, retrying after partial writes.
@@ -118,7 +183,7 @@ pub type UnixTransport = SocketTransport<UnixStream>;
 
 /// The calls of a stream socket that a transport needs beyond reading and
 /// writing; std has them on each socket type but in no trait.
-pub trait Socket: Read + Write + Send + Sized + 'static {
+pub trait Socket: Read + Write + AsRawFd + Send + Sized + 'static {
     /// See [`TcpStream::shutdown`].
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
     /// See [`TcpStream::set_nonblocking`].
@@ -148,6 +213,10 @@ socket!(UnixStream);
 impl<S: Socket> Transport for SocketTransport<S> {
     fn writev(&mut self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
         write_all_vectored(&mut self.0, bufs)
+    }
+    unsafe fn writev_raw(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's contract; the descriptor is the socket's own.
+        unsafe { writev_fd(self.0.as_raw_fd(), iov) }
     }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         read_retrying(&mut self.0, buf)

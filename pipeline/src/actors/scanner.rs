@@ -546,6 +546,32 @@ fn zero_records(name: &str, pages: impl IntoIterator<Item = u32>) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// A scanner's configuration for the one block "mem" of `pages` pages in
+    /// `path`, with the other ends of its channels: the work, the mailbox and
+    /// the credits (a window of 1000 batches).
+    fn one_block(
+        path: &std::path::Path,
+        pages: u64,
+        dirty_log: Option<PathBuf>,
+    ) -> (Init, IpcReceiver<Work>, IpcSender<Command>, IpcSender<u32>) {
+        let (cmd_tx, mailbox) = ipc_channel::ipc::channel().unwrap();
+        let (work, work_rx) = ipc_channel::ipc::channel().unwrap();
+        let (credit_tx, credits) = ipc_channel::ipc::channel().unwrap();
+        let init = Init {
+            blocks: vec![BlockFile {
+                name: "mem".into(),
+                path: path.to_owned(),
+                length: pages * PAGE_SIZE as u64,
+            }],
+            mailbox,
+            work,
+            credits,
+            window: 1_000,
+            dirty_log,
+        };
+        (init, work_rx, cmd_tx, credit_tx)
+    }
+
     /// Round 0 over a sparse file on tmpfs: the hole's pages go as ZERO
     /// records without being touched (the file allocates nothing more), the
     /// data pages are scanned, every page is sent once.
@@ -564,21 +590,7 @@ mod tests {
         f.write_all_at(&[0u8; PAGE_SIZE], 5001 * PAGE_SIZE as u64)
             .unwrap();
         let allocated = f.metadata().unwrap().blocks();
-        let (_cmd_tx, mailbox) = ipc_channel::ipc::channel().unwrap();
-        let (work, work_rx) = ipc_channel::ipc::channel().unwrap();
-        let (credit_tx, credits) = ipc_channel::ipc::channel().unwrap();
-        let init = Init {
-            blocks: vec![BlockFile {
-                name: "mem".into(),
-                path: path.clone(),
-                length: pages * PAGE_SIZE as u64,
-            }],
-            mailbox,
-            work,
-            credits,
-            window: 1_000,
-            dirty_log: None,
-        };
+        let (init, work_rx, _cmd_tx, credit_tx) = one_block(&path, pages, None);
         let mut scanner = Scanner::new(&init).unwrap();
         assert_eq!(scanner.round(0, true, true).unwrap(), pages);
         let (mut zero, mut sent) = (0, Vec::new());
@@ -639,13 +651,7 @@ mod tests {
         let path = dir.path().join("ram");
         let regions = 10u64;
         let pages = regions * u64::from(REGION_PAGES);
-        let f = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&path)
-            .unwrap();
+        let f = std::fs::File::create(&path).unwrap();
         f.set_len(pages * PAGE_SIZE as u64).unwrap();
         // Data in regions 0..4 (every third page), regions 4.. a hole.
         for p in (0..4 * u64::from(REGION_PAGES)).step_by(3) {
@@ -654,21 +660,7 @@ mod tests {
         }
         let log_path = dir.path().join("log");
         let log = DirtyLog::create(&log_path, pages).unwrap();
-        let (_cmd_tx, mailbox) = ipc_channel::ipc::channel().unwrap();
-        let (work, work_rx) = ipc_channel::ipc::channel().unwrap();
-        let (_credit_tx, credits) = ipc_channel::ipc::channel().unwrap();
-        let init = Init {
-            blocks: vec![BlockFile {
-                name: "mem".into(),
-                path: path.clone(),
-                length: pages * PAGE_SIZE as u64,
-            }],
-            mailbox,
-            work,
-            credits,
-            window: 1_000,
-            dirty_log: Some(log_path),
-        };
+        let (init, work_rx, _cmd_tx, _credit_tx) = one_block(&path, pages, Some(log_path));
         let mut scanner = Scanner::new(&init).unwrap();
         let drained = drain(work_rx);
         // What the guest wrote before round 0 is marked but moot.

@@ -813,23 +813,25 @@ fn put_raw_packet(
             runs.push(map.pages(first, n as u32).ok_or(first)?);
             rest = &rest[n..];
         }
+        // Raw iovecs, never `&[u8]`: the guest may be writing these pages.
         let mut iov = Vec::with_capacity(runs.len() + 1);
-        iov.push(io::IoSlice::new(head));
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        });
         for run in &runs {
-            // SAFETY: the slice lives only inside this iovec, which the
-            // transport hands to writev(2) on a plain socket (multifd has no
-            // TLS or integrity tap that would read it in user space): the
-            // kernel copies the bytes, no Rust code reads them. The mapping
-            // (`map`, borrowed by the writer for its whole life) outlives
-            // the call, and `run` lies inside it (get_slice checked). A guest
-            // write during the copy sends a torn page, which the dirty log
-            // marks and a later round resends, as with QEMU's writev.
-            let bytes = unsafe { std::slice::from_raw_parts(run.ptr_guard().as_ptr(), run.len()) };
-            iov.push(io::IoSlice::new(bytes));
+            iov.push(libc::iovec {
+                iov_base: run.ptr_guard().as_ptr().cast(),
+                iov_len: run.len(),
+            });
         }
         let expected = head.len() + group.len() * PAGE_SIZE;
         limiter.throttle(main);
-        match f.transport_mut().writev(&iov) {
+        // SAFETY: `head` is borrowed for the call; every run lies inside the
+        // mapping (`map.pages` checked its bounds), which the writer keeps
+        // mapped for its whole life; the transport only hands the iovecs to
+        // writev(2), and the kernel copies the bytes.
+        match unsafe { f.transport_mut().writev_raw(&iov) } {
             Ok(n) if n == expected => {}
             Ok(written) => f.set_error(qemu_file::Error::ShortWrite {
                 offset: *at,

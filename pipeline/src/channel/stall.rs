@@ -66,6 +66,14 @@ impl<T: Transport> Transport for Stall<T> {
         }
         r
     }
+    unsafe fn writev_raw(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller's contract, passed on unchanged.
+        let r = unsafe { self.inner.writev_raw(iov) }.map_err(|e| self.map(e));
+        if matches!(r, Ok(n) if n > 0) {
+            self.last_progress = std::time::Instant::now();
+        }
+        r
+    }
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let r = self.inner.read(buf).map_err(|e| self.map(e));
         if matches!(r, Ok(n) if n > 0) {
