@@ -821,7 +821,7 @@ fn put_raw_packet(
         });
         for run in &runs {
             iov.push(libc::iovec {
-                iov_base: run.ptr_guard().as_ptr().cast(),
+                iov_base: run.ptr_guard().as_ptr().cast_mut().cast(),
                 iov_len: run.len(),
             });
         }
