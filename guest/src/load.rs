@@ -598,7 +598,11 @@ impl RamImage {
     /// The block, if `at` is the offset of a whole page inside it.
     fn locate(&self, block: usize, at: u64) -> Result<&Block> {
         let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
-        if at % PAGE_SIZE as u64 != 0 || at + PAGE_SIZE as u64 > b.info.length {
+        if at % PAGE_SIZE as u64 != 0
+            || at
+                .checked_add(PAGE_SIZE as u64)
+                .is_none_or(|end| end > b.info.length)
+        {
             return Err(Error::BadPage {
                 idstr: b.info.idstr.clone(),
                 offset: at,
@@ -804,10 +808,11 @@ impl SharedPages {
 
     fn checked(&self, block: usize, offsets: &[u64]) -> Result<&SharedBlock> {
         let b = self.blocks.get(block).ok_or(Error::NoBlocks)?;
-        match offsets
-            .iter()
-            .find(|&&o| o % PAGE_SIZE as u64 != 0 || o + PAGE_SIZE as u64 > b.info.length)
-        {
+        match offsets.iter().find(|&&o| {
+            o % PAGE_SIZE as u64 != 0
+                || o.checked_add(PAGE_SIZE as u64)
+                    .is_none_or(|end| end > b.info.length)
+        }) {
             Some(&offset) => Err(Error::BadPage {
                 idstr: b.info.idstr.clone(),
                 offset,
@@ -1061,6 +1066,18 @@ mod tests {
             .write_pages(1, &[at(5), at(6)], &[1u8; 2 * PAGE_SIZE])
             .unwrap();
         shared.zero_pages(0, &[at(7), at(0)]).unwrap();
+        // An offset whose end wraps past 2^64 is outside the block too.
+        let wraps = u64::MAX - (PAGE_SIZE as u64 - 1);
+        for offsets in [[wraps], [pages * PAGE_SIZE as u64]] {
+            assert!(matches!(
+                shared.zero_pages(0, &offsets),
+                Err(Error::BadPage { offset, .. }) if offset == offsets[0]
+            ));
+            assert!(matches!(
+                shared.write_pages(0, &offsets, &[1u8; PAGE_SIZE]),
+                Err(Error::BadPage { .. })
+            ));
+        }
         let got: Vec<(u64, u64)> = image
             .files()
             .unwrap()

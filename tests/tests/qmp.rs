@@ -204,6 +204,37 @@ fn transferred(report: &Value, status: &str) -> Vec<(f64, u64)> {
         .collect()
 }
 
+/// A low cap fills the writer's mailbox with chunks that take minutes to
+/// write at that rate: the raise must not wait behind them.
+#[test]
+fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
+    let mut run = start("64M", "0", None, &["--max-bandwidth", "200K"]);
+    let report = script(
+        "drive.py",
+        &run.sender_qmp(),
+        &["--set".into(), r#"1.5={"max-bandwidth": 0}"#.into()],
+    )
+    .report(&run.sender);
+    let st = run.sender.wait(RUN).unwrap();
+    assert!(st.success(), "{}", run.sender.stderr());
+    let r = run.receiver.as_mut().unwrap();
+    assert!(r.wait(RUN).unwrap().success(), "{}", r.stderr());
+    let set_t = report["sets"][0]["t"].as_f64().expect("the cap was raised");
+    let done = report["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["data"]["status"] == "completed")
+        .unwrap_or_else(|| panic!("no completed event: {report}"));
+    // At 200 KB/s the 64 MiB would take over five minutes.
+    let finish = done["t"].as_f64().unwrap() - set_t;
+    assert!(
+        finish < 15.0,
+        "{finish:.1} s after the cap was raised; events: {}",
+        report["events"]
+    );
+}
+
 #[test]
 fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
     const CAP: f64 = 16.0 * 1048576.0;

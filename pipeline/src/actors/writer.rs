@@ -22,6 +22,8 @@
 
 use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::supervisor::messages::{
@@ -386,16 +388,25 @@ fn read_return_path(rp: Box<dyn Transport>, tx: &crossbeam_channel::Sender<Reply
 /// accounting of the QEMUFile (QEMU's `qemu_file_rate_limit`).
 struct Limiter {
     rate: u64,
+    /// The newest `max-bandwidth` asked for and not yet applied
+    /// ([`NO_REQUEST`] if none), set by the command forwarder as the command
+    /// arrives: the command itself queues behind the chunks already in the
+    /// mailbox, which at a low cap take seconds or minutes to write.
+    requested: Arc<AtomicU64>,
     window_start: Instant,
     /// Bytes written on the multifd channels in this window: the main
     /// stream's file counts its own.
     extra: u64,
 }
 
+/// [`Limiter::requested`] when no change is waiting.
+const NO_REQUEST: u64 = u64::MAX;
+
 impl Limiter {
-    fn new() -> Self {
+    fn new(requested: Arc<AtomicU64>) -> Self {
         Self {
             rate: 0,
+            requested,
             window_start: Instant::now(),
             extra: 0,
         }
@@ -419,12 +430,22 @@ impl Limiter {
         }
     }
 
-    /// Sleeps while this window's budget is spent.
-    fn throttle<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
-        if self.rate == 0 {
-            return;
+    /// Applies the newest requested rate, if one is waiting.
+    fn take_request<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
+        let r = self.requested.swap(NO_REQUEST, Ordering::AcqRel);
+        if r != NO_REQUEST {
+            self.set_rate(f, r);
         }
+    }
+
+    /// Sleeps while this window's budget is spent; a rate asked for
+    /// meanwhile applies from the next check (at most one window later).
+    fn throttle<T: Transport>(&mut self, f: &mut QemuFileWriter<'_, T>) {
         loop {
+            self.take_request(f);
+            if self.rate == 0 {
+                return;
+            }
             let now = Instant::now();
             if now >= self.window_start + WINDOW {
                 // Stay on the window grid unless we were idle for longer.
@@ -479,14 +500,14 @@ pub fn run(mut init: Init, events: &IpcSender<ActorEvent>) -> Result<(), Error> 
         .map(|(path, window)| crate::actors::blockio::map_slots_readonly(path, *window))
         .transpose()
         .map_err(|e| Error::Slots(Box::new(e)))?;
-    let mail = gather_mail(init.chunks, init.commands, init.disk_chunks);
+    let (mail, requested) = gather_mail(init.chunks, init.commands, init.disk_chunks);
     let section_id = device.free_section_id();
     let mut w = Writer {
         f: QemuFileWriter::new(link.transport),
         uri: to.to_string(),
         blocks: &init.blocks,
         maps: &maps,
-        limiter: Limiter::new(),
+        limiter: Limiter::new(requested),
         counts: PageCounts::default(),
         section_id,
         in_part: false,
@@ -607,19 +628,32 @@ impl Link {
     }
 }
 
-/// Puts chunks, commands and disk chunks on one queue.
+/// Puts chunks, commands and disk chunks on one queue; a `max-bandwidth`
+/// change is also posted at once to the returned cell, for the limiter.
 fn gather_mail(
     chunks: IpcReceiver<Chunk>,
     commands: IpcReceiver<Command>,
     disk_chunks: Option<IpcReceiver<DiskChunk>>,
-) -> Receiver<Mail> {
+) -> (Receiver<Mail>, Arc<AtomicU64>) {
     let (mail_tx, mail) = crossbeam_channel::bounded(64);
+    let requested = Arc::new(AtomicU64::new(NO_REQUEST));
     forward(chunks, mail_tx.clone(), Mail::Chunk);
-    forward(commands, mail_tx.clone(), Mail::Command);
+    let tx = mail_tx.clone();
+    let posted = Arc::clone(&requested);
+    std::thread::spawn(move || {
+        while let Ok(c) = commands.recv() {
+            if let Command::SetRate(r) = c {
+                posted.store(r, Ordering::Release);
+            }
+            if tx.send(Mail::Command(c)).is_err() {
+                return;
+            }
+        }
+    });
     if let Some(rx) = disk_chunks {
         forward(rx, mail_tx, Mail::Disk);
     }
-    mail
+    (mail, requested)
 }
 
 /// A failed write, explained: a receiver that gives up (a disk too small,
@@ -1223,7 +1257,9 @@ impl<'m> Writer<'m, '_> {
         loop {
             let done = match next_mail(mail, &mut replies)? {
                 Mail::Command(Command::SetRate(r)) => {
-                    self.limiter.set_rate(&mut self.f, r);
+                    // The newest request, which the limiter may have applied
+                    // already while this command waited behind chunks.
+                    self.limiter.take_request(&mut self.f);
                     let change = self.windows.set_cap(Instant::now(), self.sent(), r);
                     self.report_change(change);
                     false
