@@ -233,8 +233,9 @@ pub struct MultifdArgs {
     /// (7.2 to 10) with the multifd capability on and the same
     /// multifd-channels and multifd-compression, or `ferry receive
     /// --multifd-channels N`. tcp: and unix: only; not with TLS, --compress,
-    /// --integrity or --disk. Zero pages stay on the main stream as ZERO
-    /// records.
+    /// --integrity or --disk. Zero pages go in the packets' zero-page lists
+    /// (QEMU 9.0+), or with --multifd-flush-after-each-section as ZERO
+    /// records on the main stream.
     #[arg(long, value_name = "N", default_value_t = 0, num_args = 0..=1, default_missing_value = "2")]
     pub multifd_channels: u8,
     /// multifd compression, one stream per channel as QEMU's
