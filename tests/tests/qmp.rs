@@ -204,11 +204,11 @@ fn transferred(report: &Value, status: &str) -> Vec<(f64, u64)> {
         .collect()
 }
 
-/// A low cap fills the writer's mailbox with chunks that take minutes to
-/// write at that rate: the raise must not wait behind them.
-#[test]
-fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
-    let mut run = start("64M", "0", None, &["--max-bandwidth", "200K"]);
+/// A `size` guest migrated with `--max-bandwidth cap`, raised to unlimited
+/// through QMP 1.5 s in; both ends succeed. Returns the run and drive.py's
+/// report.
+fn raise_cap_mid_run(size: &str, cap: &str) -> (Run, Value) {
+    let mut run = start(size, "0", None, &["--max-bandwidth", cap]);
     let report = script(
         "drive.py",
         &run.sender_qmp(),
@@ -219,6 +219,12 @@ fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
     assert!(st.success(), "{}", run.sender.stderr());
     let r = run.receiver.as_mut().unwrap();
     assert!(r.wait(RUN).unwrap().success(), "{}", r.stderr());
+    (run, report)
+}
+
+/// Seconds from the raise to the MIGRATION event "completed", in a
+/// [`raise_cap_mid_run`] report.
+fn completed_after_raise(report: &Value) -> f64 {
     let set_t = report["sets"][0]["t"].as_f64().expect("the cap was raised");
     let done = report["events"]
         .as_array()
@@ -226,8 +232,16 @@ fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
         .iter()
         .find(|e| e["data"]["status"] == "completed")
         .unwrap_or_else(|| panic!("no completed event: {report}"));
+    done["t"].as_f64().unwrap() - set_t
+}
+
+/// A low cap fills the writer's mailbox with chunks that take minutes to
+/// write at that rate: the raise must not wait behind them.
+#[test]
+fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
+    let (_run, report) = raise_cap_mid_run("64M", "200K");
     // At 200 KB/s the 64 MiB would take over five minutes.
-    let finish = done["t"].as_f64().unwrap() - set_t;
+    let finish = completed_after_raise(&report);
     assert!(
         finish < 15.0,
         "{finish:.1} s after the cap was raised; events: {}",
@@ -238,17 +252,7 @@ fn a_raise_from_a_low_cap_does_not_wait_behind_queued_chunks() {
 #[test]
 fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
     const CAP: f64 = 16.0 * 1048576.0;
-    let mut run = start("384M", "0", None, &["--max-bandwidth", "16M"]);
-    let report = script(
-        "drive.py",
-        &run.sender_qmp(),
-        &["--set".into(), r#"1.5={"max-bandwidth": 0}"#.into()],
-    )
-    .report(&run.sender);
-    let st = run.sender.wait(RUN).unwrap();
-    assert!(st.success(), "{}", run.sender.stderr());
-    let r = run.receiver.as_mut().unwrap();
-    assert!(r.wait(RUN).unwrap().success(), "{}", r.stderr());
+    let (run, report) = raise_cap_mid_run("384M", "16M");
 
     // query-migrate while active: the writer's byte count grows.
     let active = transferred(&report, "active");
@@ -282,13 +286,7 @@ fn a_cap_raised_mid_run_takes_effect_at_once_and_query_migrate_follows() {
         "rate change seen {:.3} s after the set: {report}",
         after.0 - set_t
     );
-    let done = report["events"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|e| e["data"]["status"] == "completed")
-        .unwrap_or_else(|| panic!("no completed event: {report}"));
-    let finish = done["t"].as_f64().unwrap() - set_t;
+    let finish = completed_after_raise(&report);
     assert!(
         finish < 10.0,
         "{finish:.1} s after the cap was raised: {report}"
