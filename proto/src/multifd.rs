@@ -499,12 +499,14 @@ fn deflate_sync(
     }
 }
 
-/// log2 of the entries in the match table ferry gives zstd at level 1: 2^16
-/// (256 KiB, within a core's L2) instead of the level's 2^14 finds about 0.5%
-/// more matches in guest RAM at no more instructions (measured with callgrind
-/// on ferry's mixed pattern). It changes nothing in the format: any zstd
+/// log2 of the entries in the match table ferry gives zstd at level 1: 2^15
+/// (128 KiB, within a core's L2) instead of the level's 2^14 finds about 0.3%
+/// more matches in guest RAM (270.6 MB against 271.5 MB for 1 GiB of ferry's
+/// mixed pattern) at the same speed; 2^16 found 0.5% more but took 7% longer
+/// here (`ferry bench static`: cache misses, which callgrind's instruction
+/// counts had not shown). It changes nothing in the format: any zstd
 /// decoder, QEMU's among them, reads the stream.
-const LEVEL1_HASH_LOG: u32 = 16;
+const LEVEL1_HASH_LOG: u32 = 15;
 
 /// Sets a zstd stream's level, with ferry's match table at level 1 and the
 /// level's own at any other (a level set later replaces both).
