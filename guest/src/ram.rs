@@ -240,7 +240,11 @@ pub struct Extent {
 pub struct Extents {
     file: File,
     path: PathBuf,
+    /// Where the next extent starts.
     at: u64,
+    /// Where the walk ends.
+    end: u64,
+    /// The file's counted length.
     len: u64,
 }
 
@@ -257,11 +261,20 @@ pub fn extents(path: &Path, len: u64) -> Result<Extents, Error> {
         file,
         path: path.to_owned(),
         at: 0,
+        end: len,
         len,
     })
 }
 
 impl Extents {
+    /// Walks `range` next (clamped to the file's counted length): the
+    /// extents that overlap it, cut to it.
+    pub fn within(&mut self, range: std::ops::Range<u64>) -> &mut Self {
+        self.at = range.start;
+        self.end = range.end.min(self.len);
+        self
+    }
+
     /// `lseek(whence)` from `at`: `Ok(None)` when there is no such offset
     /// before the end (ENXIO).
     fn seek(&self, at: u64, whence: i32) -> io::Result<Option<u64>> {
@@ -283,7 +296,7 @@ impl Extents {
     /// The extent starting at `self.at`.
     fn next_extent(&self) -> io::Result<Extent> {
         let page = PAGE_SIZE as u64;
-        let (at, len) = (self.at, self.len);
+        let (at, len) = (self.at, self.end);
         let data = match self.seek(at, libc::SEEK_DATA) {
             Ok(d) => d.unwrap_or(len).min(len),
             // No hole reporting here: all data.
@@ -320,7 +333,7 @@ impl Iterator for Extents {
     type Item = Result<Extent, Error>;
 
     fn next(&mut self) -> Option<Self::Item> {
-        if self.at >= self.len {
+        if self.at >= self.end {
             return None;
         }
         match self.next_extent() {
@@ -329,7 +342,7 @@ impl Iterator for Extents {
                 Some(Ok(e))
             }
             Err(source) => {
-                self.at = self.len;
+                self.at = self.end;
                 Some(Err(Error::Open {
                     path: self.path.clone(),
                     source,
@@ -557,6 +570,34 @@ mod tests {
         let ram = GuestRam::map(&path).unwrap();
         let ranges = got.iter().filter(|e| e.data).map(|e| e.range.clone());
         assert_eq!(ram.digest_ranges(ranges), ram.digest());
+    }
+
+    #[test]
+    fn extents_within_a_range_cover_that_range_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.ram");
+        let f = std::fs::File::create(&path).unwrap();
+        let len = 64 << 20;
+        f.set_len(len).unwrap();
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[7u8; 10], 5 << 20).unwrap();
+        f.write_all_at(&[9u8; 1], 40 << 20).unwrap();
+        let mut all = extents(&path, len).unwrap();
+        let range = (4 << 20)..(8 << 20);
+        let got: Vec<Extent> = all.within(range.clone()).map(Result::unwrap).collect();
+        assert_eq!(got.first().unwrap().range.start, range.start, "{got:?}");
+        assert_eq!(got.last().unwrap().range.end, range.end, "{got:?}");
+        for w in got.windows(2) {
+            assert_eq!(w[0].range.end, w[1].range.start);
+        }
+        assert!(got.iter().any(|e| e.data && e.range.contains(&(5 << 20))));
+        // The same walker goes on to another range, and past the end is cut.
+        let tail: Vec<Extent> = all
+            .within((60 << 20)..(len + (1 << 20)))
+            .map(Result::unwrap)
+            .collect();
+        assert_eq!(tail.last().unwrap().range.end, len, "{tail:?}");
+        assert_eq!(all.within(0..0).count(), 0);
     }
 
     #[test]

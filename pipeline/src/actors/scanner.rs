@@ -201,7 +201,11 @@ impl<'i> Scanner<'i> {
             .zip(&self.sums)
             .map(|((info, ram), sums)| {
                 let mut failed = None;
-                let ranges = ram::extents(&info.path, info.length)?.filter_map(|e| match e {
+                let mut extents = ram::extents(&info.path, info.length)?;
+                // Only the span of the stale regions is walked: on tmpfs
+                // SEEK_HOLE steps through every page it passes (a 1 GiB
+                // file took 14 ms with nothing stale).
+                let ranges = extents.within(sums.stale_span()).filter_map(|e| match e {
                     Ok(e) => e.data.then_some(e.range),
                     Err(e) => {
                         failed.get_or_insert(e);
@@ -492,6 +496,18 @@ impl RegionSums {
         if let Some(word) = self.stale.get_mut(region / 64) {
             *word |= 1 << (region % 64);
         }
+    }
+
+    /// Bytes from the first stale region's start to the last one's end;
+    /// empty when none is stale.
+    fn stale_span(&self) -> std::ops::Range<u64> {
+        let region_bytes = u64::from(REGION_PAGES) * PAGE_SIZE as u64;
+        let mut stale = (0..self.sums.len()).filter(|&r| self.is_stale(r));
+        let Some(first) = stale.next() else {
+            return 0..0;
+        };
+        let last = stale.next_back().unwrap_or(first);
+        first as u64 * region_bytes..(last as u64 + 1) * region_bytes
     }
 
     fn is_stale(&self, region: usize) -> bool {
