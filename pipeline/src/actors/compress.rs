@@ -286,7 +286,7 @@ impl Out<'_> {
             }
             self.left -= 1;
             if let Some(a) = auto {
-                a.chunk_sent(&chunk);
+                a.chunk_sent(&chunk, Instant::now());
             }
         }
         self.chunks
@@ -482,9 +482,14 @@ struct Encoded {
 /// the sender when the link is a loopback that the same cores drive, so
 /// `auto` compares the two ways end to end: the first windows try raw, then
 /// compressed, and every [`AUTO_PROBE`] windows the other way is tried
-/// again, so a link that slows down or speeds up mid-run is followed. The
-/// window after a switch is not measured: the chunks already in flight
-/// under the writer's credit belong to the other way.
+/// again, so a link that slows down or speeds up mid-run is followed. A try
+/// that moves less than half as fast as the way in use doubles the wait for
+/// the next one, up to [`AUTO_PROBE_MAX`]: each try costs two windows the
+/// slow way, which is what kept `auto` more than 10% behind the better
+/// fixed setting, and a difference of 2x or more is not noise. A try that
+/// wins starts the count again. The window after a switch is not measured:
+/// the chunks already in flight under the writer's credit belong to the
+/// other way.
 #[derive(Debug)]
 struct Auto {
     /// Whether this window compresses.
@@ -494,6 +499,11 @@ struct Auto {
     rate: [Option<f64>; 2],
     /// Windows since the last switch.
     since_switch: u64,
+    /// Windows between tries of the way not in use.
+    probe_every: u64,
+    /// The way in use is being tried: its first measured window decides
+    /// the next `probe_every`.
+    trying: bool,
     window_bytes: u64,
     window_start: Instant,
     window_chunks: u32,
@@ -501,17 +511,21 @@ struct Auto {
 
 /// Chunks per decision window of `auto`.
 const AUTO_WINDOW: u32 = 8;
-/// Every this many windows `auto` tries the way it is not using.
+/// Every this many windows `auto` tries the way it is not using, at first.
 const AUTO_PROBE: u64 = 32;
+/// The longest wait between tries: 256 windows, 2 GiB of guest RAM.
+const AUTO_PROBE_MAX: u64 = 8 * AUTO_PROBE;
 
 impl Auto {
-    fn new() -> Self {
+    fn new(now: Instant) -> Self {
         Self {
             compress: false,
             rate: [None, None],
             since_switch: 0,
+            probe_every: AUTO_PROBE,
+            trying: false,
             window_bytes: 0,
-            window_start: Instant::now(),
+            window_start: now,
             window_chunks: 0,
         }
     }
@@ -527,7 +541,7 @@ impl Auto {
 
     /// A chunk went to the writer; at the end of a window, measures it and
     /// picks the next window's way.
-    fn chunk_sent(&mut self, chunk: &Chunk) {
+    fn chunk_sent(&mut self, chunk: &Chunk, now: Instant) {
         if let Chunk::Packets { counts, .. } = chunk {
             self.window_bytes += (counts.raw + counts.compressed) * PAGE_SIZE as u64;
         }
@@ -535,7 +549,10 @@ impl Auto {
         if self.window_chunks < AUTO_WINDOW {
             return;
         }
-        let wall = self.window_start.elapsed().as_secs_f64().max(1e-6);
+        let wall = now
+            .saturating_duration_since(self.window_start)
+            .as_secs_f64()
+            .max(1e-6);
         let way = usize::from(self.compress);
         self.since_switch += 1;
         if self.since_switch >= 2 {
@@ -545,12 +562,28 @@ impl Auto {
             // Measure the other way once this one has been measured.
             [Some(_), None] | [None, Some(_)] => self.rate[way].is_some(),
             [Some(raw), Some(compressed)] => {
-                let better = if compressed > raw { 1 } else { 0 };
-                (better != way && self.since_switch >= 2) || self.since_switch >= AUTO_PROBE
+                let (this, other) = match way {
+                    1 => (compressed, raw),
+                    _ => (raw, compressed),
+                };
+                if self.trying && self.since_switch >= 2 {
+                    self.trying = false;
+                    self.probe_every = if this < other / 2.0 {
+                        (self.probe_every * 2).min(AUTO_PROBE_MAX)
+                    } else if this > other {
+                        AUTO_PROBE
+                    } else {
+                        self.probe_every
+                    };
+                }
+                (this < other && self.since_switch >= 2) || self.since_switch >= self.probe_every
             }
             [None, None] => false,
         };
         if switch {
+            // A switch away from the slower way is not a try; any other is.
+            self.trying = !matches!(self.rate, [Some(raw), Some(compressed)]
+                if (compressed > raw) != self.compress);
             self.compress = !self.compress;
             self.since_switch = 0;
         }
@@ -561,7 +594,7 @@ impl Auto {
         );
         self.window_bytes = 0;
         self.window_chunks = 0;
-        self.window_start = Instant::now();
+        self.window_start = now;
     }
 }
 
@@ -598,7 +631,7 @@ impl Packets {
             lanes,
             zero_in_packets: m.zero_pages_in_packets,
             next: 0,
-            auto: m.auto.then(Auto::new),
+            auto: m.auto.then(|| Auto::new(Instant::now())),
             relevel: None,
         })
     }
@@ -880,6 +913,83 @@ fn packet(
 mod tests {
     use super::*;
     use ferry_proto::multifd::Decoder;
+
+    /// Runs `auto` over `windows` windows of 1 MiB chunks, each window
+    /// taking `secs(window, compressed)`; returns the way of each window.
+    fn auto_run(windows: usize, secs: impl Fn(usize, bool) -> f64) -> Vec<bool> {
+        let mut now = Instant::now();
+        let mut auto = Auto::new(now);
+        let chunk = Chunk::Packets {
+            seq: 0,
+            zero_records: Vec::new(),
+            packets: Vec::new(),
+            counts: PageCounts {
+                raw: 256,
+                ..PageCounts::default()
+            },
+        };
+        let mut ways = Vec::with_capacity(windows);
+        for w in 0..windows {
+            let way = matches!(auto.next(), Mode::Split);
+            ways.push(way);
+            now += std::time::Duration::from_secs_f64(secs(w, way));
+            for _ in 0..AUTO_WINDOW {
+                auto.chunk_sent(&chunk, now);
+            }
+        }
+        ways
+    }
+
+    #[test]
+    fn auto_tries_a_way_that_loses_by_far_less_and_less_often() {
+        // Compressing is 3x slower throughout (a fast link): after the
+        // first try, the tries come 32, 64, 128, then 256 windows apart.
+        let ways = auto_run(1024, |_, c| if c { 0.03 } else { 0.01 });
+        let tries: Vec<usize> = ways
+            .windows(2)
+            .enumerate()
+            .filter(|(_, w)| !w[0] && w[1])
+            .map(|(i, _)| i + 1)
+            .collect();
+        let gaps: Vec<usize> = tries.windows(2).map(|t| t[1] - t[0]).collect();
+        assert!(gaps.len() >= 4, "{tries:?}");
+        assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
+        assert_eq!(
+            *gaps.last().unwrap(),
+            (AUTO_PROBE_MAX + 2) as usize,
+            "{gaps:?}"
+        );
+        // Each try is two windows compressed: the settle and the measure.
+        let compressed = ways.iter().filter(|&&c| c).count();
+        assert_eq!(compressed, 2 * tries.len(), "{tries:?}");
+    }
+
+    #[test]
+    fn auto_follows_a_link_that_slows_down_after_backing_off() {
+        // Raw wins by far for 600 windows, then the link slows to a tenth
+        // and compressing wins: auto switches within one longest wait.
+        let ways = auto_run(1200, |w, c| match (c, w < 600) {
+            (false, true) => 0.01,
+            (false, false) => 0.1,
+            (true, _) => 0.03,
+        });
+        let first = (600..1200).find(|&w| ways[w..].iter().take(20).all(|&c| c));
+        let first = first.expect("auto stays with compressing once it wins");
+        assert!(
+            first <= 600 + AUTO_PROBE_MAX as usize + 4,
+            "switched at {first}"
+        );
+        // Once compressing wins, a try of raw that loses by far backs off again.
+        assert!(ways[first..].iter().filter(|&&c| !c).count() <= 12);
+    }
+
+    #[test]
+    fn auto_keeps_trying_every_32_windows_when_the_ways_are_close() {
+        // Compressing is 1.5x slower: not by far, so the wait stays 32.
+        let ways = auto_run(300, |_, c| if c { 0.015 } else { 0.01 });
+        let tries = ways.windows(2).filter(|w| !w[0] && w[1]).count();
+        assert!(tries >= 8, "{tries} tries in 300 windows");
+    }
 
     /// Two channels of `method` over one block "b" holding `bytes`, in a
     /// file of the returned directory.
