@@ -311,11 +311,17 @@ fn assert_same_ram(dest: &Path, src: &Path) {
 /// `ferry send --return-path --multifd-channels 2` into a QEMU 10 `-M none`
 /// destination set up the same way: exit 0 on SHUT 0 only, RAM equal.
 fn into_qemu10(compression: &str, send_extra: &[&str], qemu_extra: &[&str]) {
-    into_qemu(Version::Qemu10, compression, send_extra, qemu_extra);
+    into_qemu(Version::Qemu10, 2, compression, send_extra, qemu_extra);
 }
 
-/// [`into_qemu10`] for either QEMU.
-fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extra: &[&str]) {
+/// [`into_qemu10`] for either QEMU and any channel count.
+fn into_qemu(
+    version: Version,
+    channels: u8,
+    compression: &str,
+    send_extra: &[&str],
+    qemu_extra: &[&str],
+) {
     let dir = shm_tempdir(PREFIX);
     let d = dir.path();
     let size = 64u64 << 20;
@@ -323,9 +329,10 @@ fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extr
     write_mixed_image(&src, size as usize, 44).expect("writing the RAM image");
     let dst = d.join("dst.ram");
     let machine = none_machine_args(&dst, size);
-    let (mut q, to) = multifd_destination(version, d, machine, 2, compression, qemu_extra);
+    let (mut q, to) = multifd_destination(version, d, machine, channels, compression, qemu_extra);
     let stats = d.join("send.json");
     let ram = format!("{},name=mem", src.display());
+    let n = channels.to_string();
     let mut args = vec![
         "send",
         "--ram",
@@ -335,7 +342,7 @@ fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extr
         "--return-path",
         "--no-progress",
         "--multifd-channels",
-        "2",
+        &n,
         "--multifd-compression",
         compression,
         "--stats-json",
@@ -353,7 +360,7 @@ fn into_qemu(version: Version, compression: &str, send_extra: &[&str], qemu_extr
     let st = read_json(&stats);
     assert_eq!(st["status"], "completed", "{st}");
     assert_eq!(st["return-path"], "qemu", "{st}");
-    assert_channels_carried_the_pages(&st, 2, compression);
+    assert_channels_carried_the_pages(&st, channels.into(), compression);
     q.wait_completed();
     assert_same_ram(&dst, &src);
 }
@@ -373,6 +380,17 @@ fn multifd_zstd_into_qemu10() {
     into_qemu10("zstd", &["--multifd-zstd-level", "3"], &[]);
 }
 
+/// QEMU 10 loads ferry's multifd stream at every channel count the
+/// ferry-to-ferry tests use (2 above, 1 and 4 here; 1 is multifd's floor).
+#[test]
+fn multifd_none_and_zstd_into_qemu10_with_1_and_4_channels() {
+    for channels in [1, 4] {
+        for compression in ["none", "zstd"] {
+            into_qemu(Version::Qemu10, channels, compression, &[], &[]);
+        }
+    }
+}
+
 /// A QEMU 10 destination in the legacy sync mode (as machine types up to
 /// 8.0 have it) takes the per-section sync points.
 #[test]
@@ -390,6 +408,7 @@ fn multifd_legacy_sync_into_qemu10() {
 fn multifd_legacy_sync_into_qemu72() {
     into_qemu(
         Version::Qemu72,
+        2,
         "zstd",
         &["--multifd-flush-after-each-section"],
         &[],
