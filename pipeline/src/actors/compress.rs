@@ -483,11 +483,12 @@ struct Encoded {
 /// `auto` compares the two ways end to end: the first windows try raw, then
 /// compressed, and every [`AUTO_PROBE`] windows the other way is tried
 /// again, so a link that slows down or speeds up mid-run is followed. A try
-/// that moves less than half as fast as the way in use doubles the wait for
-/// the next one, up to [`AUTO_PROBE_MAX`]: each try costs two windows the
-/// slow way, which is what kept `auto` more than 10% behind the better
-/// fixed setting, and a difference of 2x or more is not noise. A try that
-/// wins starts the count again. The window after a switch is not measured:
+/// that moves less than half as fast as the way in use makes the wait for
+/// the next one four times as long, up to [`AUTO_PROBE_MAX`]: each try costs
+/// two windows the slow way, which kept `auto` more than 10% behind the
+/// better fixed setting (doubling still left it at 1.10-1.11), and a
+/// difference of 2x or more is not noise. A try that wins starts the count
+/// again. The window after a switch is not measured:
 /// the chunks already in flight under the writer's credit belong to the
 /// other way.
 #[derive(Debug)]
@@ -513,7 +514,8 @@ struct Auto {
 const AUTO_WINDOW: u32 = 8;
 /// Every this many windows `auto` tries the way it is not using, at first.
 const AUTO_PROBE: u64 = 32;
-/// The longest wait between tries: 256 windows, 2 GiB of guest RAM.
+/// The longest wait between tries: 256 windows, 2 GiB of guest RAM (17 s of
+/// raw pages on a 1 Gbit/s link).
 const AUTO_PROBE_MAX: u64 = 8 * AUTO_PROBE;
 
 impl Auto {
@@ -569,7 +571,7 @@ impl Auto {
                 if self.trying && self.since_switch >= 2 {
                     self.trying = false;
                     self.probe_every = if this < other / 2.0 {
-                        (self.probe_every * 2).min(AUTO_PROBE_MAX)
+                        (self.probe_every * 4).min(AUTO_PROBE_MAX)
                     } else if this > other {
                         AUTO_PROBE
                     } else {
@@ -943,7 +945,7 @@ mod tests {
     #[test]
     fn auto_tries_a_way_that_loses_by_far_less_and_less_often() {
         // Compressing is 3x slower throughout (a fast link): after the
-        // first try, the tries come 32, 64, 128, then 256 windows apart.
+        // first try, the tries come 32, 128, then 256 windows apart.
         let ways = auto_run(1024, |_, c| if c { 0.03 } else { 0.01 });
         let tries: Vec<usize> = ways
             .windows(2)
@@ -952,7 +954,7 @@ mod tests {
             .map(|(i, _)| i + 1)
             .collect();
         let gaps: Vec<usize> = tries.windows(2).map(|t| t[1] - t[0]).collect();
-        assert!(gaps.len() >= 4, "{tries:?}");
+        assert!(gaps.len() >= 3, "{tries:?}");
         assert!(gaps.windows(2).all(|g| g[1] >= g[0]), "{gaps:?}");
         assert_eq!(
             *gaps.last().unwrap(),
