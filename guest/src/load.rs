@@ -1002,10 +1002,8 @@ impl Drop for RamImage {
 mod tests {
     use super::*;
 
-    /// The path a file that refuses write(2) takes (hugetlbfs, which a test
-    /// machine rarely has): pages go in and come back through the mapping.
-    #[test]
-    fn a_mapped_file_is_written_and_read_through_the_mapping() {
+    /// A fresh image of one 4-page block "pc.ram", used through a mapping.
+    fn mapped_image() -> (tempfile::TempDir, RamBlockInfo, RamImage) {
         let dir = tempfile::tempdir().unwrap();
         let info = RamBlockInfo {
             idstr: "pc.ram".into(),
@@ -1013,6 +1011,14 @@ mod tests {
         };
         let mut image = RamImage::create_in_dir(dir.path(), std::slice::from_ref(&info)).unwrap();
         image.blocks[0].map().unwrap();
+        (dir, info, image)
+    }
+
+    /// The path a file that refuses write(2) takes (hugetlbfs, which a test
+    /// machine rarely has): pages go in and come back through the mapping.
+    #[test]
+    fn a_mapped_file_is_written_and_read_through_the_mapping() {
+        let (dir, info, mut image) = mapped_image();
         let page = [7u8; PAGE_SIZE];
         let at = PAGE_SIZE as u64;
         let put = |image: &mut RamImage, record: RamRecord<'_>| image.apply(&record, 0).unwrap();
@@ -1067,13 +1073,7 @@ mod tests {
     /// out with the contents the mapping held.
     #[test]
     fn multifd_threads_write_a_mapped_file_through_the_mapping() {
-        let dir = tempfile::tempdir().unwrap();
-        let info = RamBlockInfo {
-            idstr: "pc.ram".into(),
-            length: 4 * PAGE_SIZE as u64,
-        };
-        let mut image = RamImage::create_in_dir(dir.path(), std::slice::from_ref(&info)).unwrap();
-        image.blocks[0].map().unwrap();
+        let (dir, info, mut image) = mapped_image();
         let path = dir.path().join(block_file_name(&info.idstr));
         // From here write(2) on the file fails, as on hugetlbfs: a pwrite
         // would surface as an error.

@@ -534,16 +534,25 @@ mod tests {
         );
     }
 
-    #[test]
-    fn extents_find_the_data_of_a_sparse_file_and_cover_it_all() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse.ram");
+    /// A sparse 64 MiB file in `dir` with a few bytes of data at each of
+    /// `at`; returns its path and length.
+    fn sparse_file(dir: &Path, at: &[u64]) -> (PathBuf, u64) {
+        use std::os::unix::fs::FileExt;
+        let path = dir.join("sparse.ram");
         let f = std::fs::File::create(&path).unwrap();
         let len = 64 << 20;
         f.set_len(len).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(&[7u8; 10], 5 << 20).unwrap();
-        f.write_all_at(&[9u8; 1], len - 1).unwrap();
+        for &a in at {
+            f.write_all_at(&[7u8; 10][..(len - a).min(10) as usize], a)
+                .unwrap();
+        }
+        (path, len)
+    }
+
+    #[test]
+    fn extents_find_the_data_of_a_sparse_file_and_cover_it_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, len) = sparse_file(dir.path(), &[5 << 20, (64 << 20) - 1]);
         let got: Vec<Extent> = extents(&path, len).unwrap().map(Result::unwrap).collect();
         // Contiguous, page aligned, covering the file.
         assert_eq!(got.first().unwrap().range.start, 0);
@@ -575,13 +584,7 @@ mod tests {
     #[test]
     fn extents_within_a_range_cover_that_range_alone() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("sparse.ram");
-        let f = std::fs::File::create(&path).unwrap();
-        let len = 64 << 20;
-        f.set_len(len).unwrap();
-        use std::os::unix::fs::FileExt;
-        f.write_all_at(&[7u8; 10], 5 << 20).unwrap();
-        f.write_all_at(&[9u8; 1], 40 << 20).unwrap();
+        let (path, len) = sparse_file(dir.path(), &[5 << 20, 40 << 20]);
         let mut all = extents(&path, len).unwrap();
         let range = (4 << 20)..(8 << 20);
         let got: Vec<Extent> = all.within(range.clone()).map(Result::unwrap).collect();
