@@ -488,9 +488,8 @@ struct Encoded {
 /// two windows the slow way, which kept `auto` more than 10% behind the
 /// better fixed setting (doubling still left it at 1.10-1.11), and a
 /// difference of 2x or more is not noise. A try that wins starts the count
-/// again. The window after a switch is not measured:
-/// the chunks already in flight under the writer's credit belong to the
-/// other way.
+/// again. The window after a switch is not measured: the chunks already in
+/// flight under the writer's credit belong to the other way.
 #[derive(Debug)]
 struct Auto {
     /// Whether this window compresses.
