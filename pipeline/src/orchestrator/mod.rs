@@ -294,7 +294,9 @@ pub struct ReceiveArgs {
     pub listen: Uri,
     /// Destination RAM block: a file (created at the block's size if missing;
     /// an existing file must have exactly that size) and its name in the stream
-    /// (default: the file's stem). Every block in the stream needs one.
+    /// (default: the file's stem). Every block in the stream needs one. A file
+    /// on huge pages (hugetlbfs, a tmpfs mounted huge=) is written through a
+    /// mapping, any other with pwrite.
     #[arg(long = "ram", value_name = "PATH[,name=BLOCK]", required = true)]
     pub ram: Vec<RamSpec>,
     /// A destination disk: a raw image (io_uring) or a vhost-user-blk socket
