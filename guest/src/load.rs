@@ -422,6 +422,41 @@ pub fn partial_name(path: &Path, pid: u32) -> PathBuf {
     path.with_file_name(format!(".{name}.ferry-partial-{pid}"))
 }
 
+/// Removes the temporary files of earlier loads into `path` whose process
+/// is gone ([`partial_name`] with a pid that /proc does not list): a
+/// receiver killed with SIGKILL cannot remove its own, and on tmpfs each
+/// holds guest RAM. A live process's file, or one whose pid was reused, is
+/// left alone.
+fn remove_orphaned_partials(path: &Path) {
+    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+        return;
+    };
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let prefix = format!(".{}.ferry-partial-", name.to_string_lossy());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let file = entry.file_name();
+        let Some(pid) = file
+            .to_str()
+            .and_then(|f| f.strip_prefix(&prefix))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid.to_string()).exists()
+            && std::fs::remove_file(entry.path()).is_ok()
+        {
+            tracing::info!(file = %entry.path().display(), pid, "removed an orphaned partial RAM file");
+        }
+    }
+}
+
 /// Maps a destination's RAM file; one it creates goes under a temporary
 /// name until [`RamImage::commit`].
 fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
@@ -430,6 +465,7 @@ fn map_file(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         // could take for a guest at the destination path.
         let temp = partial_name(path, std::process::id());
         let _ = std::fs::remove_file(&temp);
+        remove_orphaned_partials(path);
         let mut block = map_at(&temp, info, true)?;
         block.destination = Some(path.to_owned());
         return Ok(block);
@@ -1065,6 +1101,32 @@ mod tests {
         // Page 1, written and then zeroed, was taken out of the digest.
         let digest = image.files().unwrap().next().unwrap().digest().unwrap();
         assert_eq!(digest, guest_ram::digest(&want));
+    }
+
+    /// A receiver killed with SIGKILL leaves its partial file behind; the
+    /// next load into the same path removes it, and leaves a live
+    /// process's and another destination's alone.
+    #[test]
+    fn orphaned_partial_files_of_the_same_destination_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = dir.path().join("ram.ram");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let orphan = partial_name(&dest, dead);
+        let live = partial_name(&dest, 1);
+        let other = partial_name(&dir.path().join("other.ram"), dead);
+        for f in [&orphan, &live, &other] {
+            std::fs::write(f, b"left behind").unwrap();
+        }
+        let info = RamBlockInfo {
+            idstr: "ram".into(),
+            length: PAGE_SIZE as u64,
+        };
+        let image = RamImage::open(&[("ram".to_owned(), dest)], &[info], true).unwrap();
+        assert!(!orphan.exists(), "the dead process's partial file stayed");
+        assert!(live.exists() && other.exists());
+        drop(image);
     }
 
     /// The multifd threads of a mapped file (huge pages) write, rewrite and
