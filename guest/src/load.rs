@@ -519,11 +519,12 @@ fn map_at(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
 /// Whether pages go into `file` through a mapping rather than pwrite(2): on
 /// a file system whose pages are huge (its block size says so: hugetlbfs,
 /// tmpfs mounted `huge=`). hugetlbfs has no write(2) at all, and on a huge
-/// tmpfs every 4 KiB pwrite into a new 2 MiB folio clears the rest of it:
-/// `ferry receive` of 1 GiB spent 2.3 CPU-seconds in memset there (perf) and
-/// took 1.98 s where QEMU 10, which receives into its mapping, took 0.51 s.
-/// A mapping clears each huge page once, at its fault. On 4 KiB pages
-/// pwrite stays: a mapping pays a fault and a page clear per page there.
+/// tmpfs 4 KiB pwrites into a new file spend their time clearing huge
+/// folios: `ferry receive` of 1 GiB spent 2.3 CPU-seconds in memset there
+/// (perf) and took 1.98 s where QEMU 10, which receives into its mapping,
+/// took 0.51 s. A mapping clears each huge page once, at its fault. On 4 KiB
+/// pages pwrite stays: a mapping pays a fault and a page clear per page
+/// there.
 fn wants_mapping(file: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
     file.metadata()
