@@ -279,9 +279,7 @@ impl Drop for Block {
 impl Block {
     /// `len` bytes at `at` in the mapping, if the file is used through one.
     fn mapped_page(&self, at: u64, len: usize) -> Option<VolatileSlice<'_>> {
-        self.map
-            .as_ref()
-            .and_then(|m| m.get_slice(at as usize, len).ok())
+        mapped(self.map.as_deref(), at, len)
     }
 
     /// Maps the file, for good: it lives on huge pages or refuses write(2).
@@ -514,6 +512,12 @@ fn map_at(path: &Path, info: &RamBlockInfo, create: bool) -> Result<Block> {
         block.map()?;
     }
     Ok(block)
+}
+
+/// `len` bytes at `at` of `map`, if the file is used through a mapping and
+/// it has them.
+fn mapped(map: Option<&MmapRegion>, at: u64, len: usize) -> Option<VolatileSlice<'_>> {
+    map.and_then(|m| m.get_slice(at as usize, len).ok())
 }
 
 /// Whether pages go into `file` through a mapping rather than pwrite(2): on
@@ -968,7 +972,7 @@ impl SharedBlock {
     fn take_out_old(&self, offsets: &[u64], delta: &mut PageDigest) -> Result<()> {
         let mut old = [0u8; PAGE_SIZE];
         for &o in offsets.iter().filter(|&&o| !unmarked(&self.received, o)) {
-            match self.mapped(o, PAGE_SIZE) {
+            match mapped(self.map.as_deref(), o, PAGE_SIZE) {
                 Some(mapped) => {
                     mapped.copy_to(&mut old[..]);
                 }
@@ -985,17 +989,9 @@ impl SharedBlock {
         Ok(())
     }
 
-    /// `len` bytes at `at` in the mapping, if the file is used through one
-    /// (the offsets were checked against the block's length).
-    fn mapped(&self, at: u64, len: usize) -> Option<VolatileSlice<'_>> {
-        self.map
-            .as_ref()
-            .and_then(|m| m.get_slice(at as usize, len).ok())
-    }
-
     /// Writes `bytes` at `at`, through the mapping if there is one.
     fn write_at(&self, bytes: &[u8], at: u64) -> Result<()> {
-        match self.mapped(at, bytes.len()) {
+        match mapped(self.map.as_deref(), at, bytes.len()) {
             Some(mapped) => {
                 mapped.copy_from(bytes);
                 Ok(())

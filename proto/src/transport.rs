@@ -54,8 +54,8 @@ pub trait Transport: Send {
     /// process may write meanwhile (QEMU's multifd writes it with writev(2)
     /// too; a page torn by a guest write is resent after the dirty log marks
     /// it). Only a transport on a file descriptor that writes the bytes out
-    /// untouched (a plain socket) can; the others answer `Unsupported` and
-    /// the caller copies.
+    /// untouched (a plain socket) can; the others answer `Unsupported`
+    /// (multifd channels, its one caller, are always plain sockets).
     ///
     /// # Safety
     /// Every iovec's `iov_base` must be valid for reads of `iov_len` bytes

@@ -831,12 +831,18 @@ fn put_raw_packet(
     f.flush();
     let per_write = (limiter.slice() / PAGE_SIZE).max(1);
     let mut head = header;
-    let mut runs = Vec::with_capacity(per_write.min(pages.len()));
+    let mut iov = Vec::with_capacity(per_write.min(pages.len()) + 1);
     for group in pages.chunks(per_write) {
         if f.error().is_some() {
             return Ok(());
         }
-        runs.clear();
+        iov.clear();
+        iov.push(libc::iovec {
+            iov_base: head.as_ptr().cast_mut().cast(),
+            iov_len: head.len(),
+        });
+        // One raw iovec per run of adjacent pages, never `&[u8]`: the guest
+        // may be writing these pages.
         let mut rest = group;
         while let Some(&first) = rest.first() {
             let n = rest
@@ -844,20 +850,12 @@ fn put_raw_packet(
                 .zip(first..)
                 .take_while(|(&page, want)| page == *want)
                 .count();
-            runs.push(map.pages(first, n as u32).ok_or(first)?);
-            rest = &rest[n..];
-        }
-        // Raw iovecs, never `&[u8]`: the guest may be writing these pages.
-        let mut iov = Vec::with_capacity(runs.len() + 1);
-        iov.push(libc::iovec {
-            iov_base: head.as_ptr().cast_mut().cast(),
-            iov_len: head.len(),
-        });
-        for run in &runs {
+            let run = map.pages(first, n as u32).ok_or(first)?;
             iov.push(libc::iovec {
                 iov_base: run.ptr_guard().as_ptr().cast_mut().cast(),
                 iov_len: run.len(),
             });
+            rest = &rest[n..];
         }
         let expected = head.len() + group.len() * PAGE_SIZE;
         limiter.throttle(main);
